@@ -1,0 +1,1 @@
+"""Analysis job: metrics, plots and a report from prediction files."""

@@ -1,0 +1,1 @@
+"""Beam jobs (preprocess, score) and the contracts they own (metadata, DICOM decoding, schema)."""

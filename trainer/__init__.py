@@ -1,0 +1,1 @@
+"""Training job: TFRecord shards -> CNN under tf.distribute."""
