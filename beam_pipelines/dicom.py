@@ -1,0 +1,784 @@
+"""Turn any DICOM radiograph into a correct model input.
+
+One module, used by preprocessing and by batch scoring alike, so training and
+scoring can never see differently decoded pixels.
+
+Normalization policy (in this order, following the DICOM grayscale pipeline,
+PS3.4 N.2):
+
+1. **Stored values** of the first frame (multi-frame files: frame 0 by default,
+   or rejected with ``multi_frame`` when ``DecodeOptions.multiframe="reject"``).
+2. **Modality LUT**: Rescale Slope/Intercept, or the Modality LUT Sequence.
+3. **VOI**: the window (Window Center/Width with VOI LUT Function LINEAR,
+   LINEAR_EXACT or SIGMOID) or the VOI LUT Sequence, the first one by default
+   (``DecodeOptions.voi_index``; ``None`` ignores VOI). The VOI output is
+   already in [0, 1].
+4. Without a usable VOI, **scale by the range of values the header allows**:
+   the stored bit range (Bits Stored, signed or not) mapped through the
+   modality LUT. Never by the image's own min/max, which would discard the
+   12–16-bit depth and divide by zero on blank frames. Float pixel data has no
+   bit range; it alone falls back to its min/max (a blank frame becomes 0).
+5. **MONOCHROME1 is inverted** (1 - y) so higher always means brighter.
+
+Colour input: pydicom converts YBR to RGB and palette colour through its LUT;
+an image whose channels agree (a grayscale image saved as RGB, common in
+secondary captures) becomes one channel; a truly coloured image is rejected
+with ``unsupported_photometric`` (``DecodeOptions.color="luminance"`` keeps it
+as ITU-R BT.601 luminance instead).
+
+Steps 2–5 are folded into one lookup table over all 8/16-bit stored values,
+so normalization costs a single gather whatever the header asks for.
+
+Per-file problems raise :class:`DicomRejected` with a stable ``reason`` code;
+nothing else escapes for them. Details never carry header values (PHI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO, Literal
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+logger = logging.getLogger(__name__)
+
+#: Every reason :class:`DicomRejected` can carry; stable machine codes.
+REJECT_REASONS: frozenset[str] = frozenset(
+    {
+        "missing_file",
+        "unreadable",
+        "empty_file",
+        "not_dicom",
+        "truncated",
+        "no_pixel_data",
+        "pixel_length_mismatch",
+        "unsupported_photometric",
+        "unsupported_transfer_syntax",
+        "unsupported_pixel_format",
+        "multi_frame",
+        "too_large",
+        "decode_failed",
+    }
+)
+
+Source = str | bytes | bytearray | memoryview | BinaryIO
+
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
+COLOR = (
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_PARTIAL_420",
+    "YBR_ICT",
+    "YBR_RCT",
+    "PALETTE COLOR",
+)
+# Channels of a "grayscale saved as colour" image differ by at most this
+# fraction of full scale on average (lossy YBR round trips add a little).
+_GRAY_TOLERANCE = 0.01
+# Redacts quoted values from library messages: they may be header values.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+class _QuietPluginErrors(logging.Filter):
+    """Drops pydicom's per-plugin tracebacks while this module decodes.
+
+    pydicom logs each failing plugin at ERROR before raising; we turn the
+    failure into a reject record, so a broken file would otherwise print
+    several tracebacks to every worker log.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.active, "on", False)
+
+
+_quiet = _QuietPluginErrors()
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_quiet)
+
+
+@contextmanager
+def _quiet_plugins() -> Iterator[None]:
+    _quiet.active.on = True
+    try:
+        yield
+    finally:
+        _quiet.active.on = False
+
+
+class DicomRejected(Exception):
+    """A file that cannot become a model input, with a stable reason code.
+
+    Attributes:
+        reason: one of :data:`REJECT_REASONS`.
+        detail: a human explanation free of header values.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown reject reason {reason!r}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Beam pickles exceptions across processes; keep both fields.
+        return (DicomRejected, (self.reason, self.detail))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """How to decode; the defaults are the documented policy.
+
+    Attributes:
+        voi_index: which window / VOI LUT to apply (0 = the first); None
+            ignores VOI and scales by the bit range.
+        multiframe: ``"first"`` decodes frame 0 of a multi-frame image;
+            ``"reject"`` rejects it with ``multi_frame``.
+        color: ``"gray_only"`` accepts colour-encoded images whose channels
+            agree and rejects real colour; ``"luminance"`` converts any colour
+            image; ``"reject"`` rejects every colour encoding.
+        max_pixels: largest Rows x Columns x Samples accepted (``too_large``).
+        max_file_bytes: largest file read into memory (``too_large``).
+    """
+
+    voi_index: int | None = 0
+    multiframe: Literal["first", "reject"] = "first"
+    color: Literal["gray_only", "luminance", "reject"] = "gray_only"
+    max_pixels: int = 64_000_000
+    max_file_bytes: int = 2 * 1024**3
+
+    def __post_init__(self) -> None:
+        if self.multiframe not in ("first", "reject"):
+            raise ValueError(f"multiframe must be 'first' or 'reject', not {self.multiframe!r}")
+        if self.color not in ("gray_only", "luminance", "reject"):
+            raise ValueError(f"color must be gray_only/luminance/reject, not {self.color!r}")
+        if self.voi_index is not None and self.voi_index < 0:
+            raise ValueError(f"voi_index must be >= 0 or None, not {self.voi_index}")
+        if self.max_pixels < 1 or self.max_file_bytes < 1:
+            raise ValueError("max_pixels and max_file_bytes must be positive")
+
+
+DEFAULT_OPTIONS = DecodeOptions()
+
+
+@dataclasses.dataclass(frozen=True)
+class DicomHeader:
+    """The header fields the pipeline records for each image."""
+
+    rows: int
+    columns: int
+    number_of_frames: int
+    samples_per_pixel: int
+    photometric_interpretation: str
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    transfer_syntax_uid: str
+    modality: str
+    view_position: str
+    patient_age: int | None
+    patient_sex: str | None
+    sop_instance_uid: str
+    pixel_spacing: tuple[float, float] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Returns the fields as a plain dict (JSON-friendly)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image and the header it came with.
+
+    Attributes:
+        image: 2-D float32 in [0, 1], original resolution, display sense.
+        header: the recorded header fields.
+        inverted: True when MONOCHROME1 was inverted.
+        voi: which intensity mapping was used: ``"window"``, ``"voi_lut"``,
+            ``"bit_range"`` or ``"min_max"`` (float pixel data only).
+        color_converted: True when a colour encoding was reduced to gray.
+    """
+
+    image: np.ndarray
+    header: DicomHeader
+    inverted: bool
+    voi: str
+    color_converted: bool
+
+
+# --------------------------------------------------------------------------
+# Reading
+
+
+def read_bytes(source: Source, max_bytes: int = DEFAULT_OPTIONS.max_file_bytes) -> bytes:
+    """Reads a file's bytes from a path/URI (Beam FileSystems), bytes or a file object.
+
+    Raises:
+        DicomRejected: ``missing_file``, ``unreadable``, ``empty_file`` or
+            ``too_large``.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+    elif isinstance(source, str):
+        data = _read_path(source, max_bytes)
+    else:
+        data = source.read(max_bytes + 1)
+    if not data:
+        raise DicomRejected("empty_file", "the file has no bytes")
+    if len(data) > max_bytes:
+        raise DicomRejected("too_large", f"file is larger than {max_bytes} bytes")
+    return data
+
+
+def _read_path(path: str, max_bytes: int) -> bytes:
+    # Imported lazily: Beam's FileSystems pulls in the whole SDK.
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        # UNCOMPRESSED: a DICOM named *.gz must not be silently gunzipped.
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            return handle.read(max_bytes + 1)
+    except FileNotFoundError as exc:
+        raise DicomRejected("missing_file", "no file at the given path") from exc
+    except IsADirectoryError as exc:
+        raise DicomRejected("unreadable", "the path is a directory") from exc
+    except OSError as exc:
+        # Beam wraps "not found" in BeamIOError (an OSError) on some filesystems.
+        if not FileSystems.exists(path):
+            raise DicomRejected("missing_file", "no file at the given path") from exc
+        raise DicomRejected("unreadable", f"{type(exc).__name__}: {_safe(exc)}") from exc
+
+
+def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Dataset:
+    """Parses a DICOM file (header and pixel data bytes, nothing decoded yet).
+
+    Part 10 files are read without ``force``. A file without the Part 10
+    preamble is accepted only when it starts like a raw little-endian DICOM
+    data set (a group 0x0008 tag); its transfer syntax is then inferred.
+
+    Raises:
+        DicomRejected: for unreadable, empty, non-DICOM or truncated input.
+    """
+    data = read_bytes(source, options.max_file_bytes)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except InvalidDicomError as exc:
+        if not _looks_like_raw_dataset(data):
+            raise DicomRejected("not_dicom", "no DICM prefix and no DICOM data set") from exc
+        ds = _read_raw_dataset(data)
+    except EOFError as exc:
+        raise DicomRejected("truncated", "the file ends inside the header") from exc
+    except Exception as exc:  # pydicom raises many types for malformed headers
+        raise DicomRejected("not_dicom", f"header could not be parsed: {_safe(exc)}") from exc
+    _infer_transfer_syntax(ds)
+    ds.__dict__["_xray_file_size"] = len(data)
+    return ds
+
+
+def _looks_like_raw_dataset(data: bytes) -> bool:
+    if len(data) < 8:
+        return False
+    group = int.from_bytes(data[0:2], "little")
+    return group in (0x0002, 0x0008)
+
+
+def _read_raw_dataset(data: bytes) -> Dataset:
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except EOFError as exc:
+        raise DicomRejected("truncated", "the file ends inside the header") from exc
+    except Exception as exc:
+        raise DicomRejected("not_dicom", f"header could not be parsed: {_safe(exc)}") from exc
+    if len(ds) == 0:
+        raise DicomRejected("not_dicom", "no DICOM elements found")
+    return ds
+
+
+def _infer_transfer_syntax(ds: Dataset) -> None:
+    """Records the encoding pydicom detected when the file meta lacks it.
+
+    Old archives hold raw data sets (no Part 10 header) and some writers omit
+    (0002,0010); the pixel decoders need to know what they are reading.
+    """
+    if "TransferSyntaxUID" in ds.file_meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    elif little:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+
+
+# --------------------------------------------------------------------------
+# Header
+
+
+def read_header(ds: Dataset) -> DicomHeader:
+    """Extracts the fields the pipeline records (no pixel decoding).
+
+    Malformed optional values (age, sex, spacing) become None, never errors.
+    """
+    from beam_pipelines.metadata import parse_age, parse_sex
+
+    return DicomHeader(
+        rows=_int(ds, "Rows"),
+        columns=_int(ds, "Columns"),
+        number_of_frames=max(1, _int(ds, "NumberOfFrames", 1)),
+        samples_per_pixel=_int(ds, "SamplesPerPixel", 1),
+        photometric_interpretation=_str(ds, "PhotometricInterpretation").upper(),
+        bits_allocated=_int(ds, "BitsAllocated"),
+        bits_stored=_int(ds, "BitsStored", _int(ds, "BitsAllocated")),
+        pixel_representation=_int(ds, "PixelRepresentation"),
+        transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
+        modality=_str(ds, "Modality"),
+        view_position=_str(ds, "ViewPosition").upper(),
+        patient_age=parse_age(_str(ds, "PatientAge")),
+        patient_sex=parse_sex(_str(ds, "PatientSex")),
+        sop_instance_uid=_str(ds, "SOPInstanceUID"),
+        pixel_spacing=_spacing(ds),
+    )
+
+
+def _value(ds: Dataset, keyword: str) -> Any:
+    try:
+        return ds.get(keyword)
+    except Exception:  # an undecodable value reads as absent
+        return None
+
+
+def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
+    value = _value(ds, keyword)
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = value[0] if value else None
+    try:
+        return int(value) if value is not None and value != "" else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _str(ds: Dataset, keyword: str) -> str:
+    value = _value(ds, keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _spacing(ds: Dataset) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = _value(ds, keyword)
+        try:
+            if value is not None and len(value) == 2:
+                return (float(value[0]), float(value[1]))
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+# --------------------------------------------------------------------------
+# Decoding
+
+
+def decode(source: Source | Dataset, options: DecodeOptions = DEFAULT_OPTIONS) -> DecodedImage:
+    """Decodes and normalizes a DICOM image; see the module docstring for the policy.
+
+    Args:
+        source: a path or URI, the file's bytes, a binary file object, or a
+            dataset from :func:`read_dataset`.
+        options: the decode policy.
+
+    Returns:
+        The [0, 1] float32 image with its header.
+
+    Raises:
+        DicomRejected: for every per-file problem.
+    """
+    ds = source if isinstance(source, Dataset) else read_dataset(source, options)
+    try:
+        header = read_header(ds)
+    except Exception as exc:
+        raise DicomRejected("not_dicom", f"header fields unreadable: {_safe(exc)}") from exc
+    pixel_keyword = _pixel_keyword(ds)
+    _check_geometry(ds, header, pixel_keyword, options)
+    stored = _decode_first_frame(ds, header)
+    photometric = header.photometric_interpretation
+    if header.samples_per_pixel == 1 and photometric in GRAYSCALE:
+        image, voi = _normalize_gray(stored, ds, header, options, pixel_keyword)
+        inverted = photometric == "MONOCHROME1"
+        if inverted:
+            np.subtract(1.0, image, out=image)
+        return DecodedImage(image, header, inverted, voi, color_converted=False)
+    image = _color_to_gray(stored, ds, header, options)
+    return DecodedImage(image, header, inverted=False, voi="bit_range", color_converted=True)
+
+
+def read_image(source: Source | Dataset, options: DecodeOptions = DEFAULT_OPTIONS) -> np.ndarray:
+    """Returns the image as 2-D float32 in [0, 1], original resolution, display sense.
+
+    Raises:
+        DicomRejected: for every per-file problem, with a stable reason code.
+    """
+    return decode(source, options).image
+
+
+def _pixel_keyword(ds: Dataset) -> str:
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            return keyword
+    raise DicomRejected("no_pixel_data", "the data set has no pixel data element")
+
+
+def _check_geometry(ds: Dataset, header: DicomHeader, keyword: str, options: DecodeOptions) -> None:
+    """Guards run before any pixel buffer is allocated from header values."""
+    rows, cols, samples = header.rows, header.columns, header.samples_per_pixel
+    if rows <= 0 or cols <= 0 or header.bits_allocated <= 0:
+        raise DicomRejected("no_pixel_data", "Rows, Columns or BitsAllocated missing or zero")
+    if samples not in (1, 3):
+        raise DicomRejected("unsupported_pixel_format", f"SamplesPerPixel {samples}")
+    if rows * cols * samples > options.max_pixels:
+        raise DicomRejected(
+            "too_large", f"{rows}x{cols}x{samples} exceeds the {options.max_pixels}-pixel limit"
+        )
+    photometric = header.photometric_interpretation
+    if photometric not in GRAYSCALE + COLOR:
+        raise DicomRejected("unsupported_photometric", f"PhotometricInterpretation {photometric!r}")
+    if photometric in COLOR and options.color == "reject":
+        raise DicomRejected("unsupported_photometric", f"colour image ({photometric})")
+    if header.number_of_frames > 1 and options.multiframe == "reject":
+        raise DicomRejected("multi_frame", f"{header.number_of_frames} frames")
+
+    syntax = UID(header.transfer_syntax_uid)
+    if not syntax.is_transfer_syntax:
+        raise DicomRejected("unsupported_transfer_syntax", f"unknown transfer syntax {syntax}")
+    element = ds.get_item(keyword)
+    declared = getattr(element, "length", None)
+    value_tell = getattr(element, "value_tell", None)
+    file_size = ds.__dict__.get("_xray_file_size")
+    # Offsets of a deflated data set count inflated bytes, not file bytes.
+    if (
+        syntax != pydicom.uid.DeflatedExplicitVRLittleEndian
+        and declared not in (None, 0xFFFFFFFF)
+        and value_tell is not None
+        and file_size is not None
+        and value_tell + declared > file_size
+    ):
+        raise DicomRejected(
+            "truncated", f"pixel data declares {declared} bytes but the file ends early"
+        )
+    if keyword != "PixelData" or not syntax.is_encapsulated:
+        value = ds[keyword].value
+        if value is None or len(value) == 0:
+            raise DicomRejected("no_pixel_data", "the pixel data element is empty")
+        bits = header.bits_allocated
+        frames = header.number_of_frames
+        expected = (rows * cols * samples * frames * bits + 7) // 8
+        # Frame 0 is all we decode; a multi-frame file short of its later
+        # frames is still a mismatch, since the header lies about it.
+        if len(value) < expected:
+            raise DicomRejected(
+                "pixel_length_mismatch",
+                f"{len(value)} pixel bytes, header declares {expected}",
+            )
+    elif ds.PixelData is None or len(ds.PixelData) == 0:
+        raise DicomRejected("no_pixel_data", "the encapsulated pixel data is empty")
+
+
+def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
+    syntax = UID(header.transfer_syntax_uid)
+    try:
+        decoder = pydicom.pixels.get_decoder(syntax)
+    except (NotImplementedError, ValueError) as exc:
+        raise DicomRejected(
+            "unsupported_transfer_syntax", f"no decoder for transfer syntax {syntax}"
+        ) from exc
+    if not decoder.is_available:
+        raise DicomRejected(
+            "unsupported_transfer_syntax", f"no installed plugin decodes {syntax.name}"
+        )
+    try:
+        # as_rgb converts YBR to RGB; index=0 decodes only the first frame.
+        with _quiet_plugins():
+            array, _ = decoder.as_array(ds, index=0, as_rgb=True)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # plugins raise anything from ValueError to RuntimeError
+        raise DicomRejected("decode_failed", f"{syntax.name}: {_safe(exc)}") from exc
+    if array.ndim == 3 and header.samples_per_pixel == 1:
+        array = array[0]
+    expected = (header.rows, header.columns)
+    if array.shape[:2] != expected:
+        raise DicomRejected(
+            "decode_failed", f"decoded shape {array.shape} does not match {expected}"
+        )
+    return array
+
+
+def _normalize_gray(
+    stored: np.ndarray, ds: Dataset, header: DicomHeader, options: DecodeOptions, keyword: str
+) -> tuple[np.ndarray, str]:
+    """Modality LUT, VOI and range scaling; returns float32 [0,1] (before inversion)."""
+    if keyword != "PixelData" or stored.dtype.kind == "f":
+        return _normalize_float(stored, ds, options)
+    bits = stored.dtype.itemsize * 8
+    if bits > 16:
+        # 32-bit integer data: too wide for a table; same maths, element-wise.
+        values = stored.astype(np.float64)
+        transform, mode = _intensity_transform(ds, header, options)
+        return np.clip(transform(values), 0.0, 1.0).astype(np.float32), mode
+    # Every possible stored value in the array's dtype, in index order: a
+    # uint view of the array then indexes this table directly (two's
+    # complement handles signed data).
+    unsigned = stored.view(np.uint8 if bits == 8 else np.uint16)
+    domain = np.arange(2**bits, dtype=np.uint8 if bits == 8 else np.uint16)
+    domain_values = domain.view(stored.dtype).astype(np.float64)
+    transform, mode = _intensity_transform(ds, header, options)
+    table = np.clip(transform(domain_values), 0.0, 1.0).astype(np.float32)
+    return table[unsigned], mode
+
+
+def _intensity_transform(
+    ds: Dataset, header: DicomHeader, options: DecodeOptions
+) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """Builds stored value -> [0,1] (modality LUT, then VOI or range scaling)."""
+    modality, lo, hi = _modality_transform(ds, header)
+    voi = _voi_transform(ds, options) if options.voi_index is not None else None
+    if voi is not None:
+        voi_fn, mode = voi
+        return (lambda x: voi_fn(modality(x))), mode
+    span = hi - lo
+    if span <= 0:
+        return (lambda x: np.zeros_like(x)), "bit_range"
+    return (lambda x: (modality(x) - lo) / span), "bit_range"
+
+
+def _modality_transform(
+    ds: Dataset, header: DicomHeader
+) -> tuple[Callable[[np.ndarray], np.ndarray], float, float]:
+    """Returns the modality LUT and the range of its output over the stored range."""
+    bits = (
+        header.bits_stored
+        if 0 < header.bits_stored <= header.bits_allocated
+        else (header.bits_allocated)
+    )
+    if header.pixel_representation == 1:
+        smin, smax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        smin, smax = 0, 2**bits - 1
+
+    sequence = _value(ds, "ModalityLUTSequence")
+    if sequence:
+        lut = _lut_from_item(sequence[0])
+        if lut is not None:
+            first, table, out_bits = lut
+            out_max = float(max(2**out_bits - 1, table.max()))
+            return (lambda x: _apply_lut(x, first, table)), 0.0, out_max
+
+    slope = _float(ds, "RescaleSlope", 1.0) or 1.0
+    intercept = _float(ds, "RescaleIntercept", 0.0)
+    lo, hi = sorted((smin * slope + intercept, smax * slope + intercept))
+    return (lambda x: x * slope + intercept), lo, hi
+
+
+def _voi_transform(
+    ds: Dataset, options: DecodeOptions
+) -> tuple[Callable[[np.ndarray], np.ndarray], str] | None:
+    index = options.voi_index or 0
+    sequence = _value(ds, "VOILUTSequence")
+    if sequence and len(sequence) > index:
+        lut = _lut_from_item(sequence[index])
+        if lut is not None:
+            first, table, out_bits = lut
+            out_max = float(max(2**out_bits - 1, table.max(), 1))
+            return (lambda x: _apply_lut(x, first, table) / out_max), "voi_lut"
+    centers = _floats(ds, "WindowCenter")
+    widths = _floats(ds, "WindowWidth")
+    if len(centers) > index and len(widths) > index:
+        center, width = centers[index], widths[index]
+        function = _str(ds, "VOILUTFunction").upper() or "LINEAR"
+        window = _window(center, width, function)
+        if window is not None:
+            return window, "window"
+    return None
+
+
+def _window(
+    center: float, width: float, function: str
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The DICOM VOI LUT functions (PS3.3 C.11.2.1.2), output scaled to [0,1]."""
+    if function == "SIGMOID":
+        if width <= 0:
+            return None
+        return lambda x: 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            return None
+        return lambda x: np.clip((x - center) / width + 0.5, 0.0, 1.0)
+    if width < 1:  # LINEAR requires width >= 1
+        return None
+    if width == 1:
+        return lambda x: (x >= center - 0.5).astype(np.float64)
+    return lambda x: np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _lut_from_item(item: Dataset) -> tuple[int, np.ndarray, int] | None:
+    """Reads (first mapped value, table, bits per entry) from a LUT item, or None."""
+    try:
+        descriptor = [int(v) for v in item.LUTDescriptor]
+        entries = descriptor[0] or 65536
+        first = descriptor[1]
+        out_bits = descriptor[2]
+        raw = item.LUTData
+        if isinstance(raw, bytes | bytearray):
+            dtype = "<u1" if out_bits <= 8 and len(raw) == entries else "<u2"
+            table = np.frombuffer(raw, dtype=dtype).astype(np.float64)
+        else:
+            table = np.asarray(raw if hasattr(raw, "__len__") else [raw], dtype=np.float64)
+        if table.size == 0:
+            return None
+        # First-mapped is signed (US or SS VR) when the stored data is.
+        if first > 32767 and item["LUTDescriptor"].VR == "SS":
+            first -= 65536
+        return first, table[:entries], out_bits
+    except Exception:  # a broken optional LUT falls back to the next rule
+        logger.debug("ignoring an unreadable LUT item", exc_info=True)
+        return None
+
+
+def _apply_lut(x: np.ndarray, first: int, table: np.ndarray) -> np.ndarray:
+    index = np.clip(np.rint(x - first), 0, table.size - 1).astype(np.int64)
+    return table[index]
+
+
+def _normalize_float(
+    stored: np.ndarray, ds: Dataset, options: DecodeOptions
+) -> tuple[np.ndarray, str]:
+    values = stored.astype(np.float64)
+    slope = _float(ds, "RescaleSlope", 1.0) or 1.0
+    values = values * slope + _float(ds, "RescaleIntercept", 0.0)
+    voi = _voi_transform(ds, options) if options.voi_index is not None else None
+    if voi is not None:
+        return np.clip(voi[0](values), 0, 1).astype(np.float32), voi[1]
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if hi <= lo:
+        return np.zeros(values.shape, np.float32), "min_max"
+    scaled = np.nan_to_num((values - lo) / (hi - lo), nan=0.0)
+    return np.clip(scaled, 0, 1).astype(np.float32), "min_max"
+
+
+def _color_to_gray(
+    stored: np.ndarray, ds: Dataset, header: DicomHeader, options: DecodeOptions
+) -> np.ndarray:
+    photometric = header.photometric_interpretation
+    if photometric == "PALETTE COLOR":
+        try:
+            rgb = pydicom.pixels.apply_color_lut(stored, ds)
+        except Exception as exc:
+            raise DicomRejected("decode_failed", f"palette lookup failed: {_safe(exc)}") from exc
+        full_scale = 255.0 if rgb.dtype == np.uint8 else 65535.0
+    else:
+        if stored.ndim != 3 or stored.shape[-1] != 3:
+            raise DicomRejected(
+                "unsupported_pixel_format", f"{photometric} with array shape {stored.shape}"
+            )
+        rgb = stored
+        full_scale = float(2 ** min(header.bits_stored or 8, stored.dtype.itemsize * 8) - 1)
+    rgb = rgb.astype(np.float32) / np.float32(full_scale)
+    gray = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if options.color == "gray_only":
+        spread = float(np.mean(np.abs(rgb - gray[..., None])))
+        if spread > _GRAY_TOLERANCE:
+            raise DicomRejected(
+                "unsupported_photometric",
+                f"colour image ({photometric}, mean channel spread {spread:.3f})",
+            )
+    return np.clip(gray, 0.0, 1.0)
+
+
+def _float(ds: Dataset, keyword: str, default: float) -> float:
+    values = _floats(ds, keyword)
+    return values[0] if values else default
+
+
+def _floats(ds: Dataset, keyword: str) -> list[float]:
+    value = _value(ds, keyword)
+    if value is None or value == "":
+        return []
+    items = value if isinstance(value, pydicom.multival.MultiValue | list | tuple) else [value]
+    out = []
+    for item in items:
+        try:
+            number = float(item)
+        except (TypeError, ValueError):
+            return []
+        if not np.isfinite(number):
+            return []
+        out.append(number)
+    return out
+
+
+def _safe(exc: BaseException, limit: int = 200) -> str:
+    """An exception message without quoted values (they may be PHI), shortened."""
+    text = _QUOTED.sub("'…'", str(exc)).replace("\n", " ")
+    return text[:limit]
+
+
+# --------------------------------------------------------------------------
+# Model input
+
+MODEL_INPUT_SIZE = 224
+
+ResizePolicy = Literal["pad", "stretch"]
+
+
+def to_model_input(
+    image: np.ndarray, size: int = MODEL_INPUT_SIZE, policy: ResizePolicy = "pad"
+) -> np.ndarray:
+    """Resizes a [0,1] image to the model input, ``(size, size, 1)`` float32.
+
+    Policy ``"pad"`` (the default) keeps the aspect ratio: the longer side
+    becomes ``size`` and the shorter is centred and padded with 0 (black, the
+    display value of air), so anatomy is never stretched differently for
+    different detector shapes. ``"stretch"`` resizes each axis independently
+    (what most ImageNet-style code does). Both use Pillow's antialiased
+    bilinear filter (a triangle filter widened by the scale factor: area-like
+    when shrinking, no overshoot outside [0,1]).
+
+    Preprocessing and scoring both call this, so they cannot drift.
+    """
+    from PIL import Image
+
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {image.shape}")
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    if policy not in ("pad", "stretch"):
+        raise ValueError(f"policy must be 'pad' or 'stretch', not {policy!r}")
+    rows, cols = image.shape
+    if policy == "stretch":
+        target = (size, size)
+    else:
+        scale = size / max(rows, cols)
+        target = (max(1, round(rows * scale)), max(1, round(cols * scale)))
+    source = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
+    resized = np.asarray(
+        source.resize((target[1], target[0]), Image.Resampling.BILINEAR), dtype=np.float32
+    )
+    out = np.zeros((size, size, 1), dtype=np.float32)
+    top, left = (size - target[0]) // 2, (size - target[1]) // 2
+    out[top : top + target[0], left : left + target[1], 0] = np.clip(resized, 0.0, 1.0)
+    return out
