@@ -426,7 +426,13 @@ def _set_pixel_data(ds: Dataset, arr: np.ndarray, fmt: PixelFormat, encoding: st
     else:
         ds.PixelData = arr.tobytes()
         ds["PixelData"].VR = "OB" if fmt.bits_allocated == 8 else "OW"
-        ds.compress(ENCODINGS[encoding], arr, encoding_plugin=_ENCODER_PLUGINS[encoding])
+        # compress() would replace the SOPInstanceUID with a random one by default.
+        ds.compress(
+            ENCODINGS[encoding],
+            arr,
+            encoding_plugin=_ENCODER_PLUGINS[encoding],
+            generate_instance_uid=False,
+        )
 
 
 def write_dicom(

@@ -56,6 +56,9 @@ def chest_phantom(
         float32 array (rows, cols) in [0, 1], higher = brighter.
     """
     anat = anatomy if anatomy is not None else rng
+    # Drawn whether or not it is used, so a normal and an abnormal image from the
+    # same seed are identical except for the finding.
+    finding_rng = np.random.default_rng(int(rng.integers(2**63)))
     lung_w = anat.uniform(0.26, 0.33)
     lung_h = anat.uniform(0.28, 0.35)
     body_w = anat.uniform(0.82, 0.95)
@@ -114,7 +117,7 @@ def chest_phantom(
         img += 0.12 * _soft_inside(_ellipse(X, Y, -0.32, 0.62, 0.30, 0.18), 0.5)
 
     if abnormal:
-        img += _opacities(rng, X, Y, lung, lung_boxes, frontal, lung_w, lung_h)
+        img += _opacities(finding_rng, X, Y, lung, lung_boxes, frontal, lung_w, lung_h)
 
     # Smooth, low-frequency exposure variation (separable, so cheap).
     kx, ky = rng.uniform(0.5, 2.0, size=2)
