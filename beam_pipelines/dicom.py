@@ -12,7 +12,9 @@ PS3.4 N.2):
 3. **VOI**: the window (Window Center/Width with VOI LUT Function LINEAR,
    LINEAR_EXACT or SIGMOID) or the VOI LUT Sequence, the first one by default
    (``DecodeOptions.voi_index``; ``None`` ignores VOI). The VOI output is
-   already in [0, 1].
+   already in [0, 1]. A window under which fewer than 1% of the pixels are
+   unsaturated describes some other image (edited pixels, copied headers)
+   and is ignored (``voi="window_ignored"``).
 4. Without a usable VOI, **scale by the range of values the header allows**:
    the stored bit range (Bits Stored, signed or not) mapped through the
    modality LUT. Never by the image's own min/max, which would discard the
@@ -209,7 +211,8 @@ class DecodedImage:
         header: the recorded header fields.
         inverted: True when MONOCHROME1 was inverted.
         voi: which intensity mapping was used: ``"window"``, ``"voi_lut"``,
-            ``"bit_range"`` or ``"min_max"`` (float pixel data only).
+            ``"bit_range"``, ``"window_ignored"`` (bit range, the window
+            missed the image) or ``"min_max"`` (float pixel data only).
         color_converted: True when a colour encoding was reduced to gray.
     """
 
@@ -533,29 +536,45 @@ def _normalize_gray(
     """Modality LUT, VOI and range scaling; returns float32 [0,1] (before inversion)."""
     if keyword != "PixelData" or stored.dtype.kind == "f":
         return _normalize_float(stored, ds, options)
+    transform, mode = _intensity_transform(ds, header, options.voi_index)
+    image = _apply_transform(stored, transform)
+    if mode != "bit_range" and _misses_image(image):
+        # A window that leaves (nearly) every pixel saturated describes some
+        # other image (edited pixels, copied headers): use the bit range.
+        transform, _ = _intensity_transform(ds, header, None)
+        return _apply_transform(stored, transform), "window_ignored"
+    return image, mode
+
+
+def _apply_transform(
+    stored: np.ndarray, transform: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
     bits = stored.dtype.itemsize * 8
     if bits > 16:
         # 32-bit integer data: too wide for a table; same maths, element-wise.
-        values = stored.astype(np.float64)
-        transform, mode = _intensity_transform(ds, header, options)
-        return np.clip(transform(values), 0.0, 1.0).astype(np.float32), mode
-    # Every possible stored value in the array's dtype, in index order: a
-    # uint view of the array then indexes this table directly (two's
-    # complement handles signed data).
-    unsigned = stored.view(np.uint8 if bits == 8 else np.uint16)
-    domain = np.arange(2**bits, dtype=np.uint8 if bits == 8 else np.uint16)
-    domain_values = domain.view(stored.dtype).astype(np.float64)
-    transform, mode = _intensity_transform(ds, header, options)
-    table = np.clip(transform(domain_values), 0.0, 1.0).astype(np.float32)
-    return table[unsigned], mode
+        return np.clip(transform(stored.astype(np.float64)), 0.0, 1.0).astype(np.float32)
+    # A table over every value of the array's dtype, in index order: a uint
+    # view of the array then indexes it directly (two's complement covers
+    # signed data), so any header maths costs one gather per pixel.
+    unsigned_type = np.uint8 if bits == 8 else np.uint16
+    domain = np.arange(2**bits, dtype=unsigned_type).view(stored.dtype).astype(np.float64)
+    table = np.clip(transform(domain), 0.0, 1.0).astype(np.float32)
+    return table[stored.view(unsigned_type)]
+
+
+def _misses_image(image: np.ndarray) -> bool:
+    """True when under 1% of (a sample of) the pixels fall inside the window."""
+    sample = image[:: max(1, image.shape[0] // 256), :: max(1, image.shape[1] // 256)]
+    inside = np.count_nonzero((sample > 0.0) & (sample < 1.0))
+    return inside < 0.01 * sample.size
 
 
 def _intensity_transform(
-    ds: Dataset, header: DicomHeader, options: DecodeOptions
+    ds: Dataset, header: DicomHeader, voi_index: int | None
 ) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
     """Builds stored value -> [0,1] (modality LUT, then VOI or range scaling)."""
     modality, lo, hi = _modality_transform(ds, header)
-    voi = _voi_transform(ds, options) if options.voi_index is not None else None
+    voi = _voi_transform(ds, voi_index) if voi_index is not None else None
     if voi is not None:
         voi_fn, mode = voi
         return (lambda x: voi_fn(modality(x))), mode
@@ -583,9 +602,10 @@ def _modality_transform(
     if sequence:
         lut = _lut_from_item(sequence[0])
         if lut is not None:
-            first, table, out_bits = lut
-            out_max = float(max(2**out_bits - 1, table.max()))
-            return (lambda x: _apply_lut(x, first, table)), 0.0, out_max
+            # Inputs outside the table clamp to its ends, so the table's own
+            # extremes are the exact range of the output.
+            first, table = lut
+            return (lambda x: _apply_lut(x, first, table)), float(table.min()), float(table.max())
 
     slope = _float(ds, "RescaleSlope", 1.0) or 1.0
     intercept = _float(ds, "RescaleIntercept", 0.0)
@@ -594,16 +614,19 @@ def _modality_transform(
 
 
 def _voi_transform(
-    ds: Dataset, options: DecodeOptions
+    ds: Dataset, index: int
 ) -> tuple[Callable[[np.ndarray], np.ndarray], str] | None:
-    index = options.voi_index or 0
     sequence = _value(ds, "VOILUTSequence")
     if sequence and len(sequence) > index:
         lut = _lut_from_item(sequence[index])
         if lut is not None:
-            first, table, out_bits = lut
-            out_max = float(max(2**out_bits - 1, table.max(), 1))
-            return (lambda x: _apply_lut(x, first, table) / out_max), "voi_lut"
+            # The descriptor's bit depth is often wrong in the wild; the
+            # table's extremes are the range it really produces.
+            first, table = lut
+            lo, span = float(table.min()), float(table.max() - table.min())
+            if span > 0:
+                return (lambda x: (_apply_lut(x, first, table) - lo) / span), "voi_lut"
+
     centers = _floats(ds, "WindowCenter")
     widths = _floats(ds, "WindowWidth")
     if len(centers) > index and len(widths) > index:
@@ -634,8 +657,8 @@ def _window(
     return lambda x: np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
-def _lut_from_item(item: Dataset) -> tuple[int, np.ndarray, int] | None:
-    """Reads (first mapped value, table, bits per entry) from a LUT item, or None."""
+def _lut_from_item(item: Dataset) -> tuple[int, np.ndarray] | None:
+    """Reads (first mapped value, table) from a LUT item, or None if unusable."""
     try:
         descriptor = [int(v) for v in item.LUTDescriptor]
         entries = descriptor[0] or 65536
@@ -652,7 +675,7 @@ def _lut_from_item(item: Dataset) -> tuple[int, np.ndarray, int] | None:
         # First-mapped is signed (US or SS VR) when the stored data is.
         if first > 32767 and item["LUTDescriptor"].VR == "SS":
             first -= 65536
-        return first, table[:entries], out_bits
+        return first, table[:entries]
     except Exception:  # a broken optional LUT falls back to the next rule
         logger.debug("ignoring an unreadable LUT item", exc_info=True)
         return None
@@ -669,7 +692,7 @@ def _normalize_float(
     values = stored.astype(np.float64)
     slope = _float(ds, "RescaleSlope", 1.0) or 1.0
     values = values * slope + _float(ds, "RescaleIntercept", 0.0)
-    voi = _voi_transform(ds, options) if options.voi_index is not None else None
+    voi = _voi_transform(ds, options.voi_index) if options.voi_index is not None else None
     if voi is not None:
         return np.clip(voi[0](values), 0, 1).astype(np.float32), voi[1]
     finite = values[np.isfinite(values)]

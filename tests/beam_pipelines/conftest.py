@@ -1,0 +1,15 @@
+"""Fixtures for beam_pipelines tests: paths to the shared real data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DICOM_CORPUS = SHARED_DATA / "dicom_corpus"
+
+requires_corpus = pytest.mark.skipif(
+    not (DICOM_CORPUS / "manifest.csv").exists(),
+    reason="real DICOM corpus not found at ../shared/data/dicom_corpus",
+)
