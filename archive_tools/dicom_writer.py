@@ -233,7 +233,8 @@ class RadiographHeader:
         patient_age: Age in whole years (written as ``065Y``), or None.
         patient_sex: ``M``, ``F``, ``O`` or None (written empty).
         patient_name: PatientName; synthetic (``SYNTH^P000123``) or empty.
-        pixel_spacing: (row, column) spacing in mm.
+        pixel_spacing: (row, column) spacing in mm, or None when unknown
+            (PixelSpacing and ImagerPixelSpacing are then omitted).
         body_part: BodyPartExamined.
         study_date: StudyDate, ``YYYYMMDD``.
         study_time: StudyTime, ``HHMMSS``.
@@ -256,7 +257,7 @@ class RadiographHeader:
     patient_age: int | None = None
     patient_sex: str | None = None
     patient_name: str = ""
-    pixel_spacing: tuple[float, float] = (0.2, 0.2)
+    pixel_spacing: tuple[float, float] | None = (0.2, 0.2)
     body_part: str = "CHEST"
     study_date: str = "20240101"
     study_time: str = "120000"
@@ -375,9 +376,10 @@ def build_dataset(
     ds.PatientOrientation = ""
     if header.modality == "DX":
         ds.PresentationIntentType = "FOR PRESENTATION"
-    if header.modality in ("DX", "CR"):
-        ds.ImagerPixelSpacing = [_ds(v) for v in header.pixel_spacing]
-    ds.PixelSpacing = [_ds(v) for v in header.pixel_spacing]
+    if header.pixel_spacing is not None:
+        if header.modality in ("DX", "CR"):
+            ds.ImagerPixelSpacing = [_ds(v) for v in header.pixel_spacing]
+        ds.PixelSpacing = [_ds(v) for v in header.pixel_spacing]
     ds.BurnedInAnnotation = "NO"
 
     ds.SamplesPerPixel = 1
