@@ -6,7 +6,8 @@ It owns the *pixel convention* the preprocessing decoder inverts:
 * ``display`` images are float in [0, 1], higher = brighter.
 * The stored range is ``[smin, smax]`` = ``[0, 2**bits - 1]`` (unsigned) or
   ``[-2**(bits-1), 2**(bits-1) - 1]`` (signed), ``bits`` = BitsStored.
-* ``v = display`` for MONOCHROME2 and ``1 - display`` for MONOCHROME1;
+* ``v = display`` for MONOCHROME2 and ``1 - display`` for MONOCHROME1 (display
+  clipped to [0, 1]; numpy rint, i.e. halves round to even);
   ``stored = round(smin + v * (smax - smin))``, clipped to the range.
 * Rescale slope/intercept are header fields only: the decoder maps stored
   values to modality units and scales by the modality range of the bit range,

@@ -295,7 +295,7 @@ def _convert(task: _Task) -> tuple[str, str] | None:
 def _folder_entries(parser: argparse.ArgumentParser, images_dir: Path) -> list[_Entry]:
     if not images_dir.is_dir():
         parser.error(f"--images_dir {images_dir} is not a directory")
-    entries = []
+    entries: list[_Entry] = []
     classes = sorted(p for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     for class_dir in classes:
         files = sorted(
@@ -330,7 +330,7 @@ def _csv_entries(
         clashes = sorted(set(extras) & {*COLUMNS, SOURCE_PATH, SOURCE_LABEL})
         if clashes:
             parser.error(f"{labels_csv} has columns that clash with metadata.csv: {clashes}")
-        entries = []
+        entries: list[_Entry] = []
         for raw in reader:
             row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
             if not row.get("path"):
