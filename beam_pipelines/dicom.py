@@ -289,8 +289,33 @@ def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Da
     except Exception as exc:  # pydicom raises many types for malformed headers
         raise DicomRejected("not_dicom", f"header could not be parsed: {_safe(exc)}") from exc
     _infer_transfer_syntax(ds)
+    if _ends_early(ds, len(data)):
+        raise DicomRejected("truncated", "an element's declared length runs past the end of file")
     ds.__dict__["_xray_file_size"] = len(data)
     return ds
+
+
+def _ends_early(ds: Dataset, file_size: int) -> bool:
+    """True when a top-level element declares more bytes than the file holds.
+
+    pydicom stops quietly at the end of a cut file; the declared lengths of
+    the still-raw elements show it. Offsets of a deflated data set count
+    inflated bytes, so that syntax is not checked here.
+    """
+    meta_length = ds.file_meta.get("FileMetaInformationGroupLength")
+    # Preamble (128) + "DICM" (4) + the group length element itself (12).
+    if isinstance(meta_length, int) and 144 + meta_length > file_size:
+        return True
+    if ds.file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return False
+    # Iterating a Dataset converts its elements; keys() keeps them raw.
+    for tag in ds.keys():  # noqa: SIM118
+        element = ds.get_item(tag)
+        length = getattr(element, "length", None)
+        tell = getattr(element, "value_tell", None)
+        if length not in (None, 0xFFFFFFFF) and tell is not None and tell + length > file_size:
+            return True
+    return False
 
 
 def _looks_like_raw_dataset(data: bytes) -> bool:
@@ -467,21 +492,6 @@ def _check_geometry(ds: Dataset, header: DicomHeader, keyword: str, options: Dec
     syntax = UID(header.transfer_syntax_uid)
     if not syntax.is_transfer_syntax:
         raise DicomRejected("unsupported_transfer_syntax", f"unknown transfer syntax {syntax}")
-    element = ds.get_item(keyword)
-    declared = getattr(element, "length", None)
-    value_tell = getattr(element, "value_tell", None)
-    file_size = ds.__dict__.get("_xray_file_size")
-    # Offsets of a deflated data set count inflated bytes, not file bytes.
-    if (
-        syntax != pydicom.uid.DeflatedExplicitVRLittleEndian
-        and declared not in (None, 0xFFFFFFFF)
-        and value_tell is not None
-        and file_size is not None
-        and value_tell + declared > file_size
-    ):
-        raise DicomRejected(
-            "truncated", f"pixel data declares {declared} bytes but the file ends early"
-        )
     if keyword != "PixelData" or not syntax.is_encapsulated:
         value = ds[keyword].value
         if value is None or len(value) == 0:
