@@ -35,7 +35,7 @@ format: install
 # The main job end to end on an embedded default: a synthetic archive, then
 # each stage that exists. Override DEMO_DIR / DEMO_PATIENTS to scale it.
 demo: install
-	$(BIN)/xray-synth --output_dir $(DEMO_DIR)/archive --patients $(DEMO_PATIENTS) --seed 7 --broken 4
+	$(BIN)/xray-synth --output_dir $(DEMO_DIR)/archive --patients $(DEMO_PATIENTS) --seed 7 --broken 8 --overwrite
 	@echo "demo archive: $(DEMO_DIR)/archive (metadata.csv + raw/)"
 
 clean:
