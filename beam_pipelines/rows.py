@@ -1,0 +1,130 @@
+"""Reading and validating metadata.csv rows (the first stage of preprocessing).
+
+A row becomes either a :class:`ValidRow` or a reject record; it is never
+dropped. Paths are resolved against the archive root and may not escape it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import posixpath
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from beam_pipelines import metadata as md
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class MetadataError(ValueError):
+    """metadata.csv cannot be used at all (e.g. required columns missing)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidRow:
+    """A metadata row that passed validation; ``row`` is its 1-based data row."""
+
+    row: int
+    patient_id: str
+    study_id: str
+    dicom_path: str
+    resolved_path: str
+    view_position: str
+    abnormal: bool
+    age: int | None
+    sex: str | None
+    extra: dict[str, str]
+
+
+def reject(row: int, dicom_path: str, stage: str, reason: str, detail: str) -> dict[str, Any]:
+    """Builds one reject record (the rejects/*.jsonl contract)."""
+    return {
+        "row": row,
+        "dicom_path": dicom_path,
+        "stage": stage,
+        "reason": reason,
+        "detail": detail,
+    }
+
+
+def iter_metadata(text: str) -> Iterator[tuple[int, dict[str, str]]]:
+    """Yields (1-based data row, cells) for each data row of metadata.csv text.
+
+    Tolerates a UTF-8 BOM, quoted commas and newlines; skips blank lines
+    (they are not rows).
+
+    Raises:
+        MetadataError: when a required column is missing.
+    """
+    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff"), newline=""))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in md.REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise MetadataError(f"metadata.csv lacks required columns {missing}; it has {columns}")
+    reader.fieldnames = columns
+    row = 0
+    for cells in reader:
+        if not any((value or "").strip() for value in cells.values() if isinstance(value, str)):
+            continue
+        row += 1
+        yield row, {k: (v if isinstance(v, str) else "") for k, v in cells.items() if k}
+
+
+def resolve_path(archive_root: str, dicom_path: str) -> str | None:
+    """Resolves a DicomPath against the archive root; None if it escapes the root.
+
+    URIs (``gs://…``) are taken as they are. Relative paths are normalized
+    lexically; ``..`` that climbs out of the root, and absolute paths outside
+    it, escape.
+    """
+    if _URI.match(dicom_path):
+        return dicom_path
+    root = archive_root.rstrip("/") or "/"
+    if _URI.match(root):
+        joined = posixpath.normpath(posixpath.join(root.split("://", 1)[1], dicom_path))
+        scheme = root.split("://", 1)[0]
+        base = posixpath.normpath(root.split("://", 1)[1])
+        if not (joined == base or joined.startswith(base + "/")):
+            return None
+        return f"{scheme}://{joined}"
+    joined = posixpath.normpath(posixpath.join(root, dicom_path))
+    base = posixpath.normpath(root)
+    if not (joined == base or joined.startswith(base.rstrip("/") + "/")):
+        return None
+    return joined
+
+
+def validate_row(row: int, cells: dict[str, str], archive_root: str) -> ValidRow | dict[str, Any]:
+    """Validates one row; returns a ValidRow or a reject record."""
+    dicom_path = (cells.get(md.DICOM_PATH) or "").strip()
+    patient_id = (cells.get(md.PATIENT_ID) or "").strip()
+    if not dicom_path:
+        return reject(row, dicom_path, "validate", "missing_path", "DicomPath is blank")
+    if not patient_id:
+        return reject(row, dicom_path, "validate", "missing_patient_id", "PatientID is blank")
+    label = md.parse_label(cells.get(md.ABNORMAL))
+    if label is None:
+        return reject(
+            row, dicom_path, "validate", "bad_label", "Abnormal is not true/false/1/0/yes/no"
+        )
+    resolved = resolve_path(archive_root, dicom_path)
+    if resolved is None:
+        return reject(
+            row, dicom_path, "validate", "path_escapes_root", "DicomPath leaves the archive root"
+        )
+    extra = {k: v for k, v in cells.items() if k not in md.COLUMNS}
+    return ValidRow(
+        row=row,
+        patient_id=patient_id,
+        study_id=(cells.get(md.STUDY_ID) or "").strip(),
+        dicom_path=dicom_path,
+        resolved_path=resolved,
+        view_position=(cells.get(md.VIEW_POSITION) or "").strip().upper(),
+        abnormal=label,
+        age=md.parse_age(cells.get(md.AGE)),
+        sex=md.parse_sex(cells.get(md.SEX)),
+        extra=extra,
+    )

@@ -1,0 +1,128 @@
+"""End to end: xray-preprocess on a synthetic archive with broken rows."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from archive_tools import synth
+from beam_pipelines import dicom, preprocess, schema
+
+pytestmark = pytest.mark.slow
+
+LOCAL = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
+
+
+def _read_records(path: Path) -> list[dict]:
+    """Reads a gzip TFRecord file without TensorFlow's reader (length, crc, data, crc)."""
+    records, data = [], gzip.decompress(path.read_bytes())
+    offset = 0
+    while offset < len(data):
+        length = int.from_bytes(data[offset : offset + 8], "little")
+        records.append(schema.parse_example(data[offset + 12 : offset + 12 + length]))
+        offset += 12 + length + 4
+    return records
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("archive") / "archive"
+    synth.run(
+        [
+            "--output_dir",
+            str(root),
+            "--patients",
+            "24",
+            "--seed",
+            "3",
+            "--min_size",
+            "48",
+            "--max_size",
+            "96",
+            "--broken",
+            "8",
+            "--workers",
+            "1",
+        ]
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def output(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("preprocessed")
+    manifest = preprocess.run(
+        ["--metadata", str(archive / "metadata.csv"), "--output_dir", str(out), *LOCAL]
+    )
+    return out, manifest
+
+
+def test_every_row_ends_in_a_shard_or_a_reject(archive: Path, output: tuple[Path, dict]) -> None:
+    out, manifest = output
+    with (archive / "metadata.csv").open() as handle:
+        input_rows = sum(1 for _ in csv.DictReader(handle))
+    records = {
+        s: [r for f in sorted((out / s).glob("part-*.tfrecord.gz")) for r in _read_records(f)]
+        for s in ("train", "validation", "test")
+    }
+    rejects = [
+        json.loads(line)
+        for f in (out / "rejects").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+    ]
+    kept = sum(len(v) for v in records.values())
+    assert manifest["input_rows"] == input_rows == kept + len(rejects)
+    assert manifest["kept"] == kept and manifest["rejected"] == len(rejects)
+    for split, recs in records.items():
+        assert manifest["counts"][split]["abnormal"] == sum(r["label"] for r in recs)
+    with (archive / "expected_rejects.csv").open() as handle:
+        expected = {(int(r["row"]), r["reason"]) for r in csv.DictReader(handle)}
+    assert {(r["row"], r["reason"]) for r in rejects} == expected
+    assert all(set(r) == {"row", "dicom_path", "stage", "reason", "detail"} for r in rejects)
+
+    # Splits are by patient, as splits.csv says.
+    with (out / "splits.csv").open() as handle:
+        assignment = {r["PatientID"]: r["split"] for r in csv.DictReader(handle)}
+    for split, recs in records.items():
+        assert all(assignment[r["patient_id"]] == split for r in recs)
+    assert records["train"] and records["validation"] and records["test"]
+
+    # Pixels are exactly what the shared decoder gives, to 16 bits.
+    for record in records["validation"][:5]:
+        expected_image = dicom.to_model_input(dicom.read_image(str(archive / record["dicom_path"])))
+        assert np.abs(record["image"] - expected_image).max() <= 0.5 / 65535 + 1e-6
+    assert manifest["train_pixel_stats"]["pixels"] == len(records["train"]) * 224 * 224
+
+
+def test_pinned_rerun_moves_no_patient(
+    archive: Path, output: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out, _ = output
+    rerun = tmp_path / "rerun"
+    preprocess.run(
+        [
+            "--metadata",
+            str(archive / "metadata.csv"),
+            "--output_dir",
+            str(rerun),
+            "--seed",
+            "99",
+            "--pin_splits",
+            str(out / "splits.csv"),
+            *LOCAL,
+        ]
+    )
+    assert (rerun / "splits.csv").read_text() == (out / "splits.csv").read_text()
+
+
+def test_missing_columns_fail_before_any_work(tmp_path: Path) -> None:
+    bad = tmp_path / "metadata.csv"
+    bad.write_text("PatientID,Path\nP1,a.dcm\n")
+    with pytest.raises(ValueError, match="DicomPath"):
+        preprocess.run(["--metadata", str(bad), "--output_dir", str(tmp_path / "out"), *LOCAL])
+    assert not (tmp_path / "out").exists()
