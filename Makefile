@@ -36,7 +36,8 @@ format: install
 # each stage that exists. Override DEMO_DIR / DEMO_PATIENTS to scale it.
 demo: install
 	$(BIN)/xray-synth --output_dir $(DEMO_DIR)/archive --patients $(DEMO_PATIENTS) --seed 7 --broken 8 --overwrite
-	@echo "demo archive: $(DEMO_DIR)/archive (metadata.csv + raw/)"
+	$(BIN)/xray-preprocess --metadata $(DEMO_DIR)/archive/metadata.csv --output_dir $(DEMO_DIR)/preprocessed
+	@echo "demo archive: $(DEMO_DIR)/archive; preprocessed shards, splits.csv, rejects/ and manifest.json: $(DEMO_DIR)/preprocessed"
 
 clean:
 	rm -rf $(DEMO_DIR) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -186,6 +186,20 @@ class _PixelStats(beam.CombineFn):
         return {"mean": mean, "std": max(squares / count - mean**2, 0.0) ** 0.5, "pixels": count}
 
 
+def _remove_previous_outputs(out: str) -> None:
+    """Deletes the files an earlier run wrote here, so no stale shard survives.
+
+    Only this job's own outputs are touched (shards, rejects, splits.csv,
+    manifest.json); ``--pin_splits`` has been read before this runs.
+    """
+    patterns = [f"{out}/{name}/part-*" for name in splits.SPLITS]
+    patterns += [f"{out}/rejects/rejects-*", f"{out}/splits.csv", f"{out}/manifest.json"]
+    stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
+    if stale:
+        logger.info("Replacing %d files of an earlier run in %s", len(stale), out)
+        FileSystems.delete(stale)
+
+
 def _write_text(path: str, text: str) -> None:
     with FileSystems.create(path) as handle:
         handle.write(text.encode("utf-8"))
@@ -299,6 +313,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     out = args.output_dir.rstrip("/")
     options = _pipeline_options(beam_args)
+    _remove_previous_outputs(out)
 
     with beam.Pipeline(options=options) as pipeline:
         rows = (
@@ -464,8 +479,15 @@ def _build_manifest(
 
 def main() -> None:
     """Console entry point: ``xray-preprocess``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    run()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
+    )
+    manifest = run()
+    print(
+        f"xray-preprocess: {manifest['input_rows']} rows -> {manifest['kept']} kept "
+        f"{json.dumps(manifest['counts'])}, {manifest['rejected']} rejected "
+        f"{json.dumps(manifest['rejected_by_reason'])}"
+    )
 
 
 if __name__ == "__main__":

@@ -126,3 +126,12 @@ def test_missing_columns_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="DicomPath"):
         preprocess.run(["--metadata", str(bad), "--output_dir", str(tmp_path / "out"), *LOCAL])
     assert not (tmp_path / "out").exists()
+
+
+def test_rerun_replaces_stale_shards(archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["--metadata", str(archive / "metadata.csv"), "--output_dir", str(out), *LOCAL]
+    preprocess.run([*args, "--num_shards", "3"])
+    assert len(list((out / "train").glob("part-*"))) == 3
+    preprocess.run([*args, "--num_shards", "1"])
+    assert [p.name for p in (out / "train").glob("part-*")] == ["part-00000-of-00001.tfrecord.gz"]
