@@ -1,0 +1,292 @@
+"""Decode-speed benchmark: our DICOM decoder against bare pydicom, per encoding.
+
+What it measures, for one synthetic radiograph-sized chest image
+(:func:`archive_tools.phantom.chest_phantom`, 2500 x 2048 by default) written
+once per transfer syntax with :func:`archive_tools.dicom_writer.write_dicom`:
+
+* ``bare_pydicom_ms``: ``pydicom.dcmread(path).pixel_array``, i.e. read and
+  decode the whole file into stored values: the baseline a user would write.
+* ``decode_ms``: :func:`beam_pipelines.dicom.read_image` on the same path
+  (read, header checks, decode, modality LUT / VOI / bit-range normalization
+  and MONOCHROME1 inversion to float32 [0, 1]).
+* ``resize_ms``: :func:`beam_pipelines.dicom.to_model_input` on the decoded
+  image (224 x 224 x 1, padded).
+* ``ratio``: median ``decode_ms`` / median ``bare_pydicom_ms``. The target is
+  ratio <= 1.2 (normalization should cost little next to decoding).
+
+Lossless encodings store 12-bit MONOCHROME2; ``jpeg_baseline`` can only carry
+8 bits, so it stores the same image at 8 bits (its ``bits_stored`` says so).
+One extra file, ``explicit_le_mono1_window``, stores 12-bit MONOCHROME1 with a
+rescale slope/intercept and a VOI window that covers the image, which runs the
+whole normalization path (modality LUT, window, inversion).
+
+Method: each call re-reads the file from disk (after the first pass it comes
+from the OS page cache, so this times parsing and decoding, not the disk).
+Everything is warmed up once (imports, codec plugin loading) before timing.
+The machine may be shared and noisy, so the measurements are interleaved
+round-robin: each repeat times every file once, alternating which of the two
+readers goes first; the median and the minimum of the repeats are reported.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/decode_benchmark.py
+    .venv/bin/python benchmarks/decode_benchmark.py --rows 512 --cols 512 --repeats 3
+
+The result is one JSON document on stdout; progress is logged to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from archive_tools.dicom_writer import (
+    ENCODINGS,
+    PixelFormat,
+    RadiographHeader,
+    to_stored,
+    write_dicom,
+)
+from archive_tools.phantom import chest_phantom
+from beam_pipelines import dicom
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENCODINGS = (
+    "explicit_le",
+    "big_endian",
+    "deflate",
+    "rle",
+    "jpegls",
+    "j2k",
+    "jpeg_baseline",
+)
+#: The extra file that exercises the full normalization path.
+WINDOW_VARIANT = "explicit_le_mono1_window"
+TARGET_RATIO = 1.2
+
+
+@dataclass(frozen=True)
+class BenchFile:
+    """One written test file and how it was stored."""
+
+    name: str
+    encoding: str
+    path: Path
+    fmt: PixelFormat
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rows", type=int, default=2500, help="image height in pixels")
+    parser.add_argument("--cols", type=int, default=2048, help="image width in pixels")
+    parser.add_argument(
+        "--bits", type=int, default=12, help="BitsStored of the lossless files (8..16)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per file")
+    parser.add_argument(
+        "--encodings",
+        default=",".join(DEFAULT_ENCODINGS),
+        help=(
+            f"comma-separated names from {', '.join(ENCODINGS)}; {WINDOW_VARIANT} is always added"
+        ),
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="where to write the files (default: a temporary directory)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="phantom random seed")
+    args = parser.parse_args(argv)
+    args.encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
+    unknown = [e for e in args.encodings if e not in ENCODINGS and e != WINDOW_VARIANT]
+    if unknown:
+        parser.error(f"unknown encodings {unknown}; known: {', '.join(ENCODINGS)}")
+    if WINDOW_VARIANT not in args.encodings:
+        args.encodings.append(WINDOW_VARIANT)
+    if args.rows < 1 or args.cols < 1 or args.repeats < 1:
+        parser.error("--rows, --cols and --repeats must be positive")
+    if not 8 <= args.bits <= 16:
+        parser.error("--bits must be in 8..16")
+    return args
+
+
+def _window_format(display: np.ndarray, bits: int) -> PixelFormat:
+    """MONOCHROME1 with a rescale and a window over the image's 1st-99th percentile."""
+    slope, intercept = 0.5, -1024.0
+    base = PixelFormat(
+        bits_stored=bits,
+        photometric="MONOCHROME1",
+        rescale_slope=slope,
+        rescale_intercept=intercept,
+    )
+    modality = to_stored(display, base).astype(np.float64) * slope + intercept
+    lo, hi = np.percentile(modality, [1.0, 99.0])
+    width = max(float(hi - lo), 2.0)
+    return PixelFormat(
+        bits_stored=bits,
+        photometric="MONOCHROME1",
+        rescale_slope=slope,
+        rescale_intercept=intercept,
+        window_center=float(lo + hi) / 2.0,
+        window_width=width,
+    )
+
+
+def _write_files(
+    display: np.ndarray, names: Sequence[str], bits: int, workdir: Path
+) -> list[BenchFile]:
+    header = RadiographHeader(patient_id="BENCH0001", study_id="BENCH", uid_seed="decode-bench")
+    files = []
+    for name in names:
+        if name == WINDOW_VARIANT:
+            encoding, fmt = "explicit_le", _window_format(display, bits)
+        elif name == "jpeg_baseline":
+            encoding, fmt = name, PixelFormat(bits_stored=8)
+        else:
+            encoding, fmt = name, PixelFormat(bits_stored=bits)
+        path = workdir / f"{name}.dcm"
+        write_dicom(path, to_stored(display, fmt), fmt, encoding, header)
+        files.append(BenchFile(name, encoding, path, fmt))
+        logger.info("wrote %s (%d bytes)", path, path.stat().st_size)
+    return files
+
+
+def _bare_pydicom(path: Path) -> np.ndarray:
+    return pydicom.dcmread(path).pixel_array
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    value = fn()
+    return (time.perf_counter() - start) * 1000.0, value
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(samples), 3), "min": round(min(samples), 3)}
+
+
+def _machine() -> dict[str, Any]:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(affinity(0)) if affinity else os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pydicom": pydicom.__version__,
+    }
+
+
+def _benchmark(files: Sequence[BenchFile], repeats: int) -> list[dict[str, Any]]:
+    # Warm-up: imports (Beam's FileSystems, Pillow), codec plugin loading, page cache.
+    info = {}
+    for f in files:
+        bare = _bare_pydicom(f.path)
+        decoded = dicom.decode(str(f.path))
+        dicom.to_model_input(decoded.image)
+        info[f.name] = (bare, decoded)
+
+    times: dict[str, dict[str, list[float]]] = {
+        f.name: {"bare": [], "decode": [], "resize": []} for f in files
+    }
+    for repeat in range(repeats):
+        for f in files:
+            path = f.path
+            t = times[f.name]
+            # Alternate who goes first so neither always gets the warmer cache.
+            if repeat % 2 == 0:
+                t["bare"].append(_timed(lambda p=path: _bare_pydicom(p))[0])
+                ms, image = _timed(lambda p=path: dicom.read_image(str(p)))
+            else:
+                ms, image = _timed(lambda p=path: dicom.read_image(str(p)))
+                t["bare"].append(_timed(lambda p=path: _bare_pydicom(p))[0])
+            t["decode"].append(ms)
+            t["resize"].append(_timed(lambda im=image: dicom.to_model_input(im))[0])
+        logger.info("repeat %d/%d done", repeat + 1, repeats)
+
+    results = []
+    for f in files:
+        bare, decoded = info[f.name]
+        t = times[f.name]
+        bare_ms, decode_ms, resize_ms = (_summary(t[k]) for k in ("bare", "decode", "resize"))
+        ratio = decode_ms["median"] / bare_ms["median"] if bare_ms["median"] > 0 else None
+        ratio_min = decode_ms["min"] / bare_ms["min"] if bare_ms["min"] > 0 else None
+        result: dict[str, Any] = {
+            "encoding": f.name,
+            "transfer_syntax": str(ENCODINGS[f.encoding]),
+            "transfer_syntax_name": ENCODINGS[f.encoding].name,
+            "file_bytes": f.path.stat().st_size,
+            "bits_stored": f.fmt.bits_stored,
+            "photometric": f.fmt.photometric,
+            "rescale": f.fmt.has_rescale,
+            "window": f.fmt.has_window,
+            "voi_used": decoded.voi,
+            "inverted": decoded.inverted,
+            "stored_dtype": str(bare.dtype),
+            "bare_pydicom_ms": bare_ms,
+            "decode_ms": decode_ms,
+            "resize_ms": resize_ms,
+            "ratio": round(ratio, 3) if ratio is not None else None,
+            "ratio_of_mins": round(ratio_min, 3) if ratio_min is not None else None,
+            "within_target": ratio is not None and ratio <= TARGET_RATIO,
+            "samples_ms": {k: [round(v, 3) for v in t[k]] for k in ("bare", "decode", "resize")},
+        }
+        if f.encoding == "jpeg_baseline":
+            result["note"] = "JPEG baseline carries only 8 bits: stored at bits_stored=8"
+        results.append(result)
+    return results
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Writes the test files, times both readers and returns the report.
+
+    Args:
+        argv: command-line arguments (``sys.argv[1:]`` when None).
+
+    Returns:
+        The JSON-ready report: machine, image, repeats, notes and one result
+        per encoding (times in milliseconds, median and min of the repeats).
+    """
+    args = _parse_args(argv)
+    display = chest_phantom(np.random.default_rng(args.seed), args.rows, args.cols, abnormal=False)
+    with tempfile.TemporaryDirectory(prefix="decode_bench_") as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        files = _write_files(display, args.encodings, args.bits, workdir)
+        results = _benchmark(files, args.repeats)
+    return {
+        "machine": _machine(),
+        "image": {"rows": args.rows, "cols": args.cols, "bits": args.bits},
+        "repeats": args.repeats,
+        "target_ratio": TARGET_RATIO,
+        "notes": [
+            "times in ms; median and min over the repeats, interleaved round-robin",
+            "every call re-reads the file; after warm-up it comes from the OS page cache",
+            "ratio = median decode_ms / median bare_pydicom_ms",
+            "jpeg_baseline is stored at 8 bits (the syntax cannot carry 12)",
+            f"{WINDOW_VARIANT}: MONOCHROME1 + rescale + VOI window, explicit VR LE",
+        ],
+        "results": results,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: prints the report as JSON on stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    print(json.dumps(run(argv), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""benchmarks/decode_benchmark.py on a tiny image: report structure, stdout is JSON only."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from archive_tools.dicom_writer import ENCODINGS
+
+_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_benchmark.py"
+_NAME = "decode_benchmark"
+_TINY = ["--rows", "64", "--cols", "48", "--repeats", "1"]
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    # benchmarks/ is a script folder, not an installed package: load it by path.
+    # dataclasses look their module up in sys.modules while the class is built.
+    spec = importlib.util.spec_from_file_location(_NAME, _SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_NAME] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(_NAME, None)
+
+
+def test_run_reports_every_encoding(bench: ModuleType, tmp_path: Path) -> None:
+    report = bench.run([*_TINY, "--workdir", str(tmp_path)])
+
+    assert set(report) >= {"machine", "image", "repeats", "results"}
+    assert report["image"] == {"rows": 64, "cols": 48, "bits": 12}
+    assert report["repeats"] == 1
+    assert {"cpu_count", "python", "numpy", "pydicom"} <= set(report["machine"])
+
+    expected = [*bench.DEFAULT_ENCODINGS, bench.WINDOW_VARIANT]
+    assert [r["encoding"] for r in report["results"]] == expected
+    for result in report["results"]:
+        name = result["encoding"]
+        encoding = "explicit_le" if name == bench.WINDOW_VARIANT else name
+        assert result["transfer_syntax"] == str(ENCODINGS[encoding])
+        assert result["file_bytes"] > 0
+        assert (tmp_path / f"{name}.dcm").is_file()
+        for key in ("bare_pydicom_ms", "decode_ms", "resize_ms"):
+            assert result[key]["median"] > 0
+            assert 0 < result[key]["min"] <= result[key]["median"]
+        assert result["ratio"] > 0
+        assert result["bits_stored"] == (8 if name == "jpeg_baseline" else 12)
+
+    window = report["results"][-1]
+    assert window["photometric"] == "MONOCHROME1"
+    assert window["voi_used"] == "window"
+    assert window["inverted"] is True
+    json.dumps(report)  # JSON-ready throughout
+
+
+def test_main_prints_only_json(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bench.main([*_TINY, "--encodings", "explicit_le", "--workdir", str(tmp_path)])
+
+    report = json.loads(capsys.readouterr().out)
+    assert [r["encoding"] for r in report["results"]] == ["explicit_le", bench.WINDOW_VARIANT]
+
+
+def test_rejects_unknown_encoding(bench: ModuleType) -> None:
+    with pytest.raises(SystemExit):
+        bench.run([*_TINY, "--encodings", "webp"])
