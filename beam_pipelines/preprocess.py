@@ -14,10 +14,12 @@ would first try to download the Prism runner binary).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import platform
 import posixpath
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -27,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from beam_pipelines import dicom, schema, splits
+from beam_pipelines import dicom, schema, splits, tfrecord
 from beam_pipelines.rows import ValidRow, iter_metadata, reject, validate_row
 
 logger = logging.getLogger(__name__)
@@ -135,6 +137,100 @@ class DecodeDicomFn(beam.DoFn):
         }
 
 
+RECORDS_PER_SHARD = 1000
+
+
+def shard_count(records: int, num_shards: int) -> int:
+    """Shards for a split: the fixed number asked for, else one per RECORDS_PER_SHARD."""
+    if num_shards > 0:
+        return num_shards
+    return max(1, -(-records // RECORDS_PER_SHARD))
+
+
+def shard_of(dicom_path: str, shards: int) -> int:
+    """A record's shard: a stable hash of its path, so reruns put it in the same file."""
+    digest = hashlib.sha256(dicom_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % shards
+
+
+class WriteShards(beam.PTransform):
+    """Writes ``<out>/<split>/part-SSSSS-of-NNNNN.tfrecord.gz``, byte-identical on reruns.
+
+    Records go to a shard by a hash of their path and are sorted by metadata
+    row inside it, so the files do not depend on the runner or on bundle
+    order; each file appears atomically (temporary name, then rename). Every
+    shard of a non-empty split is written, even one that hashing left empty.
+    """
+
+    def __init__(self, out: str, num_shards: int) -> None:
+        super().__init__()
+        self._out, self._num_shards = out, num_shards
+
+    def expand(self, records: beam.PCollection) -> beam.PCollection:
+        num_shards = self._num_shards
+        sizes = (
+            records
+            | "SplitName" >> beam.Map(lambda r: r["split"])
+            | "CountPerSplit" >> beam.combiners.Count.PerElement()
+        )
+        totals = sizes | "SizesDict" >> beam.combiners.ToDict()
+
+        def key(record: dict[str, Any], totals: dict[str, int]) -> tuple[Any, Any]:
+            shards = shard_count(totals[record["split"]], num_shards)
+            shard = shard_of(record["dicom_path"], shards)
+            return (record["split"], shard, shards), (record["row"], schema.serialize(record))
+
+        keyed = records | "KeyByShard" >> beam.Map(key, pvalue.AsSingleton(totals))
+        every_shard = sizes | "EveryShard" >> beam.FlatMap(
+            lambda item: [
+                ((item[0], k, shard_count(item[1], num_shards)), None)
+                for k in range(shard_count(item[1], num_shards))
+            ]
+        )
+        return (
+            (keyed, every_shard)
+            | "WithEmptyShards" >> beam.Flatten()
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.ParDo(_WriteShardFn(self._out))
+        )
+
+
+class _WriteShardFn(beam.DoFn):
+    def __init__(self, out: str) -> None:
+        self._out = out
+
+    def process(self, element: tuple[tuple[str, int, int], Iterable[Any]]) -> Iterator[str]:
+        (split, shard, shards), values = element
+        ordered = sorted((v for v in values if v is not None), key=lambda v: v[0])
+        path = f"{self._out}/{split}/part-{shard:05d}-of-{shards:05d}.tfrecord.gz"
+        written = tfrecord.write_tfrecord_gz(path, (serialized for _, serialized in ordered))
+        Metrics.counter(self.__class__, f"written_{split}").inc(written)
+        yield path
+
+
+class WriteRejects(beam.PTransform):
+    """Writes all reject records, sorted by row, to ``<out>/rejects/rejects.jsonl``.
+
+    Rejects are few (one small dict per bad row), so one sorted file is both
+    deterministic and the easiest to audit.
+    """
+
+    def __init__(self, out: str) -> None:
+        super().__init__()
+        self._out = out
+
+    def expand(self, rejects: beam.PCollection) -> beam.PCollection:
+        out = self._out
+
+        def write(records: list[dict[str, Any]]) -> str:
+            lines = [json.dumps(r, sort_keys=True) for r in sorted(records, key=lambda r: r["row"])]
+            path = f"{out}/rejects/rejects.jsonl"
+            _write_text(path, "".join(line + "\n" for line in lines))
+            return path
+
+        return rejects | "AllRejects" >> beam.combiners.ToList() | "WriteJsonl" >> beam.Map(write)
+
+
 def _patient_stats(record: dict[str, Any]) -> tuple[str, bool]:
     return record["patient_id"], bool(record["label"])
 
@@ -159,31 +255,39 @@ class AssignSplits(beam.PTransform):
 
 
 class _PixelStats(beam.CombineFn):
-    """Mean and standard deviation of training pixels (sum, sum of squares, count)."""
+    """Mean and standard deviation of the stored training pixels.
 
-    def create_accumulator(self) -> tuple[float, float, int]:
-        return 0.0, 0.0, 0
+    Sums are exact integers over the 16-bit stored values, so the result does
+    not depend on how a runner splits and merges the work.
+    """
 
-    def add_input(self, acc: tuple[float, float, int], image: Any) -> tuple[float, float, int]:
+    def create_accumulator(self) -> tuple[int, int, int]:
+        return 0, 0, 0
+
+    def add_input(self, acc: tuple[int, int, int], image: Any) -> tuple[int, int, int]:
         import numpy as np
 
-        values = np.asarray(image, dtype=np.float64)
-        return acc[0] + float(values.sum()), acc[1] + float((values**2).sum()), acc[2] + values.size
+        values = schema.quantize(image).astype(np.uint64)
+        return (
+            acc[0] + int(values.sum()),
+            acc[1] + int((values * values).sum()),
+            acc[2] + int(values.size),
+        )
 
-    def merge_accumulators(
-        self, accs: Iterable[tuple[float, float, int]]
-    ) -> tuple[float, float, int]:
-        total, squares, count = 0.0, 0.0, 0
+    def merge_accumulators(self, accs: Iterable[tuple[int, int, int]]) -> tuple[int, int, int]:
+        total, squares, count = 0, 0, 0
         for a, b, c in accs:
             total, squares, count = total + a, squares + b, count + c
         return total, squares, count
 
-    def extract_output(self, acc: tuple[float, float, int]) -> dict[str, float | None]:
+    def extract_output(self, acc: tuple[int, int, int]) -> dict[str, Any]:
         total, squares, count = acc
         if count == 0:
             return {"mean": None, "std": None, "pixels": 0}
+        scale = float(2**schema.IMAGE_BITS - 1)
         mean = total / count
-        return {"mean": mean, "std": max(squares / count - mean**2, 0.0) ** 0.5, "pixels": count}
+        variance = max(squares / count - mean * mean, 0.0)
+        return {"mean": mean / scale, "std": variance**0.5 / scale, "pixels": count}
 
 
 def _remove_previous_outputs(out: str) -> None:
@@ -193,7 +297,7 @@ def _remove_previous_outputs(out: str) -> None:
     manifest.json); ``--pin_splits`` has been read before this runs.
     """
     patterns = [f"{out}/{name}/part-*" for name in splits.SPLITS]
-    patterns += [f"{out}/rejects/rejects-*", f"{out}/splits.csv", f"{out}/manifest.json"]
+    patterns += [f"{out}/rejects/rejects*", f"{out}/splits.csv", f"{out}/manifest.json"]
     stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
     if stale:
         logger.info("Replacing %d files of an earlier run in %s", len(stale), out)
@@ -201,8 +305,13 @@ def _remove_previous_outputs(out: str) -> None:
 
 
 def _write_text(path: str, text: str) -> None:
-    with FileSystems.create(path) as handle:
+    """Writes a small text file atomically (temporary name, then rename)."""
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    with FileSystems.create(temporary) as handle:
         handle.write(text.encode("utf-8"))
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temporary], [path])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_shards",
         type=int,
         default=0,
-        help="Shards per split (0 = let the runner choose; default).",
+        help=f"Shards per split (default 0: one per {RECORDS_PER_SHARD} records).",
     )
     parser.add_argument(
         "--resize_policy",
@@ -334,37 +443,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         split_records = records | "AttachSplit" >> beam.Map(
             lambda r, a: {**r, "split": a[r["patient_id"]]}, pvalue.AsSingleton(assignment)
         )
-        by_split = split_records | "BySplit" >> beam.Partition(
-            lambda r, n: splits.SPLITS.index(r["split"]), len(splits.SPLITS)
-        )
-        for name, part in zip(splits.SPLITS, by_split, strict=True):
-            (
-                part
-                | f"Serialize_{name}" >> beam.Map(schema.serialize)
-                | f"WriteShards_{name}"
-                >> beam.io.WriteToTFRecord(
-                    f"{out}/{name}/part",
-                    file_name_suffix=".tfrecord.gz",
-                    num_shards=args.num_shards,
-                    shard_name_template="-SSSSS-of-NNNNN",
-                    compression_type=beam.io.filesystem.CompressionTypes.GZIP,
-                )
-            )
+        _ = split_records | "WriteShards" >> WriteShards(out, args.num_shards)
         rejects = (
             validated[REJECTS],
             unique[REJECTS],
             decoded[REJECTS],
         ) | "AllRejects" >> beam.Flatten()
-        (
-            rejects
-            | "RejectsToJson" >> beam.Map(lambda r: json.dumps(r, sort_keys=True))
-            | "WriteRejects"
-            >> beam.io.WriteToText(
-                f"{out}/rejects/rejects",
-                file_name_suffix=".jsonl",
-                shard_name_template="-SSSSS-of-NNNNN",
-            )
-        )
+        _ = rejects | "WriteRejects" >> WriteRejects(out)
         _ = assignment | "WriteSplits" >> beam.Map(
             lambda a: _write_text(f"{out}/splits.csv", splits.format_splits_csv(a))
         )
@@ -384,8 +469,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
         input_rows = rows | "CountInput" >> beam.combiners.Count.Globally()
         pixel_stats = (
-            by_split[0]
-            | "TrainImages" >> beam.Map(lambda r: r["image"])
+            split_records
+            | "TrainImages" >> beam.FlatMap(lambda r: [r["image"]] if r["split"] == "train" else [])
             | "PixelStats" >> beam.CombineGlobally(_PixelStats())
         )
         settings = {

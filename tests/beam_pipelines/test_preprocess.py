@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 from archive_tools import synth
-from beam_pipelines import dicom, preprocess, schema
+from beam_pipelines import dicom, preprocess, schema, tfrecord
 
 pytestmark = pytest.mark.slow
 
@@ -19,14 +18,7 @@ LOCAL = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
 
 
 def _read_records(path: Path) -> list[dict]:
-    """Reads a gzip TFRecord file without TensorFlow's reader (length, crc, data, crc)."""
-    records, data = [], gzip.decompress(path.read_bytes())
-    offset = 0
-    while offset < len(data):
-        length = int.from_bytes(data[offset : offset + 8], "little")
-        records.append(schema.parse_example(data[offset + 12 : offset + 12 + length]))
-        offset += 12 + length + 4
-    return records
+    return [schema.parse_example(r) for r in tfrecord.read_tfrecord_gz(str(path))]
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +118,26 @@ def test_missing_columns_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="DicomPath"):
         preprocess.run(["--metadata", str(bad), "--output_dir", str(tmp_path / "out"), *LOCAL])
     assert not (tmp_path / "out").exists()
+
+
+def test_rerun_is_byte_identical(archive: Path, output: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = output
+    rerun = tmp_path / "rerun"
+    preprocess.run(
+        [
+            "--metadata",
+            str(archive / "metadata.csv"),
+            "--output_dir",
+            str(rerun),
+            "--runner=FnApiRunner",
+            "--direct_running_mode=multi_processing",
+            "--direct_num_workers=2",
+        ]
+    )
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(rerun) for p in rerun.rglob("*") if p.is_file())
+    for name in files:
+        assert (out / name).read_bytes() == (rerun / name).read_bytes(), name
 
 
 def test_rerun_replaces_stale_shards(archive: Path, tmp_path: Path) -> None:
