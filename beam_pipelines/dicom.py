@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -239,7 +240,7 @@ def read_bytes(source: Source, max_bytes: int = DEFAULT_OPTIONS.max_file_bytes) 
     elif isinstance(source, str):
         data = _read_path(source, max_bytes)
     else:
-        data = source.read(max_bytes + 1)
+        data = _read_limited(source, max_bytes)
     if not data:
         raise DicomRejected("empty_file", "the file has no bytes")
     if len(data) > max_bytes:
@@ -255,7 +256,7 @@ def _read_path(path: str, max_bytes: int) -> bytes:
     try:
         # UNCOMPRESSED: a DICOM named *.gz must not be silently gunzipped.
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            return handle.read(max_bytes + 1)
+            return _read_limited(handle, max_bytes)
     except FileNotFoundError as exc:
         raise DicomRejected("missing_file", "no file at the given path") from exc
     except IsADirectoryError as exc:
@@ -265,6 +266,30 @@ def _read_path(path: str, max_bytes: int) -> bytes:
         if not FileSystems.exists(path):
             raise DicomRejected("missing_file", "no file at the given path") from exc
         raise DicomRejected("unreadable", f"{type(exc).__name__}: {_safe(exc)}") from exc
+
+
+def _read_limited(handle: BinaryIO, max_bytes: int) -> bytes:
+    """Reads at most ``max_bytes + 1`` bytes without allocating that much up front.
+
+    ``read(n)`` reserves n bytes first, which costs milliseconds for a
+    2 GiB limit; a local file's size is known, a remote one is read in chunks.
+    """
+    try:
+        size: int | None = os.fstat(handle.fileno()).st_size
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        size = None
+    if size is not None:
+        if size > max_bytes:
+            raise DicomRejected("too_large", f"file is larger than {max_bytes} bytes")
+        return handle.read(size + 1)
+    chunks, total = [], 0
+    while total <= max_bytes:
+        chunk = handle.read(min(16 << 20, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Dataset:
@@ -445,10 +470,8 @@ def decode(source: Source | Dataset, options: DecodeOptions = DEFAULT_OPTIONS) -
     stored = _decode_first_frame(ds, header)
     photometric = header.photometric_interpretation
     if header.samples_per_pixel == 1 and photometric in GRAYSCALE:
-        image, voi = _normalize_gray(stored, ds, header, options, pixel_keyword)
         inverted = photometric == "MONOCHROME1"
-        if inverted:
-            np.subtract(1.0, image, out=image)
+        image, voi = _normalize_gray(stored, ds, header, options, pixel_keyword, inverted)
         return DecodedImage(image, header, inverted, voi, color_converted=False)
     image = _color_to_gray(stored, ds, header, options)
     return DecodedImage(image, header, inverted=False, voi="bit_range", color_converted=True)
@@ -541,17 +564,23 @@ def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
 
 
 def _normalize_gray(
-    stored: np.ndarray, ds: Dataset, header: DicomHeader, options: DecodeOptions, keyword: str
+    stored: np.ndarray,
+    ds: Dataset,
+    header: DicomHeader,
+    options: DecodeOptions,
+    keyword: str,
+    invert: bool,
 ) -> tuple[np.ndarray, str]:
-    """Modality LUT, VOI and range scaling; returns float32 [0,1] (before inversion)."""
+    """Modality LUT, VOI, range scaling and inversion; returns float32 [0, 1]."""
     if keyword != "PixelData" or stored.dtype.kind == "f":
-        return _normalize_float(stored, ds, options)
-    transform, mode = _intensity_transform(ds, header, options.voi_index)
+        image, mode = _normalize_float(stored, ds, options)
+        return (1.0 - image if invert else image), mode
+    transform, mode = _intensity_transform(ds, header, options.voi_index, invert)
     image = _apply_transform(stored, transform)
     if mode != "bit_range" and _misses_image(image):
         # A window that leaves (nearly) every pixel saturated describes some
         # other image (edited pixels, copied headers): use the bit range.
-        transform, _ = _intensity_transform(ds, header, None)
+        transform, _ = _intensity_transform(ds, header, None, invert)
         return _apply_transform(stored, transform), "window_ignored"
     return image, mode
 
@@ -563,13 +592,41 @@ def _apply_transform(
     if bits > 16:
         # 32-bit integer data: too wide for a table; same maths, element-wise.
         return np.clip(transform(stored.astype(np.float64)), 0.0, 1.0).astype(np.float32)
-    # A table over every value of the array's dtype, in index order: a uint
-    # view of the array then indexes it directly (two's complement covers
-    # signed data), so any header maths costs one gather per pixel.
+    # The transform evaluated over every value of the array's dtype, in index
+    # order: a uint view of the array indexes it directly (two's complement
+    # covers signed data), so any header maths costs at most one gather.
     unsigned_type = np.uint8 if bits == 8 else np.uint16
     domain = np.arange(2**bits, dtype=unsigned_type).view(stored.dtype).astype(np.float64)
-    table = np.clip(transform(domain), 0.0, 1.0).astype(np.float32)
-    return table[stored.view(unsigned_type)]
+    values = transform(domain)
+    table = np.clip(values, 0.0, 1.0)
+    line = _as_line(domain, values, table)
+    if line is not None:
+        # Most headers (bit range, rescale, LINEAR windows, inversion) are a
+        # clipped straight line: a multiply-add is ~3x faster than the gather.
+        scale, offset = line
+        image = np.multiply(stored, np.float32(scale), dtype=np.float32)
+        image += np.float32(offset)
+        np.maximum(image, 0.0, out=image)  # faster than np.clip on numpy 1.26
+        np.minimum(image, 1.0, out=image)
+        return image
+    return table.astype(np.float32)[stored.view(unsigned_type)]
+
+
+def _as_line(
+    domain: np.ndarray, values: np.ndarray, table: np.ndarray
+) -> tuple[float, float] | None:
+    """(scale, offset) when the table is exactly clip(scale * x + offset), else None."""
+    inside = np.flatnonzero((table > 0.0) & (table < 1.0))
+    if inside.size < 2:
+        return None
+    first, last = inside[0], inside[-1]
+    if domain[last] == domain[first]:
+        return None
+    scale = (values[last] - values[first]) / (domain[last] - domain[first])
+    offset = values[first] - scale * domain[first]
+    if np.max(np.abs(np.clip(domain * scale + offset, 0.0, 1.0) - table)) > 1e-9:
+        return None
+    return float(scale), float(offset)
 
 
 def _misses_image(image: np.ndarray) -> bool:
@@ -580,18 +637,23 @@ def _misses_image(image: np.ndarray) -> bool:
 
 
 def _intensity_transform(
-    ds: Dataset, header: DicomHeader, voi_index: int | None
+    ds: Dataset, header: DicomHeader, voi_index: int | None, invert: bool
 ) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-    """Builds stored value -> [0,1] (modality LUT, then VOI or range scaling)."""
+    """Builds stored value -> [0,1]: modality LUT, VOI or range scaling, inversion."""
     modality, lo, hi = _modality_transform(ds, header)
     voi = _voi_transform(ds, voi_index) if voi_index is not None else None
     if voi is not None:
         voi_fn, mode = voi
-        return (lambda x: voi_fn(modality(x))), mode
-    span = hi - lo
-    if span <= 0:
-        return (lambda x: np.zeros_like(x)), "bit_range"
-    return (lambda x: (modality(x) - lo) / span), "bit_range"
+        forward: Callable[[np.ndarray], np.ndarray] = lambda x: voi_fn(modality(x))  # noqa: E731
+    elif hi - lo <= 0:
+        mode = "bit_range"
+        forward = np.zeros_like
+    else:
+        mode = "bit_range"
+        forward = lambda x: (modality(x) - lo) / (hi - lo)  # noqa: E731
+    if invert:
+        return (lambda x: 1.0 - forward(x)), mode
+    return forward, mode
 
 
 def _modality_transform(
@@ -787,9 +849,10 @@ def to_model_input(
     becomes ``size`` and the shorter is centred and padded with 0 (black, the
     display value of air), so anatomy is never stretched differently for
     different detector shapes. ``"stretch"`` resizes each axis independently
-    (what most ImageNet-style code does). Both use Pillow's antialiased
-    bilinear filter (a triangle filter widened by the scale factor: area-like
-    when shrinking, no overshoot outside [0,1]).
+    (what most ImageNet-style code does). Both shrink with Pillow: a box
+    average by an integer factor down to within 2x of the target, then its
+    antialiased bilinear filter (``reducing_gap=2``): area-like, no overshoot
+    outside [0, 1].
 
     Preprocessing and scoring both call this, so they cannot drift.
     """
@@ -807,9 +870,14 @@ def to_model_input(
     else:
         scale = size / max(rows, cols)
         target = (max(1, round(rows * scale)), max(1, round(cols * scale)))
-    source = Image.fromarray(np.ascontiguousarray(image, dtype=np.float32), mode="F")
+    pixels = np.ascontiguousarray(image, dtype=np.float32)
+    source = Image.frombuffer("F", (cols, rows), pixels, "raw", "F", 0, 1)
+    # reducing_gap: box-average by an integer factor first, then the
+    # bilinear filter over the last < 2x: ~3x faster than filtering all the
+    # way down, and still antialiased.
     resized = np.asarray(
-        source.resize((target[1], target[0]), Image.Resampling.BILINEAR), dtype=np.float32
+        source.resize((target[1], target[0]), Image.Resampling.BILINEAR, reducing_gap=2.0),
+        dtype=np.float32,
     )
     out = np.zeros((size, size, 1), dtype=np.float32)
     top, left = (size - target[0]) // 2, (size - target[1]) // 2
