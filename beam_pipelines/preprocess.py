@@ -34,7 +34,22 @@ from beam_pipelines.rows import ValidRow, iter_metadata, reject, validate_row
 
 logger = logging.getLogger(__name__)
 
-REJECTS = "rejects"
+# Stages emit (KEPT, value) or (REJECTED, record) and SplitOutcomes routes
+# them. Not TaggedOutput: Beam's DaskRunner (2.77) merges a ParDo's tagged
+# outputs into one collection, and this job must run there unchanged.
+KEPT = "kept"
+REJECTED = "rejected"
+
+
+class SplitOutcomes(beam.PTransform):
+    """Splits (KEPT|REJECTED, value) pairs into (kept values, reject records)."""
+
+    def expand(self, outcomes: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        kept = outcomes | "Kept" >> beam.FlatMap(lambda o: [o[1]] if o[0] == KEPT else [])
+        rejected = outcomes | "Rejected" >> beam.FlatMap(
+            lambda o: [o[1]] if o[0] == REJECTED else []
+        )
+        return kept, rejected
 
 
 class ReadMetadataFn(beam.DoFn):
@@ -51,7 +66,7 @@ class ReadMetadataFn(beam.DoFn):
 
 
 class ValidateRowFn(beam.DoFn):
-    """Turns raw cells into ValidRow, or a tagged reject record."""
+    """Turns raw cells into (KEPT, ValidRow) or (REJECTED, reject record)."""
 
     def __init__(self, archive_root: str) -> None:
         self._archive_root = archive_root
@@ -60,21 +75,21 @@ class ValidateRowFn(beam.DoFn):
         row, cells = element
         result = validate_row(row, cells, self._archive_root)
         if isinstance(result, ValidRow):
-            yield result
+            yield KEPT, result
         else:
             Metrics.counter(self.__class__, f"rejected_{result['reason']}").inc()
-            yield pvalue.TaggedOutput(REJECTS, result)
+            yield REJECTED, result
 
 
 class RejectDuplicatePaths(beam.PTransform):
     """Keeps the first row of each resolved path; later rows are rejected."""
 
-    def expand(self, rows: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
         return (
             rows
             | "KeyByPath" >> beam.Map(lambda r: (r.resolved_path, r))
             | "GroupByPath" >> beam.GroupByKey()
-            | "KeepFirst" >> beam.ParDo(_KeepFirstFn()).with_outputs(REJECTS, main="rows")
+            | "KeepFirst" >> beam.ParDo(_KeepFirstFn())
         )
 
 
@@ -82,11 +97,11 @@ class _KeepFirstFn(beam.DoFn):
     def process(self, element: tuple[str, Iterable[ValidRow]]) -> Iterator[Any]:
         _, group = element
         ordered = sorted(group, key=lambda r: r.row)
-        yield ordered[0]
+        yield KEPT, ordered[0]
         for duplicate in ordered[1:]:
             Metrics.counter(self.__class__, "rejected_duplicate_path").inc()
-            yield pvalue.TaggedOutput(
-                REJECTS,
+            yield (
+                REJECTED,
                 reject(
                     duplicate.row,
                     duplicate.dicom_path,
@@ -109,8 +124,8 @@ class DecodeDicomFn(beam.DoFn):
             decoded = dicom.decode(row.resolved_path, self._options)
         except dicom.DicomRejected as rejected:
             Metrics.counter(self.__class__, f"rejected_{rejected.reason}").inc()
-            yield pvalue.TaggedOutput(
-                REJECTS,
+            yield (
+                REJECTED,
                 reject(row.row, row.dicom_path, "decode", rejected.reason, rejected.detail),
             )
             return
@@ -119,22 +134,25 @@ class DecodeDicomFn(beam.DoFn):
             Metrics.counter(self.__class__, "monochrome1_inverted").inc()
         Metrics.counter(self.__class__, f"intensity_{decoded.voi}").inc()
         header = decoded.header
-        yield {
-            "row": row.row,
-            "image": dicom.to_model_input(decoded.image, policy=self._resize_policy),
-            "label": int(row.abnormal),
-            "patient_id": row.patient_id,
-            "study_id": row.study_id,
-            "dicom_path": row.dicom_path,
-            "view_position": row.view_position or header.view_position,
-            # metadata.csv wins; the header fills what the CSV leaves unknown.
-            "age": row.age if row.age is not None else header.patient_age,
-            "sex": row.sex or header.patient_sex or "",
-            "original_rows": header.rows,
-            "original_columns": header.columns,
-            "sop_instance_uid": header.sop_instance_uid,
-            "extra": row.extra,
-        }
+        yield (
+            KEPT,
+            {
+                "row": row.row,
+                "image": dicom.to_model_input(decoded.image, policy=self._resize_policy),
+                "label": int(row.abnormal),
+                "patient_id": row.patient_id,
+                "study_id": row.study_id,
+                "dicom_path": row.dicom_path,
+                "view_position": row.view_position or header.view_position,
+                # metadata.csv wins; the header fills what the CSV leaves unknown.
+                "age": row.age if row.age is not None else header.patient_age,
+                "sex": row.sex or header.patient_sex or "",
+                "original_rows": header.rows,
+                "original_columns": header.columns,
+                "sop_instance_uid": header.sop_instance_uid,
+                "extra": row.extra,
+            },
+        )
 
 
 RECORDS_PER_SHARD = 1000
@@ -304,14 +322,15 @@ def _remove_previous_outputs(out: str) -> None:
         FileSystems.delete(stale)
 
 
-def _write_text(path: str, text: str) -> None:
-    """Writes a small text file atomically (temporary name, then rename)."""
+def _write_text(path: str, text: str) -> str:
+    """Writes a small text file atomically (temporary name, then rename); returns its path."""
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     with FileSystems.create(temporary) as handle:
         handle.write(text.encode("utf-8"))
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([temporary], [path])
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,6 +400,9 @@ def _archive_root(metadata: str, given: str | None) -> str:
 def _pipeline_options(beam_args: list[str]) -> PipelineOptions:
     options = PipelineOptions(beam_args)
     standard = options.view_as(StandardOptions)
+    if standard.runner == "DaskRunner":
+        # Beam knows Dask's runner only by its full name.
+        standard.runner = "apache_beam.runners.dask.dask_runner.DaskRunner"
     if standard.runner is None:
         standard.runner = "FnApiRunner"
         direct = options.view_as(DirectOptions)
@@ -431,26 +453,29 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             | "ReadMetadata" >> beam.ParDo(ReadMetadataFn())
             | "Spread" >> beam.Reshuffle()
         )
-        validated = rows | "ValidateRows" >> beam.ParDo(ValidateRowFn(archive_root)).with_outputs(
-            REJECTS, main="rows"
+        valid, invalid = (
+            rows
+            | "ValidateRows" >> beam.ParDo(ValidateRowFn(archive_root))
+            | "RouteValidated" >> SplitOutcomes()
         )
-        unique = validated.rows | "RejectDuplicatePaths" >> RejectDuplicatePaths()
-        decoded = unique.rows | "DecodeDicom" >> beam.ParDo(
-            DecodeDicomFn(decode_options, args.resize_policy)
-        ).with_outputs(REJECTS, main="records")
-        records = decoded.records
+        unique, duplicates = (
+            valid
+            | "RejectDuplicatePaths" >> RejectDuplicatePaths()
+            | "RouteUnique" >> SplitOutcomes()
+        )
+        records, undecodable = (
+            unique
+            | "DecodeDicom" >> beam.ParDo(DecodeDicomFn(decode_options, args.resize_policy))
+            | "RouteDecoded" >> SplitOutcomes()
+        )
         assignment = records | "AssignSplits" >> AssignSplits(ratios, args.seed, pinned)
         split_records = records | "AttachSplit" >> beam.Map(
             lambda r, a: {**r, "split": a[r["patient_id"]]}, pvalue.AsSingleton(assignment)
         )
-        _ = split_records | "WriteShards" >> WriteShards(out, args.num_shards)
-        rejects = (
-            validated[REJECTS],
-            unique[REJECTS],
-            decoded[REJECTS],
-        ) | "AllRejects" >> beam.Flatten()
-        _ = rejects | "WriteRejects" >> WriteRejects(out)
-        _ = assignment | "WriteSplits" >> beam.Map(
+        shard_paths = split_records | "WriteShards" >> WriteShards(out, args.num_shards)
+        rejects = (invalid, duplicates, undecodable) | "AllRejects" >> beam.Flatten()
+        rejects_path = rejects | "WriteRejects" >> WriteRejects(out)
+        splits_path = assignment | "WriteSplits" >> beam.Map(
             lambda a: _write_text(f"{out}/splits.csv", splits.format_splits_csv(a))
         )
 
@@ -487,19 +512,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 "color": args.color,
             },
         }
-        _ = (
-            pipeline
-            | "ManifestSeed" >> beam.Create([None])
-            | "BuildManifest"
-            >> beam.Map(
-                _build_manifest,
-                settings,
-                out,
-                pvalue.AsSingleton(input_rows),
-                pvalue.AsSingleton(kept_counts),
-                pvalue.AsSingleton(reject_counts),
-                pvalue.AsSingleton(pixel_stats),
-            )
+        # Written last and only after every other output exists (its side
+        # inputs are their paths): a manifest.json means a complete output.
+        _ = input_rows | "WriteManifest" >> beam.Map(
+            _build_manifest,
+            settings,
+            out,
+            pvalue.AsSingleton(kept_counts),
+            pvalue.AsSingleton(reject_counts),
+            pvalue.AsSingleton(pixel_stats),
+            pvalue.AsList(shard_paths),
+            pvalue.AsSingleton(rejects_path),
+            pvalue.AsSingleton(splits_path),
         )
     with FileSystems.open(f"{out}/manifest.json") as handle:
         manifest = json.loads(handle.read().decode("utf-8"))
@@ -514,14 +538,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _build_manifest(
-    _: None,
+    input_rows: int,
     settings: dict[str, Any],
     out: str,
-    input_rows: int,
     kept: dict[str, int],
     rejected: dict[str, int],
     pixel_stats: dict[str, Any],
-) -> None:
+    shard_paths: list[str],
+    rejects_path: str,
+    splits_path: str,
+) -> str:
     import apache_beam
     import numpy
     import pydicom
@@ -543,6 +569,11 @@ def _build_manifest(
         "rejected": sum(rejected.values()),
         "counts": per_split,
         "rejected_by_reason": dict(sorted(rejected.items())),
+        "files": {
+            "shards": sorted(posixpath.relpath(p, out) for p in shard_paths),
+            "rejects": posixpath.relpath(rejects_path, out),
+            "splits": posixpath.relpath(splits_path, out),
+        },
         "train_pixel_stats": pixel_stats,
         "options": settings,
         "versions": {
@@ -559,7 +590,9 @@ def _build_manifest(
             f"row accounting broken: {manifest['kept']} kept + {manifest['rejected']} "
             f"rejected != {input_rows} input rows"
         )
-    _write_text(f"{out}/manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return _write_text(
+        f"{out}/manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    )
 
 
 def main() -> None:
