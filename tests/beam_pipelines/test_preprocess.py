@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from archive_tools import synth
 from beam_pipelines import dicom, preprocess, schema, tfrecord
 
 pytestmark = pytest.mark.slow
@@ -22,27 +21,8 @@ def _read_records(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("archive") / "archive"
-    synth.run(
-        [
-            "--output_dir",
-            str(root),
-            "--patients",
-            "24",
-            "--seed",
-            "3",
-            "--min_size",
-            "48",
-            "--max_size",
-            "96",
-            "--broken",
-            "8",
-            "--workers",
-            "1",
-        ]
-    )
-    return root
+def archive(synthetic_archive: Path) -> Path:
+    return synthetic_archive
 
 
 @pytest.fixture(scope="module")
