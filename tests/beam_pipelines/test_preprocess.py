@@ -127,3 +127,23 @@ def test_rerun_replaces_stale_shards(archive: Path, tmp_path: Path) -> None:
     assert len(list((out / "train").glob("part-*"))) == 3
     preprocess.run([*args, "--num_shards", "1"])
     assert [p.name for p in (out / "train").glob("part-*")] == ["part-00000-of-00001.tfrecord.gz"]
+
+
+def test_splits_are_stratified_by_patient_label(archive: Path, output: tuple[Path, dict]) -> None:
+    out, _ = output
+    with (archive / "metadata.csv").open() as handle:
+        rows = [
+            r
+            for r in csv.DictReader(handle)
+            if r["PatientID"] and r["Abnormal"] in ("true", "false")
+        ]
+    abnormal: dict[str, bool] = {}
+    for r in rows:
+        abnormal[r["PatientID"]] = abnormal.get(r["PatientID"], False) or r["Abnormal"] == "true"
+    with (out / "splits.csv").open() as handle:
+        assignment = {r["PatientID"]: r["split"] for r in csv.DictReader(handle)}
+    for label in (False, True):
+        members = [p for p in assignment if abnormal[p] == label]
+        for split, ratio in (("train", 0.8), ("validation", 0.1), ("test", 0.1)):
+            count = sum(assignment[p] == split for p in members)
+            assert abs(count - ratio * len(members)) < 1, (label, split)

@@ -1,0 +1,117 @@
+"""The preprocessing stages as TestPipeline units (main and reject outputs)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from archive_tools.dicom_writer import PixelFormat, RadiographHeader, to_stored, write_dicom
+from beam_pipelines import dicom
+from beam_pipelines.preprocess import (
+    DecodeDicomFn,
+    RejectDuplicatePaths,
+    SplitOutcomes,
+    ValidateRowFn,
+)
+from beam_pipelines.rows import ValidRow
+
+
+def _cells(path: str, label: str = "true", patient: str = "P1") -> dict[str, str]:
+    return {
+        "PatientID": patient,
+        "StudyID": "S1",
+        "DicomPath": path,
+        "ViewPosition": "PA",
+        "Abnormal": label,
+        "Age": "40",
+        "Sex": "M",
+    }
+
+
+def _valid(row: int, path: str, root: str = "/archive") -> ValidRow:
+    return ValidRow(row, "P1", "S1", path, f"{root}/{path}", "PA", True, 40, "M", {})
+
+
+def test_validate_rows_routes_rejects() -> None:
+    with TestPipeline() as pipeline:
+        valid, rejected = (
+            pipeline
+            | beam.Create(
+                [(1, _cells("a.dcm")), (2, _cells("b.dcm", "maybe")), (3, _cells("../c.dcm"))]
+            )
+            | beam.ParDo(ValidateRowFn("/archive"))
+            | SplitOutcomes()
+        )
+        assert_that(valid | "Rows" >> beam.Map(lambda r: r.row), equal_to([1]), label="valid")
+        assert_that(
+            rejected | beam.Map(lambda r: (r["row"], r["reason"])),
+            equal_to([(2, "bad_label"), (3, "path_escapes_root")]),
+            label="rejected",
+        )
+
+
+def test_duplicate_paths_keep_the_first_row() -> None:
+    rows = [_valid(5, "a.dcm"), _valid(2, "a.dcm"), _valid(9, "a.dcm"), _valid(3, "b.dcm")]
+    with TestPipeline() as pipeline:
+        kept, rejected = pipeline | beam.Create(rows) | RejectDuplicatePaths() | SplitOutcomes()
+        assert_that(kept | "Rows" >> beam.Map(lambda r: r.row), equal_to([2, 3]), label="kept")
+        assert_that(
+            rejected | beam.Map(lambda r: (r["row"], r["reason"], r["detail"])),
+            equal_to(
+                [
+                    (5, "duplicate_path", "same file as row 2"),
+                    (9, "duplicate_path", "same file as row 2"),
+                ]
+            ),
+            label="rejected",
+        )
+
+
+def test_decode_makes_records_and_rejects(tmp_path: Path) -> None:
+    fmt = PixelFormat(bits_stored=12)
+    image = np.linspace(0, 1, 40 * 30, dtype=np.float32).reshape(40, 30)
+    buffer = io.BytesIO()
+    write_dicom(
+        buffer,
+        to_stored(image, fmt),
+        fmt,
+        "explicit_le",
+        RadiographHeader("P1", "S1", patient_age=71, patient_sex="F"),
+    )
+    (tmp_path / "good.dcm").write_bytes(buffer.getvalue())
+    (tmp_path / "bad.dcm").write_text("not a dicom")
+    root = str(tmp_path)
+    no_age = ValidRow(1, "P1", "S1", "good.dcm", f"{root}/good.dcm", "", True, None, None, {})
+    with TestPipeline() as pipeline:
+        records, rejected = (
+            pipeline
+            | beam.Create([no_age, _valid(2, "bad.dcm", root), _valid(3, "gone.dcm", root)])
+            | beam.ParDo(DecodeDicomFn(dicom.DecodeOptions(), "pad"))
+            | SplitOutcomes()
+        )
+        assert_that(
+            records
+            | beam.Map(
+                lambda r: (
+                    r["row"],
+                    r["image"].shape,
+                    r["age"],
+                    r["sex"],
+                    r["original_rows"],
+                    r["original_columns"],
+                )
+            ),
+            # The header fills what metadata.csv left unknown.
+            equal_to([(1, (224, 224, 1), 71, "F", 40, 30)]),
+            label="records",
+        )
+        assert_that(
+            rejected | beam.Map(lambda r: (r["row"], r["stage"], r["reason"])),
+            equal_to([(2, "decode", "not_dicom"), (3, "decode", "missing_file")]),
+            label="rejected",
+        )
