@@ -605,9 +605,14 @@ def _apply_transform(
         # clipped straight line: a multiply-add is ~3x faster than the gather.
         scale, offset = line
         image = np.multiply(stored, np.float32(scale), dtype=np.float32)
-        image += np.float32(offset)
-        np.maximum(image, 0.0, out=image)  # faster than np.clip on numpy 1.26
-        np.minimum(image, 1.0, out=image)
+        if offset:
+            image += np.float32(offset)
+        # Clipping costs two passes over the float image; a min/max over the
+        # (half as large) stored values tells whether any pixel needs it.
+        ends = (float(stored.min()) * scale + offset, float(stored.max()) * scale + offset)
+        if min(ends) < 0.0 or max(ends) > 1.0:
+            np.maximum(image, 0.0, out=image)  # faster than np.clip on numpy 1.26
+            np.minimum(image, 1.0, out=image)
         return image
     return table.astype(np.float32)[stored.view(unsigned_type)]
 
