@@ -1,0 +1,66 @@
+"""The predictions contract (trainer and scorer -> analysis).
+
+Parquet, one row per image. This module owns the columns and their types;
+writers and readers import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema(
+    [
+        pa.field("dicom_path", pa.string(), nullable=False),
+        pa.field("patient_id", pa.string()),
+        pa.field("study_id", pa.string()),
+        pa.field("view_position", pa.string()),
+        pa.field("age", pa.int32()),
+        pa.field("sex", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("label", pa.int8()),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+    ]
+)
+COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+
+
+def to_table(columns: Mapping[str, Sequence[Any]]) -> pa.Table:
+    """Builds a contract table from column lists (missing optional columns become null).
+
+    Raises:
+        ValueError: for unknown columns, missing required ones, or ragged lengths.
+    """
+    unknown = set(columns) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown prediction columns {sorted(unknown)}")
+    required = [f.name for f in SCHEMA if not f.nullable]
+    missing = [name for name in required if name not in columns]
+    if missing:
+        raise ValueError(f"prediction columns missing: {missing}")
+    lengths = {len(values) for values in columns.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"prediction columns have different lengths {sorted(lengths)}")
+    rows = lengths.pop() if lengths else 0
+    arrays = [
+        pa.array(columns[f.name], type=f.type) if f.name in columns else pa.nulls(rows, f.type)
+        for f in SCHEMA
+    ]
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def write(path: str, columns: Mapping[str, Sequence[Any]]) -> None:
+    """Writes one Parquet file of predictions."""
+    pq.write_table(to_table(columns), path)
+
+
+def read(paths: str | Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
+    """Reads prediction files (a path, a glob's results or a list) as one table."""
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(paths, format="parquet", schema=SCHEMA)
+    return dataset.to_table(columns=list(columns) if columns else None)
