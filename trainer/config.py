@@ -1,0 +1,170 @@
+"""Training configuration: defaults < config file (YAML/JSON) < command-line flags.
+
+The resolved configuration is written next to the outputs (``config.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+MODELS = ("simple_cnn", "densenet121", "resnet50", "efficientnetb0")
+SCHEDULES = ("plateau", "cosine")
+CLASS_WEIGHTS = ("manifest", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on."""
+
+    data_dir: str
+    output_dir: str
+    model: str = "simple_cnn"
+    epochs: int = 10
+    global_batch_size: int = 32
+    learning_rate: float = 1e-3
+    lr_schedule: str = "plateau"
+    early_stopping_patience: int = 5
+    class_weights: str = "manifest"
+    augment: bool = True
+    flip: bool = False
+    rotation_degrees: float = 5.0
+    shift_fraction: float = 0.05
+    zoom_fraction: float = 0.1
+    brightness: float = 0.1
+    contrast: float = 0.1
+    shuffle_buffer: int = 1024
+    cache: bool = False
+    steps_per_epoch: int | None = None
+    logical_cpus: int = 0
+    mixed_precision: bool = False
+    xla: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    verbose: int = 2
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, not {self.model!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {SCHEDULES}, not {self.lr_schedule!r}")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}")
+        for name in ("epochs", "global_batch_size", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.logical_cpus < 0:
+            raise ValueError("logical_cpus must be >= 0")
+
+    def to_json(self) -> str:
+        """The resolved configuration as JSON."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+_HELP = {
+    "data_dir": "Preprocessed output (train/ and validation/ shards, manifest.json); any TF path.",
+    "output_dir": "Where the model, history, config and predictions go.",
+    "model": f"Architecture: {', '.join(MODELS)}.",
+    "epochs": "Maximum epochs (early stopping may end sooner).",
+    "global_batch_size": "Batch size across all replicas.",
+    "learning_rate": "Initial learning rate (Adam).",
+    "lr_schedule": "plateau (ReduceLROnPlateau on validation AUC) or cosine decay.",
+    "early_stopping_patience": "Epochs without validation-AUC gain before stopping.",
+    "class_weights": "manifest: weight classes by the training counts; none.",
+    "augment": "Train-time augmentation (rotation, shift, zoom, brightness, contrast).",
+    "flip": "Also flip left-right (off: chest anatomy is not symmetric).",
+    "rotation_degrees": "Largest random rotation.",
+    "shift_fraction": "Largest random shift, as a fraction of the side.",
+    "zoom_fraction": "Largest random zoom in or out.",
+    "brightness": "Largest random brightness change (images are in [0,1]).",
+    "contrast": "Largest random contrast factor change.",
+    "shuffle_buffer": "Records in the shuffle buffer.",
+    "cache": "Cache decoded records in memory after the first epoch (data that fits).",
+    "steps_per_epoch": "Limit batches per epoch (default: one pass over the data).",
+    "logical_cpus": "Split the CPU into N logical devices (N replicas without GPUs).",
+    "mixed_precision": "mixed_float16 compute (GPUs).",
+    "xla": "Compile the model with XLA (jit_compile).",
+    "seed": "Random seed for shuffling, augmentation and initialization.",
+    "deterministic": "Deterministic ops (slower; same results for the same seed).",
+    "verbose": "Keras progress output: 0 silent, 1 bar, 2 one line per epoch.",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags for every config field; unset flags do not override the config file."""
+    parser = argparse.ArgumentParser(
+        prog="xray-train",
+        description="Train a normal/abnormal CNN on preprocessed TFRecord shards.",
+    )
+    parser.add_argument("--config", help="YAML or JSON file with any of the fields below.")
+    for field in dataclasses.fields(TrainConfig):
+        kind: Any = field.type
+        if kind in ("bool", bool):
+            convert: Any = _bool
+        elif kind in ("int", int, "int | None"):
+            convert = int
+        elif kind in ("float", float):
+            convert = float
+        else:
+            convert = str
+        default = field.default if field.default is not dataclasses.MISSING else "required"
+        parser.add_argument(
+            f"--{field.name}",
+            type=convert,
+            default=None,
+            help=f"{_HELP[field.name]} (default: {default})",
+        )
+    return parser
+
+
+def load_config(argv: list[str] | None = None) -> TrainConfig:
+    """Resolves the configuration from defaults, a config file and flags.
+
+    Raises:
+        SystemExit: (via argparse) for bad flags, a bad file or invalid values.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        values.update(_read_file(parser, args.config))
+    values.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    for required in ("data_dir", "output_dir"):
+        if not values.get(required):
+            parser.error(f"--{required} is required (flag or config file)")
+    try:
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    raise AssertionError("unreachable")
+
+
+def _read_file(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        parser.error(f"cannot read --config {path}: {exc}")
+    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        parser.error(f"--config {path} must hold a mapping of field: value")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        parser.error(f"--config {path} has unknown fields {unknown}")
+    return data

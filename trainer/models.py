@@ -1,0 +1,77 @@
+"""Model architectures: one input channel, sigmoid output for Abnormal.
+
+All models take the 224x224x1 [0,1] image the schema stores and standardize
+it inside the model with the training split's pixel mean/std (from the
+manifest), so the exported model's input is exactly what preprocessing and
+scoring produce. ``keras.applications`` backbones are built with
+``weights=None``: nothing is downloaded; they train from scratch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from beam_pipelines import schema
+
+_APPLICATIONS = {
+    "densenet121": "DenseNet121",  # CheXNet's architecture
+    "resnet50": "ResNet50",
+    "efficientnetb0": "EfficientNetB0",
+}
+MODEL_NAMES = ("simple_cnn", *_APPLICATIONS)
+
+
+def _simple_cnn(x: Any) -> Any:
+    """A small CNN that trains in minutes on a CPU: ~50M multiply-adds per image.
+
+    Batch-norm momentum 0.9 (not 0.99): short CPU runs take few steps, and
+    slow moving averages would leave evaluation far from training.
+    """
+    x = keras.layers.Conv2D(16, 5, strides=2, padding="same", use_bias=False)(x)
+    x = keras.layers.BatchNormalization(momentum=0.9)(x)
+    x = keras.layers.Activation("relu")(x)
+    x = keras.layers.MaxPooling2D(2)(x)
+    for filters in (32, 64, 128):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization(momentum=0.9)(x)
+        x = keras.layers.Activation("relu")(x)
+        x = keras.layers.MaxPooling2D(2)(x)
+    return keras.layers.GlobalAveragePooling2D()(x)
+
+
+def build_model(
+    name: str, pixel_mean: float = 0.5, pixel_std: float = 0.25, dropout: float = 0.2
+) -> keras.Model:
+    """Builds an uncompiled model.
+
+    Args:
+        name: one of :data:`MODEL_NAMES`.
+        pixel_mean: training-pixel mean, for in-model standardization.
+        pixel_std: training-pixel standard deviation (> 0).
+        dropout: dropout before the output layer.
+
+    Raises:
+        ValueError: for an unknown name or a non-positive std.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
+    if pixel_std <= 0:
+        raise ValueError(f"pixel_std must be > 0, got {pixel_std}")
+    inputs = keras.Input(shape=schema.IMAGE_SHAPE, name="image")
+    x = keras.layers.Normalization(mean=pixel_mean, variance=pixel_std**2, name="standardize")(
+        inputs
+    )
+    if name == "simple_cnn":
+        x = _simple_cnn(x)
+    else:
+        backbone = getattr(keras.applications, _APPLICATIONS[name])(
+            weights=None, include_top=False, input_shape=schema.IMAGE_SHAPE, pooling="avg"
+        )
+        x = backbone(x)
+    if dropout:
+        x = keras.layers.Dropout(dropout)(x)
+    # float32 output even under mixed precision: stable sigmoid and loss.
+    outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="abnormal")(x)
+    return keras.Model(inputs, outputs, name=name)

@@ -1,0 +1,268 @@
+"""Training job: ``xray-train --data_dir PREPROCESSED --output_dir RESULTS [...]``.
+
+Streams the preprocessed shards into a CNN under the strategy from
+:mod:`trainer.strategy`, stops early on validation AUC, keeps the best
+weights, resumes a killed run from its backup, and writes to ``RESULTS/``:
+
+- ``model/``: the SavedModel (serving signature: 224x224x1 [0,1] image ->
+  probability of abnormal) with ``model.keras`` beside it;
+- ``history.csv``, ``config.json`` (the resolved configuration),
+  ``model_card.json`` (data manifest digest, metrics, versions);
+- ``predictions/{validation,test}.parquet`` in the predictions contract;
+- ``logs/`` (TensorBoard) and, while running, ``backup/`` and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+from typing import Any
+
+import numpy as np
+
+from trainer.config import TrainConfig, load_config
+
+logger = logging.getLogger(__name__)
+
+SPLITS_TO_PREDICT = ("validation", "test")
+
+
+def _read_manifest(data_dir: str) -> tuple[dict[str, Any], bytes]:
+    import tensorflow as tf
+
+    path = f"{data_dir.rstrip('/')}/manifest.json"
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path} not found: is --data_dir a preprocessed output?")
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        raw = handle.read()
+    return json.loads(raw), raw
+
+
+def class_weights(manifest: dict[str, Any]) -> dict[int, float] | None:
+    """Inverse-frequency class weights from the training counts (mean weight 1)."""
+    counts = manifest["counts"]["train"]
+    normal, abnormal = counts["normal"], counts["abnormal"]
+    if not normal or not abnormal:
+        return None
+    total = normal + abnormal
+    return {0: total / (2.0 * normal), 1: total / (2.0 * abnormal)}
+
+
+def _callbacks(config: TrainConfig, steps_per_epoch: int) -> list[Any]:
+    import keras
+
+    out = config.output_dir
+    callbacks: list[Any] = [
+        keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+        keras.callbacks.ModelCheckpoint(
+            os.path.join(out, "checkpoints", "best.weights.h5"),
+            monitor="val_auc",
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+        ),
+        keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=config.early_stopping_patience
+        ),
+        keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
+        keras.callbacks.TensorBoard(os.path.join(out, "logs")),
+    ]
+    if config.lr_schedule == "plateau":
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_auc",
+                mode="max",
+                factor=0.5,
+                patience=max(1, config.early_stopping_patience // 2),
+            )
+        )
+    return callbacks
+
+
+def _optimizer(config: TrainConfig, steps_per_epoch: int) -> Any:
+    import keras
+
+    if config.lr_schedule == "cosine":
+        rate: Any = keras.optimizers.schedules.CosineDecay(
+            config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch)
+        )
+    else:
+        rate = config.learning_rate
+    return keras.optimizers.Adam(rate)
+
+
+def _model_id(config: TrainConfig, manifest_bytes: bytes) -> str:
+    digest = hashlib.sha256(manifest_bytes + config.to_json().encode()).hexdigest()
+    return f"{config.model}-{digest[:12]}"
+
+
+def predict_split(model: Any, config: TrainConfig, split: str, model_id: str) -> dict[str, list]:
+    """Scores one split in record order; returns columns of the predictions contract."""
+    from trainer import data
+
+    columns: dict[str, list] = {
+        key: []
+        for key in ("dicom_path", "patient_id", "study_id", "view_position", "age", "sex", "label")
+    }
+    scores: list[float] = []
+    for batch in data.evaluation_dataset(config, data.shard_files(config.data_dir, split), True):
+        scores.extend(np.asarray(model.predict_on_batch(batch["image"])).reshape(-1).tolist())
+        for key in ("dicom_path", "patient_id", "study_id", "view_position", "sex"):
+            columns[key].extend(v.decode("utf-8") for v in batch[key].numpy())
+        columns["age"].extend(int(a) if a >= 0 else None for a in batch["age"].numpy())
+        columns["label"].extend(int(v) for v in batch["label"].numpy())
+    columns["sex"] = [s or None for s in columns["sex"]]
+    columns["view_position"] = [v or None for v in columns["view_position"]]
+    return {
+        **columns,
+        "split": [split] * len(scores),
+        "score": scores,
+        "model_id": [model_id] * len(scores),
+    }
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs training; returns the model card."""
+    config = load_config(argv)
+    from trainer.strategy import make_strategy
+
+    # Logical devices must be configured before anything else touches TF.
+    strategy = make_strategy(config.logical_cpus)
+
+    import keras
+    import tensorflow as tf
+
+    from analysis import predictions
+    from trainer import data
+    from trainer.models import build_model
+
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+
+    out = config.output_dir
+    os.makedirs(out, exist_ok=True)
+    manifest, manifest_bytes = _read_manifest(config.data_dir)
+    resuming = os.path.isdir(os.path.join(out, "backup"))
+    if not resuming and os.path.exists(os.path.join(out, "history.csv")):
+        os.remove(os.path.join(out, "history.csv"))  # a fresh run starts a fresh history
+    with open(os.path.join(out, "config.json"), "w") as handle:
+        handle.write(config.to_json())
+
+    train_files = data.shard_files(config.data_dir, "train")
+    validation_files = data.shard_files(config.data_dir, "validation")
+    train_count = sum(manifest["counts"]["train"].values())
+    steps_per_epoch = config.steps_per_epoch or max(
+        1, math.ceil(train_count / config.global_batch_size)
+    )
+    stats = manifest.get("train_pixel_stats") or {}
+    weights = class_weights(manifest) if config.class_weights == "manifest" else None
+    logger.info(
+        "Training %s on %d images (%d steps/epoch, batch %d, %d replicas), class weights %s",
+        config.model,
+        train_count,
+        steps_per_epoch,
+        config.global_batch_size,
+        strategy.num_replicas_in_sync,
+        weights,
+    )
+
+    with strategy.scope():
+        model = build_model(
+            config.model,
+            pixel_mean=stats.get("mean") or 0.5,
+            pixel_std=stats.get("std") or 0.25,
+        )
+        model.compile(
+            optimizer=_optimizer(config, steps_per_epoch),
+            loss="binary_crossentropy",
+            metrics=[
+                keras.metrics.AUC(name="auc"),
+                keras.metrics.BinaryAccuracy(name="accuracy"),
+                keras.metrics.Precision(name="precision"),
+                keras.metrics.Recall(name="recall"),
+            ],
+            jit_compile=config.xla,
+        )
+    history = model.fit(
+        data.training_dataset(config, train_files),
+        validation_data=data.evaluation_dataset(config, validation_files),
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        class_weight=weights,
+        callbacks=_callbacks(config, steps_per_epoch),
+        verbose=config.verbose,
+    )
+    best = os.path.join(out, "checkpoints", "best.weights.h5")
+    if os.path.exists(best):
+        model.load_weights(best)
+
+    model_dir = os.path.join(out, "model")
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model.export(model_dir, verbose=False)  # SavedModel with a serving signature
+    model.save(os.path.join(model_dir, "model.keras"))
+
+    model_id = _model_id(config, manifest_bytes)
+    metrics: dict[str, Any] = {}
+    os.makedirs(os.path.join(out, "predictions"), exist_ok=True)
+    for split in SPLITS_TO_PREDICT:
+        try:
+            columns = predict_split(model, config, split, model_id)
+        except FileNotFoundError:
+            logger.warning("No %s shards: no %s predictions", split, split)
+            continue
+        predictions.write(os.path.join(out, "predictions", f"{split}.parquet"), columns)
+        metrics[split] = _auc(columns["label"], columns["score"])
+    card = {
+        "model_id": model_id,
+        "model": config.model,
+        "data": {
+            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+            "schema_version": manifest.get("schema_version"),
+            "counts": manifest.get("counts"),
+        },
+        "epochs_run": len(history.history.get("loss", [])),
+        "best_val_auc": max(history.history.get("val_auc", [float("nan")])),
+        "auc": metrics,
+        "replicas": strategy.num_replicas_in_sync,
+        "versions": {
+            "python": platform.python_version(),
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+        },
+    }
+    with open(os.path.join(out, "model_card.json"), "w") as handle:
+        json.dump(card, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    logger.info("Model %s written to %s; AUC %s", model_id, model_dir, metrics)
+    return card
+
+
+def _auc(labels: list[int], scores: list[float]) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    if len(set(labels)) < 2:
+        return None
+    return float(roc_auc_score(labels, scores))
+
+
+def main() -> None:
+    """Console entry point: ``xray-train``."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
+    )
+    card = run()
+    print(
+        f"xray-train: {card['model_id']} best val AUC {card['best_val_auc']:.3f}, AUC {card['auc']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
