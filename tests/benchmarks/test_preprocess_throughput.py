@@ -1,0 +1,96 @@
+"""benchmarks/preprocess_throughput.py on a tiny archive: report structure, stdout is JSON only.
+
+Each pipeline run costs ~10 s of start-up (TensorFlow and Beam imports in
+every worker), so one main() call covers everything: 3 pipeline runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "preprocess_throughput.py"
+_NAME = "preprocess_throughput"
+_TINY = [
+    "--images",
+    "4",
+    "--size",
+    "64",
+    "--encodings",
+    "explicit_le",
+    "--skip_overhead",
+    "--memory_images",
+    "2",
+    "--memory_scale",
+    "2",
+    "--memory_size",
+    "48-64",
+]
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    # benchmarks/ is a script folder, not an installed package: load it by path.
+    spec = importlib.util.spec_from_file_location(_NAME, _SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_NAME] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(_NAME, None)
+
+
+@pytest.mark.slow
+def test_main_prints_one_json_report(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    bench.main([*_TINY, "--workdir", str(tmp_path)])
+
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) >= {"machine", "settings", "target_ratio", "results", "memory_check"}
+    assert report["machine"]["cpus_usable"] >= 1
+    assert report["settings"]["size"] == [64, 64]
+    assert report["settings"]["bits_stored"] == 12
+
+    [result] = report["results"]
+    assert result["encoding"] == "explicit_le"
+    assert result["archive"]["params"]["images"] == 4
+    assert result["archive"]["generated"] is True
+    for key in ("bare_loop", "pipeline"):
+        assert result[key]["images"] == 4
+        assert result[key]["seconds"] > 0
+        assert result[key]["images_per_s"] > 0
+    assert result["pipeline"]["rejected"] == 0
+    assert result["pipeline"]["peak_rss_bytes"] > 0
+    assert result["pipeline"]["peak_processes"] >= 1
+    assert result["pipeline_overhead_run"] is None
+    assert result["marginal_images_per_s"] is None
+    cores = report["machine"]["cpus_usable"]
+    expected = result["pipeline"]["images_per_s"] / (cores * result["bare_loop"]["images_per_s"])
+    assert result["ratio"] == pytest.approx(expected, abs=2e-3)
+    assert isinstance(result["within_target"], bool)
+    assert (tmp_path / "runs" / "explicit_le" / "bare.tfrecord.gz").is_file()
+    assert (tmp_path / "runs" / "explicit_le" / "pipeline" / "manifest.json").is_file()
+
+    memory = report["memory_check"]
+    assert [r["images"] for r in memory["runs"]] == [2, 4]
+    assert all(r["peak_rss_bytes"] > 0 for r in memory["runs"])
+    assert memory["peak_rss_ratio"] > 0
+
+    # A rerun reuses the cached archives.
+    archive = bench.ensure_archive(tmp_path, "explicit_le", 4, (64, 64), 0)
+    assert archive["generated"] is False
+
+
+def test_rejects_bad_arguments(bench: ModuleType) -> None:
+    for bad in (["--encodings", "webp"], ["--images", "2"], ["--size", "10-5"]):
+        with pytest.raises(SystemExit):
+            bench.run(bad)
