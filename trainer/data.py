@@ -104,12 +104,30 @@ def training_dataset(config: TrainConfig, files: list[str]) -> tf.data.Dataset:
 
 
 def evaluation_dataset(
-    config: TrainConfig, files: list[str], with_metadata: bool = False
+    config: TrainConfig, files: list[str], with_metadata: bool = False, count: int | None = None
 ) -> tf.data.Dataset:
-    """One ordered pass of (image, label) batches, or of whole records."""
+    """One ordered pass over the split.
+
+    Args:
+        config: the run's configuration (batch size, cache).
+        files: the split's shard files.
+        with_metadata: yield whole record dicts (for predictions) instead of
+            ``(image, label, weight)``.
+        count: the split's record count; when given, the last batch is filled
+            up with zero-weight blank images so every batch is full. Mirrored
+            replicas then always get equal shares (Keras fails on a ragged
+            last batch) and the padding counts for nothing in loss or metrics.
+    """
     dataset = records(files, training=False, seed=config.seed)
-    if not with_metadata:
-        dataset = dataset.map(lambda r: (r["image"], r["label"]), num_parallel_calls=AUTOTUNE)
-    if config.cache and not with_metadata:
+    if with_metadata:
+        return dataset.batch(config.global_batch_size).prefetch(AUTOTUNE)
+    dataset = dataset.map(
+        lambda r: (r["image"], r["label"], tf.constant(1.0)), num_parallel_calls=AUTOTUNE
+    )
+    if config.cache:
         dataset = dataset.cache()
+    padding = (-count) % config.global_batch_size if count else 0
+    if padding:
+        blank = (tf.zeros(schema.IMAGE_SHAPE), tf.constant(0, tf.int64), tf.constant(0.0))
+        dataset = dataset.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
     return dataset.batch(config.global_batch_size).prefetch(AUTOTUNE)

@@ -111,7 +111,8 @@ def predict_split(model: Any, config: TrainConfig, split: str, model_id: str) ->
     }
     scores: list[float] = []
     for batch in data.evaluation_dataset(config, data.shard_files(config.data_dir, split), True):
-        scores.extend(np.asarray(model.predict_on_batch(batch["image"])).reshape(-1).tolist())
+        # A direct call, outside the strategy: any batch size, no replica split.
+        scores.extend(np.asarray(model(batch["image"], training=False)).reshape(-1).tolist())
         for key in ("dicom_path", "patient_id", "study_id", "view_position", "sex"):
             columns[key].extend(v.decode("utf-8") for v in batch[key].numpy())
         columns["age"].extend(int(a) if a >= 0 else None for a in batch["age"].numpy())
@@ -182,8 +183,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
         model.compile(
             optimizer=_optimizer(config, steps_per_epoch),
-            loss="binary_crossentropy",
-            metrics=[
+            # Divides by the weights' sum, not the batch size: evaluation
+            # padding (weight 0) then leaves the loss unchanged.
+            loss=keras.losses.BinaryCrossentropy(reduction="mean_with_sample_weight"),
+            # Weighted, so the zero-weight padding of evaluation batches counts
+            # for nothing (training metrics then follow the class weights).
+            weighted_metrics=[
                 keras.metrics.AUC(name="auc"),
                 keras.metrics.BinaryAccuracy(name="accuracy"),
                 keras.metrics.Precision(name="precision"),
@@ -193,7 +198,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
     history = model.fit(
         data.training_dataset(config, train_files),
-        validation_data=data.evaluation_dataset(config, validation_files),
+        validation_data=data.evaluation_dataset(
+            config, validation_files, count=sum(manifest["counts"]["validation"].values())
+        ),
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
         class_weight=weights,

@@ -13,8 +13,13 @@ def test_write_read_round_trip_with_nulls(tmp_path: Path) -> None:
     path = tmp_path / "p.parquet"
     predictions.write(
         str(path),
-        {"dicom_path": ["a.dcm", "b.dcm"], "score": [0.1, 0.9], "model_id": ["m", "m"],
-         "label": [0, None], "age": [None, 40]},
+        {
+            "dicom_path": ["a.dcm", "b.dcm"],
+            "score": [0.1, 0.9],
+            "model_id": ["m", "m"],
+            "label": [0, None],
+            "age": [None, 40],
+        },
     )
     table = predictions.read(str(path))
     assert table.schema == predictions.SCHEMA

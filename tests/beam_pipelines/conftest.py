@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from archive_tools import synth
-
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 DICOM_CORPUS = SHARED_DATA / "dicom_corpus"
 
@@ -15,31 +13,6 @@ requires_corpus = pytest.mark.skipif(
     not (DICOM_CORPUS / "manifest.csv").exists(),
     reason="real DICOM corpus not found at ../shared/data/dicom_corpus",
 )
-
-
-@pytest.fixture(scope="session")
-def synthetic_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic archive (24 patients, tiny images) with all 8 broken-row kinds."""
-    root = tmp_path_factory.mktemp("archive") / "archive"
-    synth.run(
-        [
-            "--output_dir",
-            str(root),
-            "--patients",
-            "24",
-            "--seed",
-            "3",
-            "--min_size",
-            "48",
-            "--max_size",
-            "96",
-            "--broken",
-            "8",
-            "--workers",
-            "1",
-        ]
-    )
-    return root
 
 
 def output_files(root: Path) -> dict[str, bytes]:

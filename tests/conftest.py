@@ -1,0 +1,54 @@
+"""Fixtures shared by every job's tests: a small synthetic archive and its shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from archive_tools import synth
+
+LOCAL_RUNNER = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
+
+
+@pytest.fixture(scope="session")
+def synthetic_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic archive (24 patients, tiny images) with all 8 broken-row kinds."""
+    root = tmp_path_factory.mktemp("archive") / "archive"
+    synth.run(
+        [
+            "--output_dir",
+            str(root),
+            "--patients",
+            "24",
+            "--seed",
+            "3",
+            "--min_size",
+            "48",
+            "--max_size",
+            "96",
+            "--broken",
+            "8",
+            "--workers",
+            "1",
+        ]
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def preprocessed(synthetic_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """synthetic_archive preprocessed into shards (local in-memory runner)."""
+    from beam_pipelines import preprocess
+
+    out = tmp_path_factory.mktemp("preprocessed")
+    preprocess.run(
+        [
+            "--metadata",
+            str(synthetic_archive / "metadata.csv"),
+            "--output_dir",
+            str(out),
+            *LOCAL_RUNNER,
+        ]
+    )
+    return out

@@ -1,0 +1,174 @@
+"""End to end: xray-train on tiny synthetic shards, two replicas, every output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis import predictions
+from beam_pipelines import schema, tfrecord
+
+pytestmark = pytest.mark.slow
+
+
+def _train(*args: str, **kwargs) -> subprocess.Popen:
+    # A fresh process: logical CPU devices must be set before TF initializes.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer.train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def _finish(process: subprocess.Popen, timeout: float = 600) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def trained(preprocessed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("results")
+    _finish(
+        _train(
+            "--data_dir",
+            str(preprocessed),
+            "--output_dir",
+            str(out),
+            "--epochs",
+            "2",
+            "--global_batch_size",
+            "8",
+            "--steps_per_epoch",
+            "3",
+            "--logical_cpus",
+            "2",
+            "--verbose",
+            "0",
+        )
+    )
+    return out
+
+
+def test_writes_every_output(trained: Path, preprocessed: Path) -> None:
+    for name in (
+        "model/saved_model.pb",
+        "model/model.keras",
+        "history.csv",
+        "config.json",
+        "model_card.json",
+        "predictions/validation.parquet",
+        "predictions/test.parquet",
+    ):
+        assert (trained / name).exists(), name
+    assert list((trained / "logs").rglob("events.out.tfevents.*"))
+    assert not (trained / "backup").exists()  # removed after a completed run
+    card = json.loads((trained / "model_card.json").read_text())
+    assert card["replicas"] == 2 and card["epochs_run"] == 2
+    with (trained / "history.csv").open() as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [0, 1]
+    assert json.loads((trained / "config.json").read_text())["logical_cpus"] == 2
+
+    manifest = json.loads((preprocessed / "manifest.json").read_text())
+    for split in ("validation", "test"):
+        table = predictions.read(str(trained / "predictions" / f"{split}.parquet"))
+        assert table.schema == predictions.SCHEMA
+        assert table.num_rows == sum(manifest["counts"][split].values())
+        assert set(table.column("split").to_pylist()) == {split}
+        assert table.column("model_id").to_pylist()[0] == card["model_id"]
+
+
+def test_exported_model_reloads_and_predicts_the_same(trained: Path, preprocessed: Path) -> None:
+    import keras
+    import tensorflow as tf
+
+    records = [
+        schema.parse_example(r)
+        for path in sorted((preprocessed / "validation").glob("*.tfrecord.gz"))
+        for r in tfrecord.read_tfrecord_gz(str(path))
+    ][:6]
+    images = np.stack([r["image"] for r in records])
+    table = predictions.read(str(trained / "predictions" / "validation.parquet")).to_pydict()
+    expected = dict(zip(table["dicom_path"], table["score"], strict=True))
+    wanted = np.array([expected[r["dicom_path"]] for r in records], np.float32)
+
+    served = tf.saved_model.load(str(trained / "model")).signatures["serving_default"]
+    scores = next(iter(served(tf.constant(images)).values())).numpy().reshape(-1)
+    np.testing.assert_allclose(scores, wanted, atol=1e-5)
+
+    model = keras.saving.load_model(str(trained / "model" / "model.keras"), safe_mode=True)
+    np.testing.assert_allclose(model.predict(images, verbose=0).reshape(-1), wanted, atol=1e-5)
+
+
+def test_killed_run_resumes_from_backup(preprocessed: Path, tmp_path: Path) -> None:
+    args = [
+        "--data_dir",
+        str(preprocessed),
+        "--output_dir",
+        str(tmp_path),
+        "--epochs",
+        "4",
+        "--global_batch_size",
+        "8",
+        "--steps_per_epoch",
+        "6",
+        "--verbose",
+        "2",
+    ]
+    process = _train(*args, start_new_session=True)
+    deadline = time.monotonic() + 300
+    # Kill hard as soon as the first epoch's backup is on disk.
+    while not list((tmp_path / "backup").rglob("*")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    with (tmp_path / "history.csv").open() as handle:
+        done = [int(r["epoch"]) for r in csv.DictReader(handle)]
+    assert done and done[-1] < 3, "the first run finished before it could be killed"
+
+    _finish(_train(*args))
+    with (tmp_path / "history.csv").open() as handle:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(handle)]
+    assert epochs == [0, 1, 2, 3]  # resumed, no epoch repeated or lost
+    assert json.loads((tmp_path / "model_card.json").read_text())["epochs_run"] < 4
+
+
+def test_evaluation_padding_does_not_change_metrics(preprocessed: Path) -> None:
+    import keras
+
+    from trainer import data
+    from trainer.config import TrainConfig
+    from trainer.models import build_model
+
+    config = TrainConfig(data_dir=str(preprocessed), output_dir="unused", global_batch_size=8)
+    files = data.shard_files(str(preprocessed), "validation")
+    count = sum(1 for f in files for _ in tfrecord.read_tfrecord_gz(f))
+    assert count % 8, "fixture should leave a partial batch"
+    model = build_model("simple_cnn")
+    model.compile(
+        loss=keras.losses.BinaryCrossentropy(reduction="mean_with_sample_weight"),
+        weighted_metrics=[keras.metrics.AUC(name="auc")],
+    )
+    padded = model.evaluate(
+        data.evaluation_dataset(config, files, count=count), return_dict=True, verbose=0
+    )
+    plain = model.evaluate(data.evaluation_dataset(config, files), return_dict=True, verbose=0)
+    assert padded["auc"] == pytest.approx(plain["auc"], abs=1e-6)
+    # Keras averages batch losses weighted by batch size, padding included:
+    # only the last batch's share moves a little.
+    assert padded["loss"] == pytest.approx(plain["loss"], rel=0.05)
