@@ -548,10 +548,7 @@ def _build_manifest(
     rejects_path: str,
     splits_path: str,
 ) -> str:
-    import apache_beam
-    import numpy
-    import pydicom
-    import tensorflow
+    from importlib.metadata import version
 
     per_split = {
         name: {label: kept.get(f"{name}/{label}", 0) for label in ("normal", "abnormal")}
@@ -578,10 +575,8 @@ def _build_manifest(
         "options": settings,
         "versions": {
             "python": platform.python_version(),
-            "apache_beam": apache_beam.__version__,
-            "tensorflow": tensorflow.__version__,
-            "pydicom": pydicom.__version__,
-            "numpy": numpy.__version__,
+            # Package metadata, not imports: workers never load TensorFlow.
+            **{name: version(name) for name in ("apache-beam", "tensorflow", "pydicom", "numpy")},
         },
     }
     if manifest["kept"] + manifest["rejected"] != input_rows:

@@ -9,6 +9,9 @@ Pixels are stored losslessly at 16 bits: the [0, 1] float image is rounded to
 ``uint16`` (``round(x * 65535)``, a step of 1.5e-5, finer than any 12–16-bit
 source after normalization) and kept as raw little-endian bytes; the TFRecord
 files are gzip-compressed as a whole.
+
+Serializing and parsing use :mod:`beam_pipelines.example_proto` (the same
+wire format, no TensorFlow import); only the TF-graph parser needs TensorFlow.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import json
 from typing import Any
 
 import numpy as np
+
+from beam_pipelines import example_proto
 
 SCHEMA_VERSION = 1
 IMAGE_SIZE = 224
@@ -65,12 +70,10 @@ def serialize(record: dict[str, Any]) -> bytes:
     Raises:
         ValueError: when the image has the wrong shape.
     """
-    from tensorflow.core.example import example_pb2, feature_pb2
-
     image = np.asarray(record["image"])
     if image.shape not in (IMAGE_SHAPE, IMAGE_SHAPE[:2]):
         raise ValueError(f"image must be {IMAGE_SHAPE}, got {image.shape}")
-    features: dict[str, feature_pb2.Feature] = {
+    features: dict[str, Any] = {
         IMAGE: _bytes_feature(quantize(image).tobytes()),
     }
     strings = {
@@ -92,15 +95,13 @@ def serialize(record: dict[str, Any]) -> bytes:
         COLUMNS: int(record["original_columns"]),
     }
     for key, value in ints.items():
-        features[key] = feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[value]))
-    example = example_pb2.Example(features=feature_pb2.Features(feature=features))
+        features[key] = example_proto.Feature(int64_list=example_proto.Int64List(value=[value]))
+    example = example_proto.Example(features=example_proto.Features(feature=features))
     return example.SerializeToString(deterministic=True)
 
 
 def _bytes_feature(value: bytes) -> Any:
-    from tensorflow.core.example import feature_pb2
-
-    return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[value]))
+    return example_proto.Feature(bytes_list=example_proto.BytesList(value=[value]))
 
 
 def parse_example(serialized: bytes) -> dict[str, Any]:
@@ -113,9 +114,7 @@ def parse_example(serialized: bytes) -> dict[str, Any]:
         ``view_position``, ``sex`` (``""`` when unknown) and
         ``sop_instance_uid``; ``extra`` dict of carried metadata columns.
     """
-    from tensorflow.core.example import example_pb2
-
-    example = example_pb2.Example.FromString(serialized)
+    example = example_proto.Example.FromString(serialized)
     feature = example.features.feature
     raw = feature[IMAGE].bytes_list.value[0]
     image = np.frombuffer(raw, dtype="<u2").reshape(IMAGE_SHAPE).astype(np.float32) / _IMAGE_MAX

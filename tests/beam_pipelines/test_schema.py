@@ -69,3 +69,26 @@ def test_tf_parser_matches_numpy_parser() -> None:
     dataset = tf.data.Dataset.from_tensor_slices([serialized] * 3).map(schema.tf_parse_example)
     batch = next(iter(dataset.batch(3)))
     assert tuple(batch["image"].shape) == (3, *schema.IMAGE_SHAPE)
+
+
+def test_records_are_tensorflow_examples_byte_for_byte() -> None:
+    tf = pytest.importorskip("tensorflow")
+    serialized = schema.serialize(_record())
+    parsed = tf.train.Example.FromString(serialized)
+    assert parsed.SerializeToString(deterministic=True) == serialized
+    assert parsed.features.feature["patient_id"].bytes_list.value[0] == b"P000001"
+
+
+def test_serialize_and_parse_do_not_import_tensorflow() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from beam_pipelines import schema\n"
+        "r = {'image': np.zeros((224, 224, 1), np.float32), 'label': 1, 'patient_id': 'p',\n"
+        "     'dicom_path': 'd', 'original_rows': 1, 'original_columns': 1}\n"
+        "assert schema.parse_example(schema.serialize(r))['label'] == 1\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
