@@ -25,6 +25,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam import pvalue
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
@@ -112,47 +113,32 @@ class _KeepFirstFn(beam.DoFn):
             )
 
 
-class DecodeDicomFn(beam.DoFn):
-    """Decodes, normalizes and resizes one image with beam_pipelines.dicom."""
+def make_record(row: ValidRow, options: dicom.DecodeOptions, resize_policy: str) -> dict[str, Any]:
+    """Decodes a row's DICOM into a schema record (224x224x1 image + metadata).
 
-    def __init__(self, options: dicom.DecodeOptions, resize_policy: str) -> None:
-        self._options = options
-        self._resize_policy = resize_policy
-
-    def process(self, row: ValidRow) -> Iterator[Any]:
-        try:
-            decoded = dicom.decode(row.resolved_path, self._options)
-        except dicom.DicomRejected as rejected:
-            Metrics.counter(self.__class__, f"rejected_{rejected.reason}").inc()
-            yield (
-                REJECTED,
-                reject(row.row, row.dicom_path, "decode", rejected.reason, rejected.detail),
-            )
-            return
-        Metrics.counter(self.__class__, "decoded").inc()
-        if decoded.inverted:
-            Metrics.counter(self.__class__, "monochrome1_inverted").inc()
-        Metrics.counter(self.__class__, f"intensity_{decoded.voi}").inc()
-        header = decoded.header
-        yield (
-            KEPT,
-            {
-                "row": row.row,
-                "image": dicom.to_model_input(decoded.image, policy=self._resize_policy),
-                "label": int(row.abnormal),
-                "patient_id": row.patient_id,
-                "study_id": row.study_id,
-                "dicom_path": row.dicom_path,
-                "view_position": row.view_position or header.view_position,
-                # metadata.csv wins; the header fills what the CSV leaves unknown.
-                "age": row.age if row.age is not None else header.patient_age,
-                "sex": row.sex or header.patient_sex or "",
-                "original_rows": header.rows,
-                "original_columns": header.columns,
-                "sop_instance_uid": header.sop_instance_uid,
-                "extra": row.extra,
-            },
-        )
+    Raises:
+        dicom.DicomRejected: for every per-file problem.
+    """
+    decoded = dicom.decode(row.resolved_path, options)
+    header = decoded.header
+    return {
+        "row": row.row,
+        "image": dicom.to_model_input(decoded.image, policy=resize_policy),
+        "label": int(row.abnormal),
+        "patient_id": row.patient_id,
+        "study_id": row.study_id,
+        "dicom_path": row.dicom_path,
+        "view_position": row.view_position or header.view_position,
+        # metadata.csv wins; the header fills what the CSV leaves unknown.
+        "age": row.age if row.age is not None else header.patient_age,
+        "sex": row.sex or header.patient_sex or "",
+        "original_rows": header.rows,
+        "original_columns": header.columns,
+        "sop_instance_uid": header.sop_instance_uid,
+        "extra": row.extra,
+        "_inverted": decoded.inverted,
+        "_intensity": decoded.voi,
+    }
 
 
 RECORDS_PER_SHARD = 1000
@@ -171,6 +157,65 @@ def shard_of(dicom_path: str, shards: int) -> int:
     return int.from_bytes(digest[:8], "big") % shards
 
 
+class DecodeAndStageFn(beam.DoFn):
+    """Decodes one row, stages its serialized record on disk, emits a small summary.
+
+    Only the summary (row, split, shard, staged path, label, pixel sums)
+    travels on: images never cross a stage boundary, so no runner has to hold
+    them in memory, whatever the archive's size.
+    """
+
+    def __init__(
+        self,
+        options: dicom.DecodeOptions,
+        resize_policy: str,
+        staging_dir: str,
+        num_shards: int,
+    ) -> None:
+        self._options = options
+        self._resize_policy = resize_policy
+        self._staging_dir = staging_dir
+        self._num_shards = num_shards
+
+    def process(
+        self, row: ValidRow, assignment: dict[str, str], sizes: dict[str, int]
+    ) -> Iterator[Any]:
+        try:
+            record = make_record(row, self._options, self._resize_policy)
+        except dicom.DicomRejected as rejected:
+            Metrics.counter(self.__class__, f"rejected_{rejected.reason}").inc()
+            yield (
+                REJECTED,
+                reject(row.row, row.dicom_path, "decode", rejected.reason, rejected.detail),
+            )
+            return
+        Metrics.counter(self.__class__, "decoded").inc()
+        if record.pop("_inverted"):
+            Metrics.counter(self.__class__, "monochrome1_inverted").inc()
+        Metrics.counter(self.__class__, f"intensity_{record.pop('_intensity')}").inc()
+        split = assignment[row.patient_id]
+        shards = shard_count(sizes[split], self._num_shards)
+        shard = shard_of(row.dicom_path, shards)
+        staged = f"{self._staging_dir}/{split}/{shard:05d}/{row.row:010d}.pb"
+        with FileSystems.create(staged) as handle:
+            handle.write(schema.serialize(record))
+        total = squares = pixels = 0
+        if split == "train":
+            values = schema.quantize(record["image"]).astype("uint64")
+            total, squares, pixels = int(values.sum()), int((values * values).sum()), values.size
+        yield (
+            KEPT,
+            {
+                "row": row.row,
+                "split": split,
+                "label": record["label"],
+                "shard": (split, shard, shards),
+                "staged": staged,
+                "pixel_sums": (total, squares, pixels),
+            },
+        )
+
+
 class WriteShards(beam.PTransform):
     """Writes ``<out>/<split>/part-SSSSS-of-NNNNN.tfrecord.gz``, byte-identical on reruns.
 
@@ -178,32 +223,32 @@ class WriteShards(beam.PTransform):
     row inside it, so the files do not depend on the runner or on bundle
     order; each file appears atomically (temporary name, then rename). Every
     shard of a non-empty split is written, even one that hashing left empty.
+    Only (row, staged path) pairs are grouped; the writer streams the staged
+    records into the shard and deletes them.
     """
 
-    def __init__(self, out: str, num_shards: int) -> None:
+    def __init__(self, out: str, num_shards: int, sizes: beam.PCollection) -> None:
+        """sizes: a one-element {split: rows} dict, the counts the decoder sharded by."""
         super().__init__()
-        self._out, self._num_shards = out, num_shards
+        self._out, self._num_shards, self._sizes = out, num_shards, sizes
 
-    def expand(self, records: beam.PCollection) -> beam.PCollection:
+    def expand(self, summaries: beam.PCollection) -> beam.PCollection:
         num_shards = self._num_shards
-        sizes = (
-            records
-            | "SplitName" >> beam.Map(lambda r: r["split"])
-            | "CountPerSplit" >> beam.combiners.Count.PerElement()
+        keyed = summaries | "KeyByShard" >> beam.Map(
+            lambda s: (s["shard"], (s["row"], s["staged"]))
         )
-        totals = sizes | "SizesDict" >> beam.combiners.ToDict()
-
-        def key(record: dict[str, Any], totals: dict[str, int]) -> tuple[Any, Any]:
-            shards = shard_count(totals[record["split"]], num_shards)
-            shard = shard_of(record["dicom_path"], shards)
-            return (record["split"], shard, shards), (record["row"], schema.serialize(record))
-
-        keyed = records | "KeyByShard" >> beam.Map(key, pvalue.AsSingleton(totals))
-        every_shard = sizes | "EveryShard" >> beam.FlatMap(
-            lambda item: [
-                ((item[0], k, shard_count(item[1], num_shards)), None)
-                for k in range(shard_count(item[1], num_shards))
-            ]
+        every_shard = (
+            summaries
+            | "SplitName" >> beam.Map(lambda s: s["split"])
+            | "DistinctSplits" >> beam.Distinct()
+            | "ShardsOfSplit"
+            >> beam.FlatMap(
+                lambda split, sizes: [
+                    ((split, k, shard_count(sizes[split], num_shards)), None)
+                    for k in range(shard_count(sizes[split], num_shards))
+                ],
+                pvalue.AsSingleton(self._sizes),
+            )
         )
         return (
             (keyed, every_shard)
@@ -219,11 +264,18 @@ class _WriteShardFn(beam.DoFn):
 
     def process(self, element: tuple[tuple[str, int, int], Iterable[Any]]) -> Iterator[str]:
         (split, shard, shards), values = element
-        ordered = sorted((v for v in values if v is not None), key=lambda v: v[0])
+        staged = [path for _, path in sorted(v for v in values if v is not None)]
         path = f"{self._out}/{split}/part-{shard:05d}-of-{shards:05d}.tfrecord.gz"
-        written = tfrecord.write_tfrecord_gz(path, (serialized for _, serialized in ordered))
+        written = tfrecord.write_tfrecord_gz(path, (_read_bytes(p) for p in staged))
+        if staged:
+            FileSystems.delete(staged)
         Metrics.counter(self.__class__, f"written_{split}").inc(written)
         yield path
+
+
+def _read_bytes(path: str) -> bytes:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        return handle.read()
 
 
 class WriteRejects(beam.PTransform):
@@ -249,12 +301,17 @@ class WriteRejects(beam.PTransform):
         return rejects | "AllRejects" >> beam.combiners.ToList() | "WriteJsonl" >> beam.Map(write)
 
 
-def _patient_stats(record: dict[str, Any]) -> tuple[str, bool]:
-    return record["patient_id"], bool(record["label"])
+def _patient_stats(row: ValidRow) -> tuple[str, bool]:
+    return row.patient_id, row.abnormal
 
 
 class AssignSplits(beam.PTransform):
-    """Computes PatientID -> split from one (PatientID, abnormal) record per patient."""
+    """Computes PatientID -> split from one (PatientID, abnormal) record per patient.
+
+    Works on the validated rows, before decoding, so the assignment is ready
+    when images are decoded; a patient whose every image later fails to
+    decode still has a place in splits.csv.
+    """
 
     def __init__(self, ratios: tuple[float, float, float], seed: int, pinned: dict[str, str]):
         super().__init__()
@@ -282,15 +339,10 @@ class _PixelStats(beam.CombineFn):
     def create_accumulator(self) -> tuple[int, int, int]:
         return 0, 0, 0
 
-    def add_input(self, acc: tuple[int, int, int], image: Any) -> tuple[int, int, int]:
-        import numpy as np
-
-        values = schema.quantize(image).astype(np.uint64)
-        return (
-            acc[0] + int(values.sum()),
-            acc[1] + int((values * values).sum()),
-            acc[2] + int(values.size),
-        )
+    def add_input(
+        self, acc: tuple[int, int, int], sums: tuple[int, int, int]
+    ) -> tuple[int, int, int]:
+        return acc[0] + sums[0], acc[1] + sums[1], acc[2] + sums[2]
 
     def merge_accumulators(self, accs: Iterable[tuple[int, int, int]]) -> tuple[int, int, int]:
         total, squares, count = 0, 0, 0
@@ -316,6 +368,7 @@ def _remove_previous_outputs(out: str) -> None:
     """
     patterns = [f"{out}/{name}/part-*" for name in splits.SPLITS]
     patterns += [f"{out}/rejects/rejects*", f"{out}/splits.csv", f"{out}/manifest.json"]
+    patterns += [f"{out}/.staging/*/*/*"]
     stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
     if stale:
         logger.info("Replacing %d files of an earlier run in %s", len(stale), out)
@@ -463,16 +516,25 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             | "RejectDuplicatePaths" >> RejectDuplicatePaths()
             | "RouteUnique" >> SplitOutcomes()
         )
-        records, undecodable = (
+        assignment = unique | "AssignSplits" >> AssignSplits(ratios, args.seed, pinned)
+        sizes = (
             unique
-            | "DecodeDicom" >> beam.ParDo(DecodeDicomFn(decode_options, args.resize_policy))
+            | "RowSplit" >> beam.Map(lambda r, a: a[r.patient_id], pvalue.AsSingleton(assignment))
+            | "CountPerSplit" >> beam.combiners.Count.PerElement()
+            | "SizesDict" >> beam.combiners.ToDict()
+        )
+        staging = f"{out}/.staging"
+        summaries, undecodable = (
+            unique
+            | "DecodeDicom"
+            >> beam.ParDo(
+                DecodeAndStageFn(decode_options, args.resize_policy, staging, args.num_shards),
+                pvalue.AsSingleton(assignment),
+                pvalue.AsSingleton(sizes),
+            )
             | "RouteDecoded" >> SplitOutcomes()
         )
-        assignment = records | "AssignSplits" >> AssignSplits(ratios, args.seed, pinned)
-        split_records = records | "AttachSplit" >> beam.Map(
-            lambda r, a: {**r, "split": a[r["patient_id"]]}, pvalue.AsSingleton(assignment)
-        )
-        shard_paths = split_records | "WriteShards" >> WriteShards(out, args.num_shards)
+        shard_paths = summaries | "WriteShards" >> WriteShards(out, args.num_shards, sizes)
         rejects = (invalid, duplicates, undecodable) | "AllRejects" >> beam.Flatten()
         rejects_path = rejects | "WriteRejects" >> WriteRejects(out)
         splits_path = assignment | "WriteSplits" >> beam.Map(
@@ -480,7 +542,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
         kept_counts = (
-            split_records
+            summaries
             | "SplitLabel"
             >> beam.Map(lambda r: f"{r['split']}/{'abnormal' if r['label'] else 'normal'}")
             | "CountKept" >> beam.combiners.Count.PerElement()
@@ -494,8 +556,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
         input_rows = rows | "CountInput" >> beam.combiners.Count.Globally()
         pixel_stats = (
-            split_records
-            | "TrainImages" >> beam.FlatMap(lambda r: [r["image"]] if r["split"] == "train" else [])
+            summaries
+            | "TrainPixelSums" >> beam.Map(lambda s: s["pixel_sums"])
             | "PixelStats" >> beam.CombineGlobally(_PixelStats())
         )
         settings = {
@@ -525,6 +587,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             pvalue.AsSingleton(rejects_path),
             pvalue.AsSingleton(splits_path),
         )
+    if FileSystems.exists(f"{out}/.staging"):
+        FileSystems.delete([f"{out}/.staging"])  # only empty folders are left by now
     with FileSystems.open(f"{out}/manifest.json") as handle:
         manifest = json.loads(handle.read().decode("utf-8"))
     logger.info(

@@ -11,9 +11,9 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from archive_tools.dicom_writer import PixelFormat, RadiographHeader, to_stored, write_dicom
-from beam_pipelines import dicom
+from beam_pipelines import dicom, schema
 from beam_pipelines.preprocess import (
-    DecodeDicomFn,
+    DecodeAndStageFn,
     RejectDuplicatePaths,
     SplitOutcomes,
     ValidateRowFn,
@@ -87,31 +87,33 @@ def test_decode_makes_records_and_rejects(tmp_path: Path) -> None:
     (tmp_path / "bad.dcm").write_text("not a dicom")
     root = str(tmp_path)
     no_age = ValidRow(1, "P1", "S1", "good.dcm", f"{root}/good.dcm", "", True, None, None, {})
+    staging = tmp_path / "staging"
     with TestPipeline() as pipeline:
-        records, rejected = (
+        assignment = pipeline | "Assignment" >> beam.Create([{"P1": "train"}])
+        sizes = pipeline | "Sizes" >> beam.Create([{"train": 3}])
+        summaries, rejected = (
             pipeline
             | beam.Create([no_age, _valid(2, "bad.dcm", root), _valid(3, "gone.dcm", root)])
-            | beam.ParDo(DecodeDicomFn(dicom.DecodeOptions(), "pad"))
+            | beam.ParDo(
+                DecodeAndStageFn(dicom.DecodeOptions(), "pad", str(staging), 0),
+                beam.pvalue.AsSingleton(assignment),
+                beam.pvalue.AsSingleton(sizes),
+            )
             | SplitOutcomes()
         )
         assert_that(
-            records
-            | beam.Map(
-                lambda r: (
-                    r["row"],
-                    r["image"].shape,
-                    r["age"],
-                    r["sex"],
-                    r["original_rows"],
-                    r["original_columns"],
-                )
-            ),
-            # The header fills what metadata.csv left unknown.
-            equal_to([(1, (224, 224, 1), 71, "F", 40, 30)]),
-            label="records",
+            summaries | beam.Map(lambda s: (s["row"], s["split"], s["shard"], s["pixel_sums"][2])),
+            equal_to([(1, "train", ("train", 0, 1), 224 * 224)]),
+            label="summaries",
         )
         assert_that(
             rejected | beam.Map(lambda r: (r["row"], r["stage"], r["reason"])),
             equal_to([(2, "decode", "not_dicom"), (3, "decode", "missing_file")]),
             label="rejected",
         )
+    (staged,) = staging.rglob("*.pb")
+    record = schema.parse_example(staged.read_bytes())
+    # The header fills what metadata.csv left unknown.
+    assert (record["age"], record["sex"]) == (71, "F")
+    assert (record["original_rows"], record["original_columns"]) == (40, 30)
+    assert record["image"].shape == (224, 224, 1)
