@@ -199,7 +199,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     history = model.fit(
         data.training_dataset(config, train_files),
         validation_data=data.evaluation_dataset(
-            config, validation_files, count=sum(manifest["counts"]["validation"].values())
+            config, validation_files, pad=strategy.num_replicas_in_sync > 1
         ),
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,

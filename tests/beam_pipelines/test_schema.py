@@ -69,6 +69,9 @@ def test_tf_parser_matches_numpy_parser() -> None:
     dataset = tf.data.Dataset.from_tensor_slices([serialized] * 3).map(schema.tf_parse_example)
     batch = next(iter(dataset.batch(3)))
     assert tuple(batch["image"].shape) == (3, *schema.IMAGE_SHAPE)
+    batched = schema.tf_parse_examples(tf.constant([serialized] * 3))
+    np.testing.assert_array_equal(batched["image"].numpy(), batch["image"].numpy())
+    assert batched["patient_id"].numpy().tolist() == [b"P000001"] * 3
 
 
 def test_records_are_tensorflow_examples_byte_for_byte() -> None:
