@@ -19,38 +19,21 @@ import json
 import logging
 import platform
 import posixpath
-import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from beam_pipelines import dicom, schema, splits, tfrecord
+from beam_pipelines.files import read_bytes, remove_matching, write_text
+from beam_pipelines.options import pipeline_options
+from beam_pipelines.outcomes import KEPT, REJECTED, SplitOutcomes, WriteRejects
 from beam_pipelines.rows import ValidRow, iter_metadata, reject, validate_row
 
 logger = logging.getLogger(__name__)
-
-# Stages emit (KEPT, value) or (REJECTED, record) and SplitOutcomes routes
-# them. Not TaggedOutput: Beam's DaskRunner (2.77) merges a ParDo's tagged
-# outputs into one collection, and this job must run there unchanged.
-KEPT = "kept"
-REJECTED = "rejected"
-
-
-class SplitOutcomes(beam.PTransform):
-    """Splits (KEPT|REJECTED, value) pairs into (kept values, reject records)."""
-
-    def expand(self, outcomes: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        kept = outcomes | "Kept" >> beam.FlatMap(lambda o: [o[1]] if o[0] == KEPT else [])
-        rejected = outcomes | "Rejected" >> beam.FlatMap(
-            lambda o: [o[1]] if o[0] == REJECTED else []
-        )
-        return kept, rejected
 
 
 class ReadMetadataFn(beam.DoFn):
@@ -266,39 +249,11 @@ class _WriteShardFn(beam.DoFn):
         (split, shard, shards), values = element
         staged = [path for _, path in sorted(v for v in values if v is not None)]
         path = f"{self._out}/{split}/part-{shard:05d}-of-{shards:05d}.tfrecord.gz"
-        written = tfrecord.write_tfrecord_gz(path, (_read_bytes(p) for p in staged))
+        written = tfrecord.write_tfrecord_gz(path, (read_bytes(p) for p in staged))
         if staged:
             FileSystems.delete(staged)
         Metrics.counter(self.__class__, f"written_{split}").inc(written)
         yield path
-
-
-def _read_bytes(path: str) -> bytes:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return handle.read()
-
-
-class WriteRejects(beam.PTransform):
-    """Writes all reject records, sorted by row, to ``<out>/rejects/rejects.jsonl``.
-
-    Rejects are few (one small dict per bad row), so one sorted file is both
-    deterministic and the easiest to audit.
-    """
-
-    def __init__(self, out: str) -> None:
-        super().__init__()
-        self._out = out
-
-    def expand(self, rejects: beam.PCollection) -> beam.PCollection:
-        out = self._out
-
-        def write(records: list[dict[str, Any]]) -> str:
-            lines = [json.dumps(r, sort_keys=True) for r in sorted(records, key=lambda r: r["row"])]
-            path = f"{out}/rejects/rejects.jsonl"
-            _write_text(path, "".join(line + "\n" for line in lines))
-            return path
-
-        return rejects | "AllRejects" >> beam.combiners.ToList() | "WriteJsonl" >> beam.Map(write)
 
 
 def _patient_stats(row: ValidRow) -> tuple[str, bool]:
@@ -364,26 +319,14 @@ def _remove_previous_outputs(out: str) -> None:
     """Deletes the files an earlier run wrote here, so no stale shard survives.
 
     Only this job's own outputs are touched (shards, rejects, splits.csv,
-    manifest.json); ``--pin_splits`` has been read before this runs.
+    manifest.json, staging); ``--pin_splits`` has been read before this runs.
     """
     patterns = [f"{out}/{name}/part-*" for name in splits.SPLITS]
     patterns += [f"{out}/rejects/rejects*", f"{out}/splits.csv", f"{out}/manifest.json"]
     patterns += [f"{out}/.staging/*/*/*"]
-    stale = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
+    stale = remove_matching(patterns)
     if stale:
-        logger.info("Replacing %d files of an earlier run in %s", len(stale), out)
-        FileSystems.delete(stale)
-
-
-def _write_text(path: str, text: str) -> str:
-    """Writes a small text file atomically (temporary name, then rename); returns its path."""
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    with FileSystems.create(temporary) as handle:
-        handle.write(text.encode("utf-8"))
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([temporary], [path])
-    return path
+        logger.info("Replaced %d files of an earlier run in %s", len(stale), out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -450,22 +393,6 @@ def _archive_root(metadata: str, given: str | None) -> str:
     return root if "://" in root else posixpath.abspath(root)
 
 
-def _pipeline_options(beam_args: list[str]) -> PipelineOptions:
-    options = PipelineOptions(beam_args)
-    standard = options.view_as(StandardOptions)
-    if standard.runner == "DaskRunner":
-        # Beam knows Dask's runner only by its full name.
-        standard.runner = "apache_beam.runners.dask.dask_runner.DaskRunner"
-    if standard.runner is None:
-        standard.runner = "FnApiRunner"
-        direct = options.view_as(DirectOptions)
-        if "--direct_running_mode" not in " ".join(beam_args):
-            direct.direct_running_mode = "multi_processing"
-        if "--direct_num_workers" not in " ".join(beam_args):
-            direct.direct_num_workers = 0  # all cores
-    return options
-
-
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the preprocessing job.
 
@@ -496,7 +423,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         color=args.color,
     )
     out = args.output_dir.rstrip("/")
-    options = _pipeline_options(beam_args)
+    options = pipeline_options(beam_args)
     _remove_previous_outputs(out)
 
     with beam.Pipeline(options=options) as pipeline:
@@ -536,9 +463,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
         shard_paths = summaries | "WriteShards" >> WriteShards(out, args.num_shards, sizes)
         rejects = (invalid, duplicates, undecodable) | "AllRejects" >> beam.Flatten()
-        rejects_path = rejects | "WriteRejects" >> WriteRejects(out)
+        rejects_path = rejects | "WriteRejects" >> WriteRejects(f"{out}/rejects/rejects.jsonl")
         splits_path = assignment | "WriteSplits" >> beam.Map(
-            lambda a: _write_text(f"{out}/splits.csv", splits.format_splits_csv(a))
+            lambda a: write_text(f"{out}/splits.csv", splits.format_splits_csv(a))
         )
 
         kept_counts = (
@@ -649,9 +576,7 @@ def _build_manifest(
             f"row accounting broken: {manifest['kept']} kept + {manifest['rejected']} "
             f"rejected != {input_rows} input rows"
         )
-    return _write_text(
-        f"{out}/manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    )
+    return write_text(f"{out}/manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def main() -> None:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import gzip
 import struct
-import uuid
 from collections.abc import Iterable, Iterator
 
 import google_crc32c
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+
+from beam_pipelines.files import atomic_create
 
 _MASK_DELTA = 0xA282EAD8
 
@@ -44,19 +45,15 @@ def write_tfrecord_gz(path: str, records: Iterable[bytes]) -> int:
 
     Works on any filesystem Beam knows (local, ``gs://``, …).
     """
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     count = 0
     # mtime=0 and no file name: identical input gives identical bytes.
     with (
-        FileSystems.create(temporary, compression_type=CompressionTypes.UNCOMPRESSED) as raw,
+        atomic_create(path) as raw,
         gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as handle,
     ):
         for record in records:
             handle.write(frame(record))
             count += 1
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([temporary], [path])
     return count
 
 

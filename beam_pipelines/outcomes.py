@@ -1,0 +1,55 @@
+"""Kept-or-rejected outcomes of a stage, and the rejects file.
+
+Stages emit ``(KEPT, value)`` or ``(REJECTED, record)``; :class:`SplitOutcomes`
+routes them. Not ``TaggedOutput``: Beam's DaskRunner (2.77) merges a ParDo's
+tagged outputs into one collection, and the jobs must run there unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import apache_beam as beam
+
+from beam_pipelines.files import write_text
+
+KEPT = "kept"
+REJECTED = "rejected"
+
+
+class SplitOutcomes(beam.PTransform):
+    """Splits (KEPT|REJECTED, value) pairs into (kept values, reject records)."""
+
+    def expand(self, outcomes: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        kept = outcomes | "Kept" >> beam.FlatMap(lambda o: [o[1]] if o[0] == KEPT else [])
+        rejected = outcomes | "Rejected" >> beam.FlatMap(
+            lambda o: [o[1]] if o[0] == REJECTED else []
+        )
+        return kept, rejected
+
+
+def _order(record: dict[str, Any]) -> tuple[bool, int, str]:
+    row = record.get("row")
+    return row is None, row or 0, record.get("dicom_path") or ""
+
+
+class WriteRejects(beam.PTransform):
+    """Writes every reject record, sorted by row then path, to one JSON Lines file.
+
+    Rejects are few (one small dict per bad input), so one sorted file is both
+    deterministic and the easiest to audit. Yields the file's path.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self._path = path
+
+    def expand(self, rejects: beam.PCollection) -> beam.PCollection:
+        path = self._path
+
+        def write(records: list[dict[str, Any]]) -> str:
+            lines = [json.dumps(r, sort_keys=True) + "\n" for r in sorted(records, key=_order)]
+            return write_text(path, "".join(lines))
+
+        return rejects | "AllRejects" >> beam.combiners.ToList() | "WriteJsonl" >> beam.Map(write)
