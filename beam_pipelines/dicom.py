@@ -180,7 +180,11 @@ DEFAULT_OPTIONS = DecodeOptions()
 
 @dataclasses.dataclass(frozen=True)
 class DicomHeader:
-    """The header fields the pipeline records for each image."""
+    """The header fields the pipeline records for each image.
+
+    ``patient_id`` is PHI: it fills the predictions of archives scored without
+    metadata.csv, and is never logged.
+    """
 
     rows: int
     columns: int
@@ -192,6 +196,8 @@ class DicomHeader:
     pixel_representation: int
     transfer_syntax_uid: str
     modality: str
+    patient_id: str
+    study_id: str
     view_position: str
     patient_age: int | None
     patient_sex: str | None
@@ -401,6 +407,9 @@ def read_header(ds: Dataset) -> DicomHeader:
         pixel_representation=_int(ds, "PixelRepresentation"),
         transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")),
         modality=_str(ds, "Modality"),
+        patient_id=_str(ds, "PatientID"),
+        # StudyID is short and often blank; the instance UID always names the study.
+        study_id=_str(ds, "StudyID") or _str(ds, "StudyInstanceUID"),
         view_position=_str(ds, "ViewPosition").upper(),
         patient_age=parse_age(_str(ds, "PatientAge")),
         patient_sex=parse_sex(_str(ds, "PatientSex")),

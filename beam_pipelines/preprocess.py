@@ -31,69 +31,16 @@ from beam_pipelines import dicom, schema, splits, tfrecord
 from beam_pipelines.files import read_bytes, remove_matching, write_text
 from beam_pipelines.options import pipeline_options
 from beam_pipelines.outcomes import KEPT, REJECTED, SplitOutcomes, WriteRejects
-from beam_pipelines.rows import ValidRow, iter_metadata, reject, validate_row
+from beam_pipelines.rows import (
+    ReadMetadataFn,
+    RejectDuplicatePaths,
+    ValidateRowFn,
+    ValidRow,
+    iter_metadata,
+    reject,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class ReadMetadataFn(beam.DoFn):
-    """Reads metadata.csv whole on one worker and emits (row, cells).
-
-    One sequential read keeps row numbers exact and handles quoted newlines;
-    10^7 rows take about a minute, and a Reshuffle spreads the rest.
-    """
-
-    def process(self, path: str) -> Iterator[tuple[int, dict[str, str]]]:
-        with FileSystems.open(path) as handle:
-            text = handle.read().decode("utf-8-sig", errors="replace")
-        yield from iter_metadata(text)
-
-
-class ValidateRowFn(beam.DoFn):
-    """Turns raw cells into (KEPT, ValidRow) or (REJECTED, reject record)."""
-
-    def __init__(self, archive_root: str) -> None:
-        self._archive_root = archive_root
-
-    def process(self, element: tuple[int, dict[str, str]]) -> Iterator[Any]:
-        row, cells = element
-        result = validate_row(row, cells, self._archive_root)
-        if isinstance(result, ValidRow):
-            yield KEPT, result
-        else:
-            Metrics.counter(self.__class__, f"rejected_{result['reason']}").inc()
-            yield REJECTED, result
-
-
-class RejectDuplicatePaths(beam.PTransform):
-    """Keeps the first row of each resolved path; later rows are rejected."""
-
-    def expand(self, rows: beam.PCollection) -> beam.PCollection:
-        return (
-            rows
-            | "KeyByPath" >> beam.Map(lambda r: (r.resolved_path, r))
-            | "GroupByPath" >> beam.GroupByKey()
-            | "KeepFirst" >> beam.ParDo(_KeepFirstFn())
-        )
-
-
-class _KeepFirstFn(beam.DoFn):
-    def process(self, element: tuple[str, Iterable[ValidRow]]) -> Iterator[Any]:
-        _, group = element
-        ordered = sorted(group, key=lambda r: r.row)
-        yield KEPT, ordered[0]
-        for duplicate in ordered[1:]:
-            Metrics.counter(self.__class__, "rejected_duplicate_path").inc()
-            yield (
-                REJECTED,
-                reject(
-                    duplicate.row,
-                    duplicate.dicom_path,
-                    "validate",
-                    "duplicate_path",
-                    f"same file as row {ordered[0].row}",
-                ),
-            )
 
 
 def make_record(row: ValidRow, options: dicom.DecodeOptions, resize_policy: str) -> dict[str, Any]:

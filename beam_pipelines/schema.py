@@ -53,6 +53,15 @@ def quantize(image: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(image, 0.0, 1.0) * _IMAGE_MAX).astype("<u2")
 
 
+def as_stored(image: np.ndarray) -> np.ndarray:
+    """The image exactly as a record stores it (16-bit quantized), as float32.
+
+    Scoring straight from DICOM passes images through this, so a file scored
+    from DICOM and from its preprocessed shard gets the very same input.
+    """
+    return quantize(image).astype(np.float32) / _IMAGE_MAX
+
+
 def serialize(record: dict[str, Any]) -> bytes:
     """Serializes one image record to a ``tf.train.Example``.
 

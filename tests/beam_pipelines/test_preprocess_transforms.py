@@ -12,13 +12,9 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from archive_tools.dicom_writer import PixelFormat, RadiographHeader, to_stored, write_dicom
 from beam_pipelines import dicom, schema
-from beam_pipelines.preprocess import (
-    DecodeAndStageFn,
-    RejectDuplicatePaths,
-    SplitOutcomes,
-    ValidateRowFn,
-)
-from beam_pipelines.rows import ValidRow
+from beam_pipelines.outcomes import SplitOutcomes
+from beam_pipelines.preprocess import DecodeAndStageFn
+from beam_pipelines.rows import RejectDuplicatePaths, ValidateRowFn, ValidRow
 
 
 def _cells(path: str, label: str = "true", patient: str = "P1") -> dict[str, str]:
