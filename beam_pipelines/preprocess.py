@@ -36,6 +36,7 @@ from beam_pipelines.rows import (
     RejectDuplicatePaths,
     ValidateRowFn,
     ValidRow,
+    archive_root_for,
     iter_metadata,
     reject,
 )
@@ -334,12 +335,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _archive_root(metadata: str, given: str | None) -> str:
-    """The folder DicomPath is relative to: ``--archive_root`` or the CSV's folder."""
-    root = given or metadata.rsplit("/", 1)[0] if "/" in metadata else (given or ".")
-    return root if "://" in root else posixpath.abspath(root)
-
-
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the preprocessing job.
 
@@ -354,7 +349,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(str(exc))
     if not FileSystems.exists(args.metadata):
         parser.error(f"--metadata not found: {args.metadata}")
-    archive_root = _archive_root(args.metadata, args.archive_root)
+    archive_root = archive_root_for(args.metadata, args.archive_root)
     pinned: dict[str, str] = {}
     if args.pin_splits:
         with FileSystems.open(args.pin_splits) as handle:

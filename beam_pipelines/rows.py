@@ -83,6 +83,15 @@ def iter_metadata(
         yield row, {k: (v if isinstance(v, str) else "") for k, v in cells.items() if k}
 
 
+def archive_root_for(metadata: str, given: str | None) -> str:
+    """The folder DicomPath is relative to: ``--archive_root`` or the CSV's folder."""
+    if given:
+        root = given
+    else:
+        root = metadata.rsplit("/", 1)[0] if "/" in metadata else "."
+    return root if "://" in root else posixpath.abspath(root)
+
+
 def resolve_path(archive_root: str, dicom_path: str) -> str | None:
     """Resolves a DicomPath against the archive root; None if it escapes the root.
 

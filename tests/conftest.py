@@ -52,3 +52,28 @@ def preprocessed(synthetic_archive: Path, tmp_path_factory: pytest.TempPathFacto
         ]
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_model(preprocessed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A quickly trained simple CNN on `preprocessed` (RESULTS folder)."""
+    from trainer import train
+
+    out = tmp_path_factory.mktemp("results")
+    train.run(
+        [
+            "--data_dir",
+            str(preprocessed),
+            "--output_dir",
+            str(out),
+            "--epochs",
+            "1",
+            "--steps_per_epoch",
+            "2",
+            "--global_batch_size",
+            "8",
+            "--verbose",
+            "0",
+        ]
+    )
+    return out

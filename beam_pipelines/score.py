@@ -1,0 +1,379 @@
+"""Batch scoring job: a trained model over a whole archive.
+
+``xray-score --model RESULTS/model (--metadata CSV | --dicom_glob GLOB | --data_dir DIR)
+--output PREFIX [--batch_size N] [Beam options]`` (also ``python -m beam_pipelines.score``).
+
+Inputs: a metadata.csv (labels optional), a glob of DICOM files (the header
+fills PatientID, StudyID, view, age and sex), or preprocessed shards. DICOM
+inputs are decoded and resized with exactly the functions preprocessing uses
+and quantized as a record stores them, so an image scores the same from its
+DICOM file and from its shard. The model runs under ``RunInference`` (batched,
+one model per worker process). Outputs:
+
+- ``PREFIX-SSSSS-of-NNNNN.parquet``: the predictions contract
+  (``analysis.predictions``), rows sorted by path within hash-assigned
+  shards, each file written atomically;
+- ``<dir of PREFIX>/rejects/<name>.jsonl``: inputs that could not be scored,
+  with reasons;
+- ``PREFIX.summary.json``: inputs = scored + rejected, per reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import posixpath
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.io import fileio
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+from beam_pipelines import dicom, schema, tfrecord
+from beam_pipelines.files import atomic_create, remove_matching, write_text
+from beam_pipelines.model_handler import InferenceError, KerasModelHandler
+from beam_pipelines.options import pipeline_options
+from beam_pipelines.outcomes import KEPT, REJECTED, SplitOutcomes, WriteRejects
+from beam_pipelines.rows import (
+    SCORING_REQUIRED_COLUMNS,
+    ReadMetadataFn,
+    RejectDuplicatePaths,
+    ValidateRowFn,
+    ValidRow,
+    archive_root_for,
+    reject,
+)
+
+logger = logging.getLogger(__name__)
+
+ROWS_PER_SHARD = 200_000
+_META_KEYS = ("dicom_path", "patient_id", "study_id", "view_position", "age", "sex", "label")
+
+
+def _meta(**values: Any) -> dict[str, Any]:
+    """The prediction columns known before scoring (blank strings become null)."""
+    meta = {key: values.get(key) for key in (*_META_KEYS, "split", "row")}
+    for key in ("patient_id", "study_id", "view_position", "sex"):
+        meta[key] = meta[key] or None
+    return meta
+
+
+class DecodeForScoringFn(beam.DoFn):
+    """DICOM (from a metadata row or a bare path) -> (meta, model input) or a reject."""
+
+    def __init__(self, options: dicom.DecodeOptions, resize_policy: str) -> None:
+        self._options = options
+        self._resize_policy = resize_policy
+
+    def process(self, element: ValidRow | str) -> Iterator[Any]:
+        row = element if isinstance(element, ValidRow) else None
+        path = row.resolved_path if row else str(element)
+        shown = row.dicom_path if row else path
+        try:
+            decoded = dicom.decode(path, self._options)
+        except dicom.DicomRejected as rejected:
+            Metrics.counter(self.__class__, f"rejected_{rejected.reason}").inc()
+            yield (
+                REJECTED,
+                reject(row.row if row else None, shown, "decode", rejected.reason, rejected.detail),
+            )
+            return
+        header = decoded.header
+        image = schema.as_stored(dicom.to_model_input(decoded.image, policy=self._resize_policy))
+        meta = _meta(
+            dicom_path=shown,
+            row=row.row if row else None,
+            patient_id=(row.patient_id if row else "") or header.patient_id,
+            study_id=(row.study_id if row else "") or header.study_id,
+            view_position=(row.view_position if row else "") or header.view_position,
+            age=row.age if row and row.age is not None else header.patient_age,
+            sex=(row.sex if row else None) or header.patient_sex,
+            label=None if row is None or row.abnormal is None else int(row.abnormal),
+        )
+        Metrics.counter(self.__class__, "decoded").inc()
+        yield KEPT, (meta, image)
+
+
+class ReadShardsFn(beam.DoFn):
+    """A preprocessed shard -> (meta, image) per record; the split is the folder name."""
+
+    def process(self, path: str) -> Iterator[tuple[dict[str, Any], Any]]:
+        split = posixpath.basename(posixpath.dirname(path))
+        for serialized in tfrecord.read_tfrecord_gz(path):
+            record = schema.parse_example(serialized)
+            meta = _meta(split=split, **{k: record[k] for k in _META_KEYS})
+            yield meta, record["image"]
+
+
+class _ToPredictionFn(beam.DoFn):
+    def __init__(self, model_id: str) -> None:
+        self._model_id = model_id
+
+    def process(self, element: tuple[dict[str, Any], Any]) -> Iterator[Any]:
+        meta, result = element
+        score = result.inference
+        if isinstance(score, InferenceError):
+            Metrics.counter(self.__class__, "rejected_inference_failed").inc()
+            yield (
+                REJECTED,
+                reject(meta["row"], meta["dicom_path"], "score", "inference_failed", score.detail),
+            )
+            return
+        Metrics.counter(self.__class__, "scored").inc()
+        prediction = {k: v for k, v in meta.items() if k != "row"}
+        yield KEPT, {**prediction, "score": float(score), "model_id": self._model_id}
+
+
+def shard_of(dicom_path: str, shards: int) -> int:
+    """A prediction's shard: a stable hash of its path."""
+    digest = hashlib.sha256(dicom_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % shards
+
+
+class WritePredictions(beam.PTransform):
+    """Writes ``PREFIX-SSSSS-of-NNNNN.parquet``: hashed shards, sorted rows, atomic files."""
+
+    def __init__(self, prefix: str, num_shards: int) -> None:
+        super().__init__()
+        self._prefix, self._num_shards = prefix, num_shards
+
+    def expand(self, predictions: beam.PCollection) -> beam.PCollection:
+        prefix, fixed = self._prefix, self._num_shards
+        total = predictions | "CountPredictions" >> beam.combiners.Count.Globally()
+
+        def shards(count: int) -> int:
+            return fixed if fixed > 0 else max(1, -(-count // ROWS_PER_SHARD))
+
+        keyed = predictions | "KeyByShard" >> beam.Map(
+            lambda p, n: ((shard_of(p["dicom_path"], shards(n)), shards(n)), p),
+            pvalue.AsSingleton(total),
+        )
+        every_shard = total | "EveryShard" >> beam.FlatMap(
+            lambda n: [((k, shards(n)), None) for k in range(shards(n))]
+        )
+        return (
+            (keyed, every_shard)
+            | "WithEmptyShards" >> beam.Flatten()
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard" >> beam.Map(_write_shard, prefix)
+        )
+
+
+def _write_shard(element: tuple[tuple[int, int], Iterable[Any]], prefix: str) -> str:
+    import pyarrow.parquet as pq
+
+    from analysis import predictions as contract
+
+    (shard, shards), values = element
+    rows = sorted((v for v in values if v is not None), key=lambda p: p["dicom_path"])
+    columns = {name: [row.get(name) for row in rows] for name in contract.COLUMNS}
+    path = f"{prefix}-{shard:05d}-of-{shards:05d}.parquet"
+    with atomic_create(path) as handle:
+        pq.write_table(contract.to_table(columns), handle)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's own flags; everything else goes to Beam's PipelineOptions."""
+    parser = argparse.ArgumentParser(
+        prog="xray-score",
+        description="Score a DICOM archive or preprocessed shards with a trained model "
+        "(unknown flags are Beam pipeline options, e.g. --runner).",
+    )
+    parser.add_argument("--model", required=True, help="The exported model folder (RESULTS/model).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--metadata", help="metadata.csv of the archive (labels optional).")
+    source.add_argument("--dicom_glob", help="Glob of DICOM files, e.g. 'gs://b/archive/**.dcm'.")
+    source.add_argument("--data_dir", help="Preprocessed output: scores every split's shards.")
+    parser.add_argument("--output", required=True, help="Output prefix, e.g. predictions/archive.")
+    parser.add_argument("--archive_root", help="Root of DicomPath (default: the CSV's folder).")
+    parser.add_argument("--batch_size", type=int, default=32, help="Largest inference batch.")
+    parser.add_argument(
+        "--num_shards", type=int, default=0, help=f"Output files (0: one per {ROWS_PER_SHARD})."
+    )
+    parser.add_argument("--model_id", help="Recorded in every row (default: the model card's).")
+    parser.add_argument(
+        "--resize_policy",
+        choices=("pad", "stretch"),
+        default="pad",
+        help="Must match preprocessing (default pad).",
+    )
+    parser.add_argument("--voi_index", type=int, default=0, help="As for preprocessing.")
+    parser.add_argument("--multiframe", choices=("first", "reject"), default="first")
+    parser.add_argument(
+        "--color", choices=("gray_only", "luminance", "reject"), default="gray_only"
+    )
+    return parser
+
+
+def _model_id(model_dir: str, given: str | None) -> str:
+    if given:
+        return given
+    card = f"{posixpath.dirname(model_dir.rstrip('/'))}/model_card.json"
+    if FileSystems.exists(card):
+        with FileSystems.open(card) as handle:
+            return json.loads(handle.read())["model_id"]
+    return posixpath.basename(model_dir.rstrip("/"))
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the scoring job; returns the summary written beside the predictions."""
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch_size must be >= 1")
+    if not FileSystems.exists(f"{args.model.rstrip('/')}/model.keras"):
+        parser.error(f"--model {args.model} has no model.keras (is it RESULTS/model?)")
+    if args.metadata and not FileSystems.exists(args.metadata):
+        parser.error(f"--metadata not found: {args.metadata}")
+    if (
+        args.data_dir
+        and not FileSystems.match([f"{args.data_dir}/*/part-*.tfrecord.gz"])[0].metadata_list
+    ):
+        parser.error(f"--data_dir {args.data_dir} holds no shards")
+    prefix = args.output
+    name = posixpath.basename(prefix)
+    rejects_path = f"{posixpath.dirname(prefix) or '.'}/rejects/{name}.jsonl"
+    summary_path = f"{prefix}.summary.json"
+    model_id = _model_id(args.model, args.model_id)
+    options = dicom.DecodeOptions(
+        voi_index=None if args.voi_index < 0 else args.voi_index,
+        multiframe=args.multiframe,
+        color=args.color,
+    )
+    stale = remove_matching([f"{prefix}-*-of-*.parquet", rejects_path, summary_path])
+    if stale:
+        logger.info("Replaced %d files of an earlier run", len(stale))
+
+    with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
+        rejects: list[beam.PCollection] = []
+        if args.data_dir:
+            inputs = (
+                pipeline
+                | "ShardPatterns"
+                >> beam.Create([f"{args.data_dir.rstrip('/')}/*/part-*.tfrecord.gz"])
+                | "MatchShards" >> fileio.MatchAll()
+                | "ShardPaths" >> beam.Map(lambda m: m.path)
+                | "SpreadShards" >> beam.Reshuffle()
+            )
+            examples = inputs | "ReadShards" >> beam.ParDo(ReadShardsFn())
+            input_count = examples | "CountInputs" >> beam.combiners.Count.Globally()
+        else:
+            if args.metadata:
+                archive_root = archive_root_for(args.metadata, args.archive_root)
+                rows = (
+                    pipeline
+                    | "MetadataPath" >> beam.Create([args.metadata])
+                    | "ReadMetadata" >> beam.ParDo(ReadMetadataFn(SCORING_REQUIRED_COLUMNS))
+                    | "Spread" >> beam.Reshuffle()
+                )
+                valid, invalid = (
+                    rows
+                    | "ValidateRows" >> beam.ParDo(ValidateRowFn(archive_root, scoring=True))
+                    | "RouteValidated" >> SplitOutcomes()
+                )
+                sources, duplicates = (
+                    valid
+                    | "RejectDuplicatePaths" >> RejectDuplicatePaths()
+                    | "RouteUnique" >> SplitOutcomes()
+                )
+                rejects += [invalid, duplicates]
+            else:
+                rows = sources = (
+                    pipeline
+                    | "Glob" >> beam.Create([args.dicom_glob])
+                    | "MatchFiles" >> fileio.MatchAll()
+                    | "FilePaths" >> beam.Map(lambda m: m.path)
+                    | "Spread" >> beam.Reshuffle()
+                )
+            input_count = rows | "CountInputs" >> beam.combiners.Count.Globally()
+            examples, undecodable = (
+                sources
+                | "DecodeDicom" >> beam.ParDo(DecodeForScoringFn(options, args.resize_policy))
+                | "RouteDecoded" >> SplitOutcomes()
+            )
+            rejects.append(undecodable)
+        predictions, failed = (
+            examples
+            | "Score"
+            >> RunInference(KeyedModelHandler(KerasModelHandler(args.model, args.batch_size)))
+            | "ToPrediction" >> beam.ParDo(_ToPredictionFn(model_id))
+            | "RouteScored" >> SplitOutcomes()
+        )
+        rejects.append(failed)
+        all_rejects = tuple(rejects) | "AllRejects" >> beam.Flatten()
+        files = predictions | "WritePredictions" >> WritePredictions(prefix, args.num_shards)
+        rejects_file = all_rejects | "WriteRejects" >> WriteRejects(rejects_path)
+        scored = predictions | "CountScored" >> beam.combiners.Count.Globally()
+        by_reason = (
+            all_rejects
+            | "Reason" >> beam.Map(lambda r: r["reason"])
+            | "CountReasons" >> beam.combiners.Count.PerElement()
+            | "ReasonDict" >> beam.combiners.ToDict()
+        )
+        _ = input_count | "WriteSummary" >> beam.Map(
+            _write_summary,
+            summary_path,
+            model_id,
+            pvalue.AsSingleton(scored),
+            pvalue.AsSingleton(by_reason),
+            pvalue.AsList(files),
+            pvalue.AsSingleton(rejects_file),
+        )
+    with FileSystems.open(summary_path) as handle:
+        summary = json.loads(handle.read())
+    logger.info(
+        "Scored %d of %d inputs (%d rejected) -> %s",
+        summary["scored"],
+        summary["inputs"],
+        summary["rejected"],
+        prefix,
+    )
+    return summary
+
+
+def _write_summary(
+    inputs: int,
+    path: str,
+    model_id: str,
+    scored: int,
+    by_reason: dict[str, int],
+    files: list[str],
+    rejects_file: str,
+) -> str:
+    summary = {
+        "inputs": inputs,
+        "scored": scored,
+        "rejected": sum(by_reason.values()),
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "model_id": model_id,
+        "files": sorted(files),
+        "rejects_file": rejects_file,
+    }
+    if summary["scored"] + summary["rejected"] != inputs:
+        raise RuntimeError(
+            f"accounting broken: {scored} scored + {summary['rejected']} rejected != {inputs}"
+        )
+    return write_text(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def main() -> None:
+    """Console entry point: ``xray-score``."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
+    )
+    summary = run()
+    print(
+        f"xray-score: {summary['inputs']} inputs -> {summary['scored']} scored, "
+        f"{summary['rejected']} rejected {json.dumps(summary['rejected_by_reason'])}"
+    )
+
+
+if __name__ == "__main__":
+    main()
