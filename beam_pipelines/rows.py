@@ -85,10 +85,7 @@ def iter_metadata(
 
 def archive_root_for(metadata: str, given: str | None) -> str:
     """The folder DicomPath is relative to: ``--archive_root`` or the CSV's folder."""
-    if given:
-        root = given
-    else:
-        root = metadata.rsplit("/", 1)[0] if "/" in metadata else "."
+    root = given or (metadata.rsplit("/", 1)[0] if "/" in metadata else ".")
     return root if "://" in root else posixpath.abspath(root)
 
 

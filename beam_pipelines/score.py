@@ -34,6 +34,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import StandardOptions
 
 from beam_pipelines import dicom, schema, tfrecord
 from beam_pipelines.files import atomic_create, remove_matching, write_text
@@ -109,6 +110,39 @@ class ReadShardsFn(beam.DoFn):
             record = schema.parse_example(serialized)
             meta = _meta(split=split, **{k: record[k] for k in _META_KEYS})
             yield meta, record["image"]
+
+
+class ScoreImages(beam.PTransform):
+    """(meta, image) -> (meta, PredictionResult) with the model handler.
+
+    ``RunInference`` (batched, one model per worker process) on every runner
+    but Dask: Beam 2.77's DaskRunner drops what a DoFn emits in
+    ``finish_bundle``, where RunInference's batching flushes each bundle's
+    last batch, so there the same handler scores image by image in a plain
+    ParDo that loads the model once in ``setup``.
+    """
+
+    def __init__(self, handler: KerasModelHandler, unbatched: bool = False) -> None:
+        super().__init__()
+        self._handler, self._unbatched = handler, unbatched
+
+    def expand(self, examples: beam.PCollection) -> beam.PCollection:
+        if self._unbatched:
+            return examples | "ScoreOneByOne" >> beam.ParDo(_ScoreOneByOneFn(self._handler))
+        return examples | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
+
+
+class _ScoreOneByOneFn(beam.DoFn):
+    def __init__(self, handler: KerasModelHandler) -> None:
+        self._handler = handler
+
+    def setup(self) -> None:
+        self._model = self._handler.load_model()
+
+    def process(self, element: tuple[dict[str, Any], Any]) -> Iterator[tuple[dict[str, Any], Any]]:
+        meta, image = element
+        (result,) = self._handler.run_inference([image], self._model)
+        yield meta, result
 
 
 class _ToPredictionFn(beam.DoFn):
@@ -247,11 +281,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         multiframe=args.multiframe,
         color=args.color,
     )
+    beam_options = pipeline_options(beam_args)
+    on_dask = "DaskRunner" in str(beam_options.view_as(StandardOptions).runner)
+    if on_dask:
+        logger.warning("DaskRunner: scoring image by image (Beam's Dask batching loses data)")
     stale = remove_matching([f"{prefix}-*-of-*.parquet", rejects_path, summary_path])
     if stale:
         logger.info("Replaced %d files of an earlier run", len(stale))
 
-    with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
+    with beam.Pipeline(options=beam_options) as pipeline:
         rejects: list[beam.PCollection] = []
         if args.data_dir:
             inputs = (
@@ -301,8 +339,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             rejects.append(undecodable)
         predictions, failed = (
             examples
-            | "Score"
-            >> RunInference(KeyedModelHandler(KerasModelHandler(args.model, args.batch_size)))
+            | "Score" >> ScoreImages(KerasModelHandler(args.model, args.batch_size), on_dask)
             | "ToPrediction" >> beam.ParDo(_ToPredictionFn(model_id))
             | "RouteScored" >> SplitOutcomes()
         )
