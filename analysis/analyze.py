@@ -1,0 +1,263 @@
+"""Analysis job: metrics, plots and a report from prediction files only.
+
+``xray-analyze --predictions 'PATH/*.parquet' --output_dir DIR [--history RESULTS/history.csv]
+[--threshold youden|0.5|sens=0.9|spec=0.9] [--split test] [--level image|study|patient]
+[--aggregate max|mean] [--bootstrap 1000] [--seed 0]`` (also ``python -m analysis.analyze``).
+
+Writes ``DIR/metrics.json`` (schema below), ``DIR/plots/*.png`` and
+``DIR/report.html``. The threshold is chosen on the validation split when the
+predictions have one, and applied to the evaluated split; it is never tuned
+on the split it is evaluated on unless there is no other (then it says so).
+
+metrics.json: ``schema_version``, ``split``, ``level``, ``threshold``
+(rule, value, chosen_on), ``metrics`` (n, patients, positives, prevalence,
+roc_auc, average_precision, threshold, confusion_matrix, accuracy,
+sensitivity, specificity, ppv, npv, f1, calibration{brier, ece, bins,
+reliability[]}, ci95{auc, average_precision, sensitivity, specificity,
+replicates_used, roc_band}), ``subgroups[]`` (attribute, value, n,
+prevalence, roc_auc, roc_auc_ci95, sensitivity, specificity), ``leakage``,
+``bootstrap`` (replicates, seed, unit), ``provenance``, ``warnings``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis import metrics as m
+from analysis import plots, predictions, report
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_COLUMNS = [
+    "dicom_path",
+    "patient_id",
+    "study_id",
+    "view_position",
+    "age",
+    "sex",
+    "split",
+    "label",
+    "score",
+    "model_id",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's flags."""
+    parser = argparse.ArgumentParser(
+        prog="xray-analyze", description="Metrics, plots and a report from prediction files."
+    )
+    parser.add_argument(
+        "--predictions",
+        required=True,
+        nargs="+",
+        help="Prediction Parquet files or globs (quote globs).",
+    )
+    parser.add_argument(
+        "--output_dir", required=True, help="Where metrics.json, plots/ and report.html go."
+    )
+    parser.add_argument("--history", help="The trainer's history.csv, for the training plot.")
+    parser.add_argument("--manifest", help="The preprocessing manifest.json, for provenance.")
+    parser.add_argument(
+        "--threshold",
+        default="youden",
+        help="youden (default), a fixed score like 0.5, sens=0.9 or spec=0.9.",
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        help="Split to evaluate (default test; 'all' for every labelled row).",
+    )
+    parser.add_argument(
+        "--level",
+        choices=("image", "study", "patient"),
+        default="image",
+        help="Evaluate per image, per study or per patient (default image).",
+    )
+    parser.add_argument(
+        "--aggregate",
+        choices=("max", "mean"),
+        default="max",
+        help="How study/patient scores combine image scores (default max).",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="Patient-level bootstrap resamples for 95%% CIs (0: none).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Bootstrap seed.")
+    return parser
+
+
+def load(patterns: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Reads prediction files (only the columns analysis needs) into a DataFrame."""
+    files = sorted(
+        {f for p in patterns for f in (glob.glob(p) if any(c in p for c in "*?[") else [p])}
+    )
+    if not files:
+        raise FileNotFoundError(f"no prediction files match {patterns}")
+    table = predictions.read(files, columns=_COLUMNS)
+    return table.to_pandas(), files
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs the analysis; returns the metrics.json document."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rule = m.parse_threshold_rule(args.threshold)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        frame, files = load(args.predictions)
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
+    warnings: list[str] = []
+    leak = m.leakage(frame)
+    if leak["patients_in_several_splits"]:
+        message = (
+            f"LEAKAGE: {leak['patients_in_several_splits']} patients appear in more than "
+            "one split; evaluation metrics are optimistic"
+        )
+        logger.warning(message)
+        warnings.append(message)
+
+    labelled = frame.dropna(subset=["label"])
+    if args.split == "all":
+        evaluated = labelled
+    else:
+        evaluated = labelled[labelled["split"] == args.split]
+        if evaluated.empty and labelled["split"].isna().all():
+            warnings.append(
+                f"predictions carry no split; evaluating all {len(labelled)} labelled rows"
+            )
+            evaluated = labelled
+    if evaluated.empty or evaluated["label"].nunique() < 2:
+        parser.error(f"split {args.split!r} has no labelled rows of both classes to evaluate")
+    evaluated = m.aggregate(evaluated, args.level, args.aggregate)
+    validation = m.aggregate(
+        labelled[labelled["split"] == "validation"], args.level, args.aggregate
+    )
+    if rule[0] == "fixed":
+        chosen_on = "fixed"
+        threshold = m.choose_threshold(np.array([]), np.array([]), rule)
+    elif args.split != "validation" and validation["label"].nunique() == 2:
+        chosen_on = "validation"
+        threshold = m.choose_threshold(
+            validation["label"].to_numpy().astype(int), validation["score"].to_numpy(), rule
+        )
+    else:
+        chosen_on = f"{args.split} (no separate validation split)"
+        warnings.append("threshold chosen on the evaluated split itself: its rates are optimistic")
+        threshold = m.choose_threshold(
+            evaluated["label"].to_numpy().astype(int), evaluated["score"].to_numpy(), rule
+        )
+
+    headline = m.summarize(evaluated, threshold, args.bootstrap, args.seed)
+    # Subgroup intervals use fewer resamples: there are many subgroups.
+    groups = m.subgroups(evaluated, threshold, min(args.bootstrap, 200), args.seed)
+    document: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "split": args.split,
+        "level": args.level,
+        "aggregate": args.aggregate if args.level != "image" else None,
+        "threshold": {"rule": args.threshold, "value": threshold, "chosen_on": chosen_on},
+        "metrics": headline,
+        "subgroups": groups,
+        "leakage": leak,
+        "bootstrap": {"replicates": args.bootstrap, "seed": args.seed, "unit": "patient"},
+        "provenance": {
+            "prediction_files": files,
+            "rows": int(len(frame)),
+            "rows_per_split": {
+                str(k): int(v)
+                for k, v in frame["split"].fillna("none").value_counts().sort_index().items()
+            },
+            "model_ids": sorted(frame["model_id"].dropna().unique().tolist()),
+            "manifest_sha256": _digest(args.manifest),
+        },
+        "warnings": warnings,
+    }
+    out = args.output_dir
+    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+    plot_files = _plots(document, evaluated, args.history, os.path.join(out, "plots"))
+    with open(os.path.join(out, "metrics.json"), "w") as handle:
+        json.dump(document, handle, indent=2, sort_keys=True, allow_nan=False)
+        handle.write("\n")
+    report.write(os.path.join(out, "report.html"), document, plot_files)
+    logger.info("Analysis written to %s", out)
+    return document
+
+
+def _digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def _plots(
+    document: dict[str, Any], frame: pd.DataFrame, history_csv: str | None, out: str
+) -> dict[str, str]:
+    headline = document["metrics"]
+    labels = frame["label"].to_numpy().astype(int)
+    scores = frame["score"].to_numpy().astype(float)
+    ci = headline["ci95"]
+    point = (
+        (1 - headline["specificity"], headline["sensitivity"])
+        if headline["specificity"] is not None
+        else None
+    )
+    files: dict[str, str | None] = {
+        "ROC curve": plots.roc(
+            labels, scores, headline["roc_auc"], ci.get("roc_band"), ci.get("auc"), point, out
+        ),
+        "Precision-recall": plots.precision_recall(
+            labels, scores, headline["average_precision"], out
+        ),
+        "Confusion matrix": plots.confusion(
+            headline["confusion_matrix"], headline["threshold"], out
+        ),
+        "Reliability": plots.reliability(
+            headline["calibration"]["reliability"],
+            headline["calibration"]["ece"],
+            headline["calibration"]["brier"],
+            out,
+        ),
+        "Score distributions": plots.score_distributions(frame, headline["threshold"], out),
+        "Subgroup AUC": plots.subgroup_forest(document["subgroups"], headline["roc_auc"], out),
+    }
+    if history_csv:
+        files = {"Training history": plots.history(history_csv, out), **files}
+    return {name: path for name, path in files.items() if path}
+
+
+def main() -> None:
+    """Console entry point: ``xray-analyze``."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
+    )
+    document = run()
+    headline = document["metrics"]
+    ci = headline["ci95"].get("auc")
+    shown = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    print(
+        f"xray-analyze: {document['split']} AUC {headline['roc_auc']:.3f}{shown}, "
+        f"sensitivity {headline['sensitivity']:.3f}, specificity {headline['specificity']:.3f} "
+        f"at threshold {headline['threshold']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
