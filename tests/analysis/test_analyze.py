@@ -1,0 +1,172 @@
+"""End to end: xray-analyze on prediction files: metrics.json, plots, report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from analysis import analyze, predictions
+
+
+@pytest.fixture(scope="module")
+def prediction_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("predictions")
+    rng = np.random.default_rng(0)
+    for split, patients in (("validation", 40), ("test", 60)):
+        rows = {
+            k: []
+            for k in (
+                "dicom_path",
+                "patient_id",
+                "study_id",
+                "view_position",
+                "age",
+                "sex",
+                "split",
+                "label",
+                "score",
+                "model_id",
+            )
+        }
+        for p in range(patients):
+            label = int(rng.integers(0, 2))
+            for image in range(2):
+                rows["dicom_path"].append(f"{split}/p{p}/{image}.dcm")
+                rows["patient_id"].append(f"{split}-p{p}")
+                rows["study_id"].append("S1")
+                rows["view_position"].append(["PA", "AP", "LATERAL"][p % 3])
+                rows["age"].append(int(rng.integers(20, 90)) if p % 7 else None)
+                rows["sex"].append(["M", "F"][p % 2])
+                rows["split"].append(split)
+                rows["label"].append(label)
+                rows["score"].append(float(1 / (1 + np.exp(-rng.normal(2 * label - 1, 1)))))
+                rows["model_id"].append("simple_cnn-test")
+        predictions.write(str(folder / f"{split}.parquet"), rows)
+    (folder / "history.csv").write_text(
+        "epoch,auc,loss,val_auc,val_loss\n0,0.6,0.7,0.62,0.69\n1,0.7,0.6,0.71,0.62\n"
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def analysed(prediction_files: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("analysis")
+    analyze.run(
+        [
+            "--predictions",
+            str(prediction_files / "*.parquet"),
+            "--output_dir",
+            str(out),
+            "--history",
+            str(prediction_files / "history.csv"),
+            "--bootstrap",
+            "100",
+        ]
+    )
+    return out
+
+
+def test_metrics_document(analysed: Path) -> None:
+    document = json.loads((analysed / "metrics.json").read_text())
+    assert document["split"] == "test" and document["threshold"]["chosen_on"] == "validation"
+    headline = document["metrics"]
+    assert headline["n"] == 120 and headline["patients"] == 60
+    low, high = headline["ci95"]["auc"]
+    assert low < headline["roc_auc"] < high
+    assert {r["attribute"] for r in document["subgroups"]} == {"sex", "age_band", "view_position"}
+    assert document["leakage"] == {"checked": True, "patients_in_several_splits": 0}
+
+
+def test_every_plot_is_written_and_not_blank(analysed: Path) -> None:
+    names = {
+        "history",
+        "roc",
+        "precision_recall",
+        "confusion_matrix",
+        "reliability",
+        "score_distributions",
+        "subgroup_auc",
+    }
+    assert {p.stem for p in (analysed / "plots").glob("*.png")} == names
+    for path in (analysed / "plots").glob("*.png"):
+        image = np.asarray(Image.open(path).convert("L"), dtype=float)
+        assert min(image.shape) > 300, path
+        assert image.std() > 10, f"{path} looks blank"
+
+
+def test_report_is_self_contained(analysed: Path) -> None:
+    text = (analysed / "report.html").read_text()
+    assert text.count("data:image/png;base64,") == 7
+    assert "simple_cnn-test" in text and "Subgroups" in text
+    assert 'src="http' not in text
+
+
+def test_report_renders_in_chromium(analysed: Path, tmp_path: Path) -> None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,2400",
+            f"--screenshot={shot}",
+            (analysed / "report.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+    # Plots are coloured; an unrendered page would be black text on white only.
+    coloured = np.abs(pixels[..., 0] - pixels[..., 2]) > 40
+    assert coloured.mean() > 0.01
+
+
+def test_leakage_is_flagged(prediction_files: Path, tmp_path: Path) -> None:
+    table = predictions.read(str(prediction_files / "test.parquet")).to_pydict()
+    table["split"] = ["validation"] + table["split"][1:]  # one image of a test patient
+    predictions.write(str(tmp_path / "leaky.parquet"), table)
+    document = analyze.run(
+        [
+            "--predictions",
+            str(tmp_path / "leaky.parquet"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--bootstrap",
+            "0",
+        ]
+    )
+    assert document["leakage"]["patients_in_several_splits"] > 0
+    assert any("LEAKAGE" in w for w in document["warnings"])
+
+
+def test_bad_arguments_exit(tmp_path: Path, prediction_files: Path) -> None:
+    with pytest.raises(SystemExit):
+        analyze.run(["--predictions", str(tmp_path / "none*.parquet"), "--output_dir", "x"])
+    with pytest.raises(SystemExit):
+        analyze.run(
+            [
+                "--predictions",
+                str(prediction_files / "test.parquet"),
+                "--output_dir",
+                str(tmp_path),
+                "--threshold",
+                "median",
+            ]
+        )
