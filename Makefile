@@ -32,12 +32,26 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# The main job end to end on an embedded default: a synthetic archive, then
-# each stage that exists. Override DEMO_DIR / DEMO_PATIENTS to scale it.
+# The main job end to end on an embedded default: a synthetic archive with a
+# few broken rows -> preprocessing (Beam, all cores) -> training (simple CNN,
+# CPU) -> batch scoring of the whole archive -> analysis and report.
+# Override DEMO_DIR / DEMO_PATIENTS / DEMO_EPOCHS to scale it.
+DEMO_EPOCHS ?= 15
+
 demo: install
 	$(BIN)/xray-synth --output_dir $(DEMO_DIR)/archive --patients $(DEMO_PATIENTS) --seed 7 --broken 8 --overwrite
 	$(BIN)/xray-preprocess --metadata $(DEMO_DIR)/archive/metadata.csv --output_dir $(DEMO_DIR)/preprocessed
-	@echo "demo archive: $(DEMO_DIR)/archive; preprocessed shards, splits.csv, rejects/ and manifest.json: $(DEMO_DIR)/preprocessed"
+	$(BIN)/xray-train --data_dir $(DEMO_DIR)/preprocessed --output_dir $(DEMO_DIR)/results \
+		--epochs $(DEMO_EPOCHS) --early_stopping_patience 6
+	$(BIN)/xray-score --model $(DEMO_DIR)/results/model --metadata $(DEMO_DIR)/archive/metadata.csv \
+		--output $(DEMO_DIR)/predictions/archive
+	$(BIN)/xray-analyze --predictions '$(DEMO_DIR)/results/predictions/*.parquet' \
+		--history $(DEMO_DIR)/results/history.csv --manifest $(DEMO_DIR)/preprocessed/manifest.json \
+		--output_dir $(DEMO_DIR)/analysis
+	@echo
+	@echo "Demo finished. Archive: $(DEMO_DIR)/archive  shards: $(DEMO_DIR)/preprocessed"
+	@echo "model: $(DEMO_DIR)/results/model  archive scores: $(DEMO_DIR)/predictions"
+	@echo "report: $(DEMO_DIR)/analysis/report.html"
 
 clean:
 	rm -rf $(DEMO_DIR) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
