@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from beam_pipelines.dicom import DecodeOptions
 
 
 def usable_cores() -> int:
@@ -38,3 +41,40 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
             # Not 0: Beam turns 0 into cpu_count(), which ignores CPU limits.
             direct.direct_num_workers = usable_cores()
     return options
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags, shared by preprocessing and scoring so they always match."""
+    parser.add_argument(
+        "--resize_policy",
+        choices=("pad", "stretch"),
+        default="pad",
+        help="How images become 224x224 (default pad: keep the aspect ratio).",
+    )
+    parser.add_argument(
+        "--voi_index",
+        type=int,
+        default=0,
+        help="Which VOI window to apply; -1 ignores VOI (default 0, the first).",
+    )
+    parser.add_argument(
+        "--multiframe",
+        choices=("first", "reject"),
+        default="first",
+        help="Multi-frame images: decode frame 0 or reject (default first).",
+    )
+    parser.add_argument(
+        "--color",
+        choices=("gray_only", "luminance", "reject"),
+        default="gray_only",
+        help="Colour-encoded images (default gray_only: accept only when the channels agree).",
+    )
+
+
+def decode_options(args: argparse.Namespace) -> DecodeOptions:
+    """DecodeOptions from the flags of :func:`add_decode_arguments`."""
+    return DecodeOptions(
+        voi_index=None if args.voi_index < 0 else args.voi_index,
+        multiframe=args.multiframe,
+        color=args.color,
+    )

@@ -29,7 +29,7 @@ from apache_beam.metrics import Metrics
 
 from beam_pipelines import dicom, schema, splits, tfrecord
 from beam_pipelines.files import read_bytes, remove_matching, write_text
-from beam_pipelines.options import pipeline_options
+from beam_pipelines.options import add_decode_arguments, decode_options, pipeline_options
 from beam_pipelines.outcomes import KEPT, REJECTED, SplitOutcomes, WriteRejects
 from beam_pipelines.rows import (
     ReadMetadataFn,
@@ -308,30 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help=f"Shards per split (default 0: one per {RECORDS_PER_SHARD} records).",
     )
-    parser.add_argument(
-        "--resize_policy",
-        choices=("pad", "stretch"),
-        default="pad",
-        help="How images become 224x224 (default pad: keep aspect ratio).",
-    )
-    parser.add_argument(
-        "--voi_index",
-        type=int,
-        default=0,
-        help="Which VOI window to apply; -1 ignores VOI (default 0, the first).",
-    )
-    parser.add_argument(
-        "--multiframe",
-        choices=("first", "reject"),
-        default="first",
-        help="Multi-frame images: decode frame 0 or reject (default first).",
-    )
-    parser.add_argument(
-        "--color",
-        choices=("gray_only", "luminance", "reject"),
-        default="gray_only",
-        help="Colour-encoded images (default gray_only: accept only when the channels agree).",
-    )
+    add_decode_arguments(parser)
     return parser
 
 
@@ -359,11 +336,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         head = handle.read(1 << 16).decode("utf-8-sig", errors="replace").splitlines()[:1]
     next(iter_metadata("\n".join(head) + "\n"), None)
 
-    decode_options = dicom.DecodeOptions(
-        voi_index=None if args.voi_index < 0 else args.voi_index,
-        multiframe=args.multiframe,
-        color=args.color,
-    )
+    decoding = decode_options(args)
     out = args.output_dir.rstrip("/")
     options = pipeline_options(beam_args)
     _remove_previous_outputs(out)
@@ -397,7 +370,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             unique
             | "DecodeDicom"
             >> beam.ParDo(
-                DecodeAndStageFn(decode_options, args.resize_policy, staging, args.num_shards),
+                DecodeAndStageFn(decoding, args.resize_policy, staging, args.num_shards),
                 pvalue.AsSingleton(assignment),
                 pvalue.AsSingleton(sizes),
             )
@@ -438,7 +411,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             "num_shards": args.num_shards,
             "resize_policy": args.resize_policy,
             "decode": {
-                "voi_index": decode_options.voi_index,
+                "voi_index": decoding.voi_index,
                 "multiframe": args.multiframe,
                 "color": args.color,
             },

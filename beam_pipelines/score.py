@@ -39,7 +39,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 from beam_pipelines import dicom, schema, tfrecord
 from beam_pipelines.files import atomic_create, remove_matching, write_text
 from beam_pipelines.model_handler import InferenceError, KerasModelHandler
-from beam_pipelines.options import pipeline_options
+from beam_pipelines.options import add_decode_arguments, decode_options, pipeline_options
 from beam_pipelines.outcomes import KEPT, REJECTED, SplitOutcomes, WriteRejects
 from beam_pipelines.rows import (
     SCORING_REQUIRED_COLUMNS,
@@ -232,17 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_shards", type=int, default=0, help=f"Output files (0: one per {ROWS_PER_SHARD})."
     )
     parser.add_argument("--model_id", help="Recorded in every row (default: the model card's).")
-    parser.add_argument(
-        "--resize_policy",
-        choices=("pad", "stretch"),
-        default="pad",
-        help="Must match preprocessing (default pad).",
-    )
-    parser.add_argument("--voi_index", type=int, default=0, help="As for preprocessing.")
-    parser.add_argument("--multiframe", choices=("first", "reject"), default="first")
-    parser.add_argument(
-        "--color", choices=("gray_only", "luminance", "reject"), default="gray_only"
-    )
+    add_decode_arguments(parser)
     return parser
 
 
@@ -276,11 +266,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     rejects_path = f"{posixpath.dirname(prefix) or '.'}/rejects/{name}.jsonl"
     summary_path = f"{prefix}.summary.json"
     model_id = _model_id(args.model, args.model_id)
-    options = dicom.DecodeOptions(
-        voi_index=None if args.voi_index < 0 else args.voi_index,
-        multiframe=args.multiframe,
-        color=args.color,
-    )
+    options = decode_options(args)
     beam_options = pipeline_options(beam_args)
     on_dask = "DaskRunner" in str(beam_options.view_as(StandardOptions).runner)
     if on_dask:
