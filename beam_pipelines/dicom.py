@@ -309,8 +309,11 @@ def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Da
         DicomRejected: for unreadable, empty, non-DICOM or truncated input.
     """
     data = read_bytes(source, options.max_file_bytes)
+    native = _is_native_little_endian(data)
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        # Native pixel data stays unread (deferred): decode() views it in
+        # ``data`` directly instead of copying 10 MB twice.
+        ds = pydicom.dcmread(io.BytesIO(data), defer_size=_DEFER_BYTES if native else None)
     except InvalidDicomError as exc:
         if not _looks_like_raw_dataset(data):
             raise DicomRejected("not_dicom", "no DICM prefix and no DICOM data set") from exc
@@ -323,7 +326,25 @@ def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Da
     if _ends_early(ds, len(data)):
         raise DicomRejected("truncated", "an element's declared length runs past the end of file")
     ds.__dict__["_xray_file_size"] = len(data)
+    if native:
+        ds.__dict__["_xray_bytes"] = data
     return ds
+
+
+_DEFER_BYTES = 1 << 16
+_NATIVE_LITTLE_ENDIAN = (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)
+
+
+def _is_native_little_endian(data: bytes) -> bool:
+    """True when a Part 10 file's meta says uncompressed little endian (cheap peek)."""
+    if data[128:132] != b"DICM":
+        return False
+    try:
+        # Reads the file meta group and stops: no data set element is wanted.
+        head = pydicom.dcmread(io.BytesIO(data), specific_tags=[], stop_before_pixels=True)
+    except Exception:  # the full read will say what is wrong
+        return False
+    return head.file_meta.get("TransferSyntaxUID") in _NATIVE_LITTLE_ENDIAN
 
 
 def _ends_early(ds: Dataset, file_size: int) -> bool:
@@ -341,7 +362,7 @@ def _ends_early(ds: Dataset, file_size: int) -> bool:
         return False
     # Iterating a Dataset converts its elements; keys() keeps them raw.
     for tag in ds.keys():  # noqa: SIM118
-        element = ds.get_item(tag)
+        element = ds.get_item(tag, keep_deferred=True)
         length = getattr(element, "length", None)
         tell = getattr(element, "value_tell", None)
         if length not in (None, 0xFFFFFFFF) and tell is not None and tell + length > file_size:
@@ -525,24 +546,64 @@ def _check_geometry(ds: Dataset, header: DicomHeader, keyword: str, options: Dec
     if not syntax.is_transfer_syntax:
         raise DicomRejected("unsupported_transfer_syntax", f"unknown transfer syntax {syntax}")
     if keyword != "PixelData" or not syntax.is_encapsulated:
-        value = ds[keyword].value
-        if value is None or len(value) == 0:
+        element = ds.get_item(keyword, keep_deferred=True)
+        value = element.value
+        length = getattr(element, "length", 0) if value is None else len(value)
+        if not length or length == 0xFFFFFFFF:
             raise DicomRejected("no_pixel_data", "the pixel data element is empty")
         bits = header.bits_allocated
         frames = header.number_of_frames
         expected = (rows * cols * samples * frames * bits + 7) // 8
         # Frame 0 is all we decode; a multi-frame file short of its later
         # frames is still a mismatch, since the header lies about it.
-        if len(value) < expected:
+        if length < expected:
             raise DicomRejected(
                 "pixel_length_mismatch",
-                f"{len(value)} pixel bytes, header declares {expected}",
+                f"{length} pixel bytes, header declares {expected}",
             )
     elif ds.PixelData is None or len(ds.PixelData) == 0:
         raise DicomRejected("no_pixel_data", "the encapsulated pixel data is empty")
 
 
+def _native_view(ds: Dataset, header: DicomHeader) -> np.ndarray | None:
+    """Frame 0 of uncompressed little-endian 8/16-bit grayscale, viewed in the file's bytes.
+
+    Returns None when the file is not such a case (pydicom then decodes).
+    Unused high bits are masked (unsigned) or sign-extended (signed), as
+    pydicom does; when none are set, nothing is copied at all.
+    """
+    data = ds.__dict__.get("_xray_bytes")
+    element = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
+    bits, stored = header.bits_allocated, header.bits_stored
+    if (
+        data is None
+        or element is None
+        or getattr(element, "value", b"") is not None  # not deferred: already read
+        or header.samples_per_pixel != 1
+        or bits not in (8, 16)
+        or not 0 < stored <= bits
+    ):
+        return None
+    signed = header.pixel_representation == 1
+    dtype = np.dtype(("<i" if signed else "<u") + str(bits // 8))
+    count = header.rows * header.columns
+    if element.value_tell + count * dtype.itemsize > len(data):
+        return None
+    frame = np.frombuffer(data, dtype=dtype, count=count, offset=element.value_tell)
+    frame = frame.reshape(header.rows, header.columns)
+    if stored < bits:
+        unused = bits - stored
+        if signed:
+            frame = (frame << unused) >> unused  # sign-extend from bit `stored`
+        elif int(frame.max()) >> stored:
+            frame = frame & dtype.type(2**stored - 1)
+    return frame
+
+
 def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
+    native = _native_view(ds, header)
+    if native is not None:
+        return native
     syntax = UID(header.transfer_syntax_uid)
     try:
         decoder = pydicom.pixels.get_decoder(syntax)

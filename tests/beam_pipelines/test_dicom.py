@@ -375,3 +375,15 @@ def test_decode_options_validate() -> None:
         DecodeOptions(multiframe="all")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         DecodeOptions(voi_index=-1)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_unused_high_bits_are_ignored(signed: bool) -> None:
+    """Bits above BitsStored (overlays, garbage) must not change the image."""
+    fmt = PixelFormat(bits_stored=12, signed=signed)
+    stored = to_stored(_truth(), fmt)
+    clean = read_image(_file(stored, fmt))
+    ds = build_dataset(stored, fmt, "explicit_le", HEADER)
+    noisy = stored.view(np.uint16) | np.uint16(0xA000)  # set bits 13 and 15
+    ds.PixelData = noisy.astype("<u2").tobytes()
+    np.testing.assert_array_equal(read_image(_dataset_bytes(ds)), clean)
