@@ -310,6 +310,7 @@ def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Da
     """
     data = read_bytes(source, options.max_file_bytes)
     native = _is_native_little_endian(data)
+    ds: Dataset
     try:
         # Native pixel data stays unread (deferred): decode() views it in
         # ``data`` directly instead of copying 10 MB twice.
@@ -573,7 +574,7 @@ def _native_view(ds: Dataset, header: DicomHeader) -> np.ndarray | None:
     pydicom does; when none are set, nothing is copied at all.
     """
     data = ds.__dict__.get("_xray_bytes")
-    element = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
+    element: Any = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
     bits, stored = header.bits_allocated, header.bits_stored
     if (
         data is None
@@ -618,7 +619,8 @@ def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
     try:
         # as_rgb converts YBR to RGB; index=0 decodes only the first frame.
         with _quiet_plugins():
-            array, _ = decoder.as_array(ds, index=0, as_rgb=True)
+            # pydicom's stub types **kwargs as DecodeOptions; as_rgb is documented.
+            array, _ = decoder.as_array(ds, index=0, as_rgb=True)  # type: ignore[arg-type]
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:  # plugins raise anything from ValueError to RuntimeError

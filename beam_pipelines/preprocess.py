@@ -44,7 +44,9 @@ from beam_pipelines.rows import (
 logger = logging.getLogger(__name__)
 
 
-def make_record(row: ValidRow, options: dicom.DecodeOptions, resize_policy: str) -> dict[str, Any]:
+def make_record(
+    row: ValidRow, options: dicom.DecodeOptions, resize_policy: dicom.ResizePolicy
+) -> dict[str, Any]:
     """Decodes a row's DICOM into a schema record (224x224x1 image + metadata).
 
     Raises:
@@ -55,7 +57,7 @@ def make_record(row: ValidRow, options: dicom.DecodeOptions, resize_policy: str)
     return {
         "row": row.row,
         "image": dicom.to_model_input(decoded.image, policy=resize_policy),
-        "label": int(row.abnormal),
+        "label": int(bool(row.abnormal)),
         "patient_id": row.patient_id,
         "study_id": row.study_id,
         "dicom_path": row.dicom_path,
@@ -99,7 +101,7 @@ class DecodeAndStageFn(beam.DoFn):
     def __init__(
         self,
         options: dicom.DecodeOptions,
-        resize_policy: str,
+        resize_policy: dicom.ResizePolicy,
         staging_dir: str,
         num_shards: int,
     ) -> None:
@@ -205,7 +207,7 @@ class _WriteShardFn(beam.DoFn):
 
 
 def _patient_stats(row: ValidRow) -> tuple[str, bool]:
-    return row.patient_id, row.abnormal
+    return row.patient_id, bool(row.abnormal)
 
 
 class AssignSplits(beam.PTransform):
@@ -460,7 +462,7 @@ def _build_manifest(
         name: {label: kept.get(f"{name}/{label}", 0) for label in ("normal", "abnormal")}
         for name in splits.SPLITS
     }
-    manifest = {
+    manifest: dict[str, Any] = {
         "schema_version": schema.SCHEMA_VERSION,
         "image": {
             "shape": list(schema.IMAGE_SHAPE),

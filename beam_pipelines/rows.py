@@ -47,7 +47,9 @@ class ValidRow:
     extra: dict[str, str]
 
 
-def reject(row: int, dicom_path: str, stage: str, reason: str, detail: str) -> dict[str, Any]:
+def reject(
+    row: int | None, dicom_path: str, stage: str, reason: str, detail: str
+) -> dict[str, Any]:
     """Builds one reject record (the rejects/*.jsonl contract)."""
     return {
         "row": row,

@@ -68,7 +68,7 @@ def _meta(**values: Any) -> dict[str, Any]:
 class DecodeForScoringFn(beam.DoFn):
     """DICOM (from a metadata row or a bare path) -> (meta, model input) or a reject."""
 
-    def __init__(self, options: dicom.DecodeOptions, resize_policy: str) -> None:
+    def __init__(self, options: dicom.DecodeOptions, resize_policy: dicom.ResizePolicy) -> None:
         self._options = options
         self._resize_policy = resize_policy
 
@@ -370,7 +370,7 @@ def _write_summary(
     files: list[str],
     rejects_file: str,
 ) -> str:
-    summary = {
+    summary: dict[str, Any] = {
         "inputs": inputs,
         "scored": scored,
         "rejected": sum(by_reason.values()),
