@@ -110,8 +110,9 @@ def test_tiny_run_reports_every_stage(
     stages = [again["dicom_corpus"], again["datasets"]["nih"]["import"]]
     stages += list(again["datasets"]["nih"]["models"]["simple_cnn"].values())
     assert all(stage["cached"] for stage in stages)
-    assert again["datasets"]["nih"]["models"]["simple_cnn"]["analysis"]["roc_auc"] == (
-        analysis["roc_auc"]
+    assert (
+        again["datasets"]["nih"]["models"]["simple_cnn"]["analysis"]["roc_auc"]
+        == (analysis["roc_auc"])
     )
 
 
