@@ -14,6 +14,7 @@ weights, resumes a killed run from its backup, and writes to ``RESULTS/``:
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -53,19 +54,58 @@ def class_weights(manifest: dict[str, Any]) -> dict[int, float] | None:
     return {0: total / (2.0 * normal), 1: total / (2.0 * abnormal)}
 
 
-def _callbacks(config: TrainConfig, steps_per_epoch: int) -> list[Any]:
+def _history(out: str) -> list[dict[str, str]]:
+    """The epochs history.csv holds (those of a killed run too, when resuming)."""
+    path = os.path.join(out, "history.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _best(rows: list[dict[str, str]], key: str = "val_auc") -> float | None:
+    values = [float(r[key]) for r in rows if r.get(key) not in (None, "", "nan")]
+    return max(values) if values else None
+
+
+def _best_weights_class() -> type:
+    import keras
+
+    class BestWeights(keras.callbacks.Callback):
+        """Saves the weights of the best validation-AUC epoch, atomically.
+
+        Keras' ModelCheckpoint writes in place, so a job killed mid-write
+        leaves a corrupt file; and after ``BackupAndRestore`` it forgets the
+        best score so far. This callback writes to a temporary name and
+        renames, and starts from the best score of the epochs already run.
+        """
+
+        def __init__(self, path: str, best: float | None = None) -> None:
+            super().__init__()
+            self.path = path
+            self.best = -math.inf if best is None else best
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            score = (logs or {}).get("val_auc")
+            if score is None or not score > self.best:
+                return
+            self.best = float(score)
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            temporary = f"{self.path}.tmp.weights.h5"
+            self.model.save_weights(temporary)
+            os.replace(temporary, self.path)
+
+    return BestWeights
+
+
+def _callbacks(config: TrainConfig, steps_per_epoch: int, earlier_best: float | None) -> list[Any]:
     import keras
 
     out = config.output_dir
+    BestWeights = _best_weights_class()
     callbacks: list[Any] = [
         keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(out, "checkpoints", "best.weights.h5"),
-            monitor="val_auc",
-            mode="max",
-            save_best_only=True,
-            save_weights_only=True,
-        ),
+        BestWeights(os.path.join(out, "checkpoints", "best.weights.h5"), earlier_best),
         keras.callbacks.EarlyStopping(
             monitor="val_auc", mode="max", patience=config.early_stopping_patience
         ),
@@ -196,7 +236,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             ],
             jit_compile=config.xla,
         )
-    history = model.fit(
+    model.fit(
         data.training_dataset(config, train_files),
         validation_data=data.evaluation_dataset(
             config, validation_files, pad=strategy.num_replicas_in_sync > 1
@@ -204,7 +244,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
         class_weight=weights,
-        callbacks=_callbacks(config, steps_per_epoch),
+        callbacks=_callbacks(config, steps_per_epoch, _best(_history(out)) if resuming else None),
         verbose=config.verbose,
     )
     best = os.path.join(out, "checkpoints", "best.weights.h5")
@@ -235,8 +275,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             "schema_version": manifest.get("schema_version"),
             "counts": manifest.get("counts"),
         },
-        "epochs_run": len(history.history.get("loss", [])),
-        "best_val_auc": max(history.history.get("val_auc", [float("nan")])),
+        # From history.csv: it spans a killed run and its resumption.
+        "epochs_run": len(_history(out)),
+        "best_val_auc": _best(_history(out)),
         "auc": metrics,
         "replicas": strategy.num_replicas_in_sync,
         "versions": {

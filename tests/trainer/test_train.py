@@ -145,7 +145,10 @@ def test_killed_run_resumes_from_backup(preprocessed: Path, tmp_path: Path) -> N
     with (tmp_path / "history.csv").open() as handle:
         epochs = [int(r["epoch"]) for r in csv.DictReader(handle)]
     assert epochs == [0, 1, 2, 3]  # resumed, no epoch repeated or lost
-    assert json.loads((tmp_path / "model_card.json").read_text())["epochs_run"] < 4
+    card = json.loads((tmp_path / "model_card.json").read_text())
+    with (tmp_path / "history.csv").open() as handle:
+        best = max(float(r["val_auc"]) for r in csv.DictReader(handle))
+    assert card["epochs_run"] == 4 and card["best_val_auc"] == pytest.approx(best)
 
 
 def test_evaluation_padding_does_not_change_metrics(preprocessed: Path) -> None:
