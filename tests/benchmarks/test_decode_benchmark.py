@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -12,25 +10,16 @@ from types import ModuleType
 import pytest
 
 from archive_tools.dicom_writer import ENCODINGS
+from tests.benchmarks.conftest import loaded_script
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_benchmark.py"
 _NAME = "decode_benchmark"
 _TINY = ["--rows", "64", "--cols", "48", "--repeats", "1"]
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    # benchmarks/ is a script folder, not an installed package: load it by path.
-    # dataclasses look their module up in sys.modules while the class is built.
-    spec = importlib.util.spec_from_file_location(_NAME, _SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_NAME] = module
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script(_NAME) as module:
         yield module
-    finally:
-        sys.modules.pop(_NAME, None)
 
 
 def test_run_reports_every_encoding(bench: ModuleType, tmp_path: Path) -> None:

@@ -7,17 +7,16 @@ start-up out of the time; a second run must come entirely from the cache.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.benchmarks.conftest import loaded_script
+
 _ROOT = Path(__file__).resolve().parents[2]
-_SCRIPT = _ROOT / "benchmarks" / "real_cxr.py"
 _NAME = "real_cxr"
 _DATA = _ROOT.parent / "shared" / "data"
 _TINY = [
@@ -38,16 +37,8 @@ requires_data = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    # benchmarks/ is a script folder, not an installed package: load it by path.
-    spec = importlib.util.spec_from_file_location(_NAME, _SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_NAME] = module
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script(_NAME) as module:
         yield module
-    finally:
-        sys.modules.pop(_NAME, None)
 
 
 @pytest.mark.slow

@@ -7,32 +7,23 @@ model's training and one pipeline run.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "score_throughput.py"
+from tests.benchmarks.conftest import loaded_script
+
 _NAME = "score_throughput"
 _TINY = ["--images", "4", "--size", "64", "--encodings", "explicit_le", "--skip_overhead"]
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    # benchmarks/ is a script folder, not an installed package: load it by path.
-    spec = importlib.util.spec_from_file_location(_NAME, _SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[_NAME] = module
-    try:
-        spec.loader.exec_module(module)
+    with loaded_script(_NAME) as module:
         yield module
-    finally:
-        sys.modules.pop(_NAME, None)
 
 
 @pytest.mark.slow
