@@ -111,8 +111,8 @@ def _size_range(text: str) -> tuple[int, int]:
     return bounds
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def add_archive_arguments(parser: argparse.ArgumentParser, workdir_help: str) -> None:
+    """Flags shared with the scoring benchmark: archive, encodings, sampling."""
     parser.add_argument("--images", type=int, default=60, help="images per encoding archive")
     parser.add_argument(
         "--size",
@@ -126,10 +126,34 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(DEFAULT_ENCODINGS),
         help=f"comma-separated names from {', '.join(ENCODINGS)}",
     )
+    parser.add_argument("--workdir", default=None, help=workdir_help)
     parser.add_argument(
-        "--workdir",
-        default=None,
-        help="cache of archives and outputs (default: <tmp>/preprocess_throughput)",
+        "--skip_overhead",
+        action="store_true",
+        help=f"skip the {OVERHEAD_IMAGES}-image runs (no marginal rate)",
+    )
+    parser.add_argument(
+        "--sample_interval", type=float, default=0.2, help="RSS sampling period in seconds"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="phantom random seed")
+
+
+def check_archive_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validates the shared flags (and splits --encodings into a list)."""
+    args.encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
+    unknown = [e for e in args.encodings if e not in ENCODINGS]
+    if unknown or not args.encodings:
+        parser.error(f"unknown encodings {unknown}; known: {', '.join(ENCODINGS)}")
+    if args.images <= OVERHEAD_IMAGES:
+        parser.error(f"--images must be more than {OVERHEAD_IMAGES}")
+    if args.sample_interval <= 0:
+        parser.error("--sample_interval must be positive")
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    add_archive_arguments(
+        parser, "cache of archives and outputs (default: <tmp>/preprocess_throughput)"
     )
     parser.add_argument(
         "--memory_images", type=int, default=200, help="base archive size of the memory check"
@@ -145,24 +169,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="image side range of the memory check (default 256-512)",
     )
     parser.add_argument("--skip_memory", action="store_true", help="skip the memory check")
-    parser.add_argument(
-        "--skip_overhead",
-        action="store_true",
-        help=f"skip the {OVERHEAD_IMAGES}-image runs (no marginal rate)",
-    )
-    parser.add_argument(
-        "--sample_interval", type=float, default=0.2, help="RSS sampling period in seconds"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="phantom random seed")
     args = parser.parse_args(argv)
-    args.encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
-    unknown = [e for e in args.encodings if e not in ENCODINGS]
-    if unknown or not args.encodings:
-        parser.error(f"unknown encodings {unknown}; known: {', '.join(ENCODINGS)}")
-    if args.images <= OVERHEAD_IMAGES:
-        parser.error(f"--images must be more than {OVERHEAD_IMAGES}")
-    if args.memory_images < 1 or args.memory_scale < 1 or args.sample_interval <= 0:
-        parser.error("--memory_images, --memory_scale and --sample_interval must be positive")
+    check_archive_arguments(parser, args)
+    if args.memory_images < 1 or args.memory_scale < 1:
+        parser.error("--memory_images and --memory_scale must be positive")
     return args
 
 

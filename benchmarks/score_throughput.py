@@ -101,23 +101,8 @@ _MODEL_MARKER = "benchmark_model.json"
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--images", type=int, default=60, help="images per encoding archive")
-    parser.add_argument(
-        "--size",
-        type=_throughput._size_range,
-        default=(2000, 2500),
-        metavar="MIN-MAX",
-        help="image side range in pixels (default 2000-2500)",
-    )
-    parser.add_argument(
-        "--encodings",
-        default=",".join(DEFAULT_ENCODINGS),
-        help=f"comma-separated names from {', '.join(ENCODINGS)}",
-    )
-    parser.add_argument(
-        "--workdir",
-        default=None,
-        help="cache of archives, model and outputs (default: <tmp>/score_throughput)",
+    _throughput.add_archive_arguments(
+        parser, "cache of archives, model and outputs (default: <tmp>/score_throughput)"
     )
     parser.add_argument(
         "--model",
@@ -126,24 +111,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="inference batch")
     parser.add_argument("--repeats", type=int, default=1, help="rounds per encoding")
-    parser.add_argument(
-        "--skip_overhead",
-        action="store_true",
-        help=f"skip the {OVERHEAD_IMAGES}-image runs (no marginal rate)",
-    )
-    parser.add_argument(
-        "--sample_interval", type=float, default=0.2, help="RSS sampling period in seconds"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="phantom random seed")
     args = parser.parse_args(argv)
-    args.encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
-    unknown = [e for e in args.encodings if e not in ENCODINGS]
-    if unknown or not args.encodings:
-        parser.error(f"unknown encodings {unknown}; known: {', '.join(ENCODINGS)}")
-    if args.images <= OVERHEAD_IMAGES:
-        parser.error(f"--images must be more than {OVERHEAD_IMAGES}")
-    if args.batch_size < 1 or args.repeats < 1 or args.sample_interval <= 0:
-        parser.error("--batch_size, --repeats and --sample_interval must be positive")
+    _throughput.check_archive_arguments(parser, args)
+    if args.batch_size < 1 or args.repeats < 1:
+        parser.error("--batch_size and --repeats must be positive")
     if args.model and not Path(args.model, "model.keras").is_file():
         parser.error(f"--model {args.model} has no model.keras")
     return args
