@@ -8,6 +8,7 @@ tagged outputs into one collection, and the jobs must run there unchanged.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import apache_beam as beam
@@ -53,3 +54,31 @@ class WriteRejects(beam.PTransform):
             return write_text(path, "".join(lines))
 
         return rejects | "AllRejects" >> beam.combiners.ToList() | "WriteJsonl" >> beam.Map(write)
+
+
+class Progress:
+    """Logs a worker's progress now and then (every ``every`` seconds), never per element.
+
+    Beam counters are only reported at the end by the local runners; this
+    keeps long stages visibly alive in the worker logs.
+    """
+
+    def __init__(self, what: str, every: float = 30.0) -> None:
+        self._what, self._every = what, every
+        self._count = 0
+        self._start = self._last = 0.0
+
+    def tick(self) -> None:
+        """Counts one element; logs when ``every`` seconds have passed since the last line."""
+        import time
+
+        now = time.monotonic()
+        if not self._count:
+            self._start = self._last = now
+        self._count += 1
+        if now - self._last >= self._every:
+            self._last = now
+            rate = self._count / max(now - self._start, 1e-9)
+            logging.getLogger(__name__).info(
+                "%s: %d so far in this worker (%.1f/s)", self._what, self._count, rate
+            )

@@ -30,7 +30,7 @@ from apache_beam.metrics import Metrics
 from beam_pipelines import dicom, schema, splits, tfrecord
 from beam_pipelines.files import read_bytes, remove_matching, write_text
 from beam_pipelines.options import add_decode_arguments, decode_options, pipeline_options
-from beam_pipelines.outcomes import KEPT, REJECTED, SplitOutcomes, WriteRejects
+from beam_pipelines.outcomes import KEPT, REJECTED, Progress, SplitOutcomes, WriteRejects
 from beam_pipelines.rows import (
     ReadMetadataFn,
     RejectDuplicatePaths,
@@ -110,9 +110,13 @@ class DecodeAndStageFn(beam.DoFn):
         self._staging_dir = staging_dir
         self._num_shards = num_shards
 
+    def setup(self) -> None:
+        self._progress = Progress("decoded and staged images")
+
     def process(
         self, row: ValidRow, assignment: dict[str, str], sizes: dict[str, int]
     ) -> Iterator[Any]:
+        self._progress.tick()
         try:
             record = make_record(row, self._options, self._resize_policy)
         except dicom.DicomRejected as rejected:

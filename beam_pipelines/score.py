@@ -40,7 +40,7 @@ from beam_pipelines import dicom, schema, tfrecord
 from beam_pipelines.files import atomic_create, remove_matching, write_text
 from beam_pipelines.model_handler import InferenceError, KerasModelHandler
 from beam_pipelines.options import add_decode_arguments, decode_options, pipeline_options
-from beam_pipelines.outcomes import KEPT, REJECTED, SplitOutcomes, WriteRejects
+from beam_pipelines.outcomes import KEPT, REJECTED, Progress, SplitOutcomes, WriteRejects
 from beam_pipelines.rows import (
     SCORING_REQUIRED_COLUMNS,
     ReadMetadataFn,
@@ -72,7 +72,11 @@ class DecodeForScoringFn(beam.DoFn):
         self._options = options
         self._resize_policy = resize_policy
 
+    def setup(self) -> None:
+        self._progress = Progress("decoded images")
+
     def process(self, element: ValidRow | str) -> Iterator[Any]:
+        self._progress.tick()
         row = element if isinstance(element, ValidRow) else None
         path = row.resolved_path if row else str(element)
         shown = row.dicom_path if row else path

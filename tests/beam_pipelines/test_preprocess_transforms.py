@@ -113,3 +113,21 @@ def test_decode_makes_records_and_rejects(tmp_path: Path) -> None:
     assert (record["age"], record["sex"]) == (71, "F")
     assert (record["original_rows"], record["original_columns"]) == (40, 30)
     assert record["image"].shape == (224, 224, 1)
+
+
+def test_progress_logs_now_and_then(caplog) -> None:
+    import logging
+
+    from beam_pipelines.outcomes import Progress
+
+    progress = Progress("things", every=0.0)
+    with caplog.at_level(logging.INFO, logger="beam_pipelines.outcomes"):
+        for _ in range(3):
+            progress.tick()
+    assert "things: 3 so far" in caplog.text
+    quiet = Progress("things", every=3600)
+    with caplog.at_level(logging.INFO, logger="beam_pipelines.outcomes"):
+        caplog.clear()
+        for _ in range(100):
+            quiet.tick()
+    assert not caplog.text
