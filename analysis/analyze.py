@@ -101,13 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load(patterns: list[str]) -> tuple[pd.DataFrame, list[str]]:
-    """Reads prediction files (only the columns analysis needs) into a DataFrame."""
+    """Reads prediction files (the needed contract columns plus any extra ones)."""
     files = sorted(
         {f for p in patterns for f in (glob.glob(p) if any(c in p for c in "*?[") else [p])}
     )
     if not files:
         raise FileNotFoundError(f"no prediction files match {patterns}")
-    table = predictions.read(files, columns=_COLUMNS)
+    table = predictions.read(files, columns=_COLUMNS, extra=predictions.extra_columns(files))
     return table.to_pandas(), files
 
 
@@ -166,7 +166,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
     headline = m.summarize(evaluated, threshold, args.bootstrap, args.seed)
     # Subgroup intervals use fewer resamples: there are many subgroups.
-    groups = m.subgroups(evaluated, threshold, min(args.bootstrap, 200), args.seed)
+    extras = [c for c in evaluated.columns if c not in _COLUMNS and c not in ("row",)]
+    groups = m.subgroups(evaluated, threshold, min(args.bootstrap, 200), args.seed, extras)
     document: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "split": args.split,

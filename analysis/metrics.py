@@ -205,7 +205,7 @@ def aggregate(frame: pd.DataFrame, level: str, how: str = "max") -> pd.DataFrame
     keys = {"study": ["patient_id", "study_id"], "patient": ["patient_id"]}[level]
     work = frame.copy()
     work["study_id"] = work["study_id"].fillna("")
-    first = ["sex", "age", "view_position", "split"]
+    first = [c for c in work.columns if c not in (*keys, "score", "label", "dicom_path")]
     grouped = work.groupby(keys, dropna=False, sort=True)
     out = grouped.agg(
         score=("score", how),
@@ -226,17 +226,31 @@ def age_band(age: Any) -> str:
     return "unknown"
 
 
+MAX_SUBGROUP_VALUES = 20
+
+
 def subgroups(
-    frame: pd.DataFrame, threshold: float, replicates: int, seed: int
+    frame: pd.DataFrame,
+    threshold: float,
+    replicates: int,
+    seed: int,
+    extra: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per subgroup (sex, age band, view): n, prevalence, AUC with CI, sens/spec."""
+    """Per subgroup: n, prevalence, AUC with CI, sensitivity and specificity.
+
+    Attributes: sex, age band, view position, and any extra column with at
+    most MAX_SUBGROUP_VALUES distinct values (site, scanner, …; columns
+    with more, like free text or ids, are skipped).
+    """
+    extra = [c for c in (extra or []) if c in frame and frame[c].nunique() <= MAX_SUBGROUP_VALUES]
     work = frame.assign(
         age_band=frame["age"].map(age_band),
         sex=frame["sex"].fillna("unknown"),
         view_position=frame["view_position"].fillna("unknown"),
+        **{c: frame[c].fillna("unknown") for c in extra},
     )
     rows = []
-    for column in ("sex", "age_band", "view_position"):
+    for column in ("sex", "age_band", "view_position", *extra):
         for value, part in work.groupby(column, sort=True):
             labels = part["label"].to_numpy().astype(int)
             scores = part["score"].to_numpy().astype(float)

@@ -58,9 +58,32 @@ def write(path: str, columns: Mapping[str, Sequence[Any]]) -> None:
     pq.write_table(to_table(columns), path)
 
 
-def read(paths: str | Sequence[str], columns: Sequence[str] | None = None) -> pa.Table:
-    """Reads prediction files (a path, a glob's results or a list) as one table."""
+def read(
+    paths: str | Sequence[str], columns: Sequence[str] | None = None, extra: Sequence[str] = ()
+) -> pa.Table:
+    """Reads prediction files (a path, a glob's results or a list) as one table.
+
+    Args:
+        paths: the files.
+        columns: contract columns to read (default all).
+        extra: further columns some files carry beyond the contract (e.g. a
+            site or scanner column added by a user); read as strings.
+    """
     import pyarrow.dataset as ds
 
-    dataset = ds.dataset(paths, format="parquet", schema=SCHEMA)
-    return dataset.to_table(columns=list(columns) if columns else None)
+    schema = pa.schema([*SCHEMA, *(pa.field(name, pa.string()) for name in extra)])
+    dataset = ds.dataset(paths, format="parquet", schema=schema)
+    wanted = [*(columns or COLUMNS), *extra] if (columns or extra) else None
+    return dataset.to_table(columns=wanted)
+
+
+def extra_columns(paths: Sequence[str]) -> list[str]:
+    """Columns the files carry beyond the contract, from their footers only."""
+    import pyarrow.parquet as pq
+
+    names: list[str] = []
+    for path in paths:
+        for name in pq.read_schema(path).names:
+            if name not in COLUMNS and name not in names and not name.startswith("__"):
+                names.append(name)
+    return names

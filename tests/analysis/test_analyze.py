@@ -170,3 +170,26 @@ def test_bad_arguments_exit(tmp_path: Path, prediction_files: Path) -> None:
                 "median",
             ]
         )
+
+
+def test_extra_columns_become_subgroups(prediction_files: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = predictions.read(str(prediction_files / "test.parquet"))
+    sites = pa.array([["north", "south"][i % 2] for i in range(table.num_rows)])
+    pq.write_table(table.append_column("site", sites), tmp_path / "test.parquet")
+    document = analyze.run(
+        [
+            "--predictions",
+            str(tmp_path / "test.parquet"),
+            str(prediction_files / "validation.parquet"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--bootstrap",
+            "0",
+        ]
+    )
+    site_rows = [r for r in document["subgroups"] if r["attribute"] == "site"]
+    assert {r["value"] for r in site_rows} == {"north", "south"}
+    assert sum(r["n"] for r in site_rows) == document["metrics"]["n"]
