@@ -63,6 +63,59 @@ def _history(out: str) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def _readable_backup(weights: str, metadata: str) -> int | None:
+    """The epoch a weights + metadata pair resumes at, or None if either is unreadable."""
+    import h5py
+
+    try:
+        with h5py.File(weights, "r"):
+            pass
+        with open(metadata) as handle:
+            return int(json.load(handle)["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _usable_backup(backup_dir: str) -> int | None:
+    """Makes the backup folder loadable and returns its epoch, or clears it.
+
+    A job killed while Keras wrote its backup leaves a truncated file that
+    would crash the restart. The previous pair (``*.bkp``, kept by
+    ``double_checkpoint``) is used instead; with neither readable the run
+    starts over rather than failing.
+    """
+    weights = os.path.join(backup_dir, "latest.weights.h5")
+    metadata = os.path.join(backup_dir, "training_metadata.json")
+    if not os.path.isdir(backup_dir):
+        return None
+    epoch = _readable_backup(weights, metadata)
+    if epoch is None:
+        epoch = _readable_backup(f"{weights}.bkp", f"{metadata}.bkp")
+        if epoch is not None:
+            shutil.copyfile(f"{weights}.bkp", weights)
+            shutil.copyfile(f"{metadata}.bkp", metadata)
+    if epoch is None:
+        logger.warning(
+            "Backup in %s is unreadable (killed while writing?): starting over", backup_dir
+        )
+        shutil.rmtree(backup_dir, ignore_errors=True)
+    return epoch
+
+
+def _trim_history(out: str, epochs: int) -> None:
+    """Keeps history.csv rows of the epochs a resumed run does not repeat."""
+    rows = [r for r in _history(out) if int(r["epoch"]) < epochs]
+    path = os.path.join(out, "history.csv")
+    if not rows:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _best(rows: list[dict[str, str]], key: str = "val_auc") -> float | None:
     values = [float(r[key]) for r in rows if r.get(key) not in (None, "", "nan")]
     return max(values) if values else None
@@ -103,13 +156,15 @@ def _callbacks(config: TrainConfig, steps_per_epoch: int, earlier_best: float | 
 
     out = config.output_dir
     BestWeights = _best_weights_class()
+    # Order matters at each epoch's end: the history row and the best weights
+    # are written before the backup records the epoch as done, so a kill in
+    # between repeats that epoch instead of losing its row.
     callbacks: list[Any] = [
-        keras.callbacks.BackupAndRestore(os.path.join(out, "backup")),
+        keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
         BestWeights(os.path.join(out, "checkpoints", "best.weights.h5"), earlier_best),
         keras.callbacks.EarlyStopping(
             monitor="val_auc", mode="max", patience=config.early_stopping_patience
         ),
-        keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
         keras.callbacks.TensorBoard(os.path.join(out, "logs")),
     ]
     if config.lr_schedule == "plateau":
@@ -121,6 +176,11 @@ def _callbacks(config: TrainConfig, steps_per_epoch: int, earlier_best: float | 
                 patience=max(1, config.early_stopping_patience // 2),
             )
         )
+    # double_checkpoint keeps the previous backup: a kill while the new one
+    # is written leaves one that loads (see _usable_backup).
+    callbacks.append(
+        keras.callbacks.BackupAndRestore(os.path.join(out, "backup"), double_checkpoint=True)
+    )
     return callbacks
 
 
@@ -191,9 +251,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     out = config.output_dir
     os.makedirs(out, exist_ok=True)
     manifest, manifest_bytes = _read_manifest(config.data_dir)
-    resuming = os.path.isdir(os.path.join(out, "backup"))
-    if not resuming and os.path.exists(os.path.join(out, "history.csv")):
-        os.remove(os.path.join(out, "history.csv"))  # a fresh run starts a fresh history
+    resume_epoch = _usable_backup(os.path.join(out, "backup"))
+    resuming = resume_epoch is not None
+    _trim_history(out, resume_epoch or 0)  # a fresh run starts a fresh history
     with open(os.path.join(out, "config.json"), "w") as handle:
         handle.write(config.to_json())
 
