@@ -14,7 +14,6 @@ would first try to download the Prism runner binary).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import platform
@@ -27,7 +26,7 @@ from apache_beam import pvalue
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_pipelines import dicom, schema, splits, tfrecord
+from beam_pipelines import dicom, schema, sharding, splits, tfrecord
 from beam_pipelines.files import read_bytes, remove_matching, write_text
 from beam_pipelines.options import add_decode_arguments, decode_options, pipeline_options
 from beam_pipelines.outcomes import KEPT, REJECTED, Progress, SplitOutcomes, WriteRejects
@@ -79,15 +78,7 @@ RECORDS_PER_SHARD = 1000
 
 def shard_count(records: int, num_shards: int) -> int:
     """Shards for a split: the fixed number asked for, else one per RECORDS_PER_SHARD."""
-    if num_shards > 0:
-        return num_shards
-    return max(1, -(-records // RECORDS_PER_SHARD))
-
-
-def shard_of(dicom_path: str, shards: int) -> int:
-    """A record's shard: a stable hash of its path, so reruns put it in the same file."""
-    digest = hashlib.sha256(dicom_path.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % shards
+    return sharding.shard_count(records, num_shards, RECORDS_PER_SHARD)
 
 
 class DecodeAndStageFn(beam.DoFn):
@@ -132,7 +123,7 @@ class DecodeAndStageFn(beam.DoFn):
         Metrics.counter(self.__class__, f"intensity_{record.pop('_intensity')}").inc()
         split = assignment[row.patient_id]
         shards = shard_count(sizes[split], self._num_shards)
-        shard = shard_of(row.dicom_path, shards)
+        shard = sharding.shard_of(row.dicom_path, shards)
         staged = f"{self._staging_dir}/{split}/{shard:05d}/{row.row:010d}.pb"
         with FileSystems.create(staged) as handle:
             handle.write(schema.serialize(record))

@@ -21,7 +21,6 @@ one model per worker process). Outputs:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import posixpath
@@ -50,6 +49,7 @@ from beam_pipelines.rows import (
     archive_root_for,
     reject,
 )
+from beam_pipelines.sharding import shard_count, shard_of
 
 logger = logging.getLogger(__name__)
 
@@ -168,12 +168,6 @@ class _ToPredictionFn(beam.DoFn):
         yield KEPT, {**prediction, "score": float(score), "model_id": self._model_id}
 
 
-def shard_of(dicom_path: str, shards: int) -> int:
-    """A prediction's shard: a stable hash of its path."""
-    digest = hashlib.sha256(dicom_path.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % shards
-
-
 class WritePredictions(beam.PTransform):
     """Writes ``PREFIX-SSSSS-of-NNNNN.parquet``: hashed shards, sorted rows, atomic files."""
 
@@ -186,7 +180,7 @@ class WritePredictions(beam.PTransform):
         total = predictions | "CountPredictions" >> beam.combiners.Count.Globally()
 
         def shards(count: int) -> int:
-            return fixed if fixed > 0 else max(1, -(-count // ROWS_PER_SHARD))
+            return shard_count(count, fixed, ROWS_PER_SHARD)
 
         keyed = predictions | "KeyByShard" >> beam.Map(
             lambda p, n: ((shard_of(p["dicom_path"], shards(n)), shards(n)), p),

@@ -327,6 +327,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         predictions.write(os.path.join(out, "predictions", f"{split}.parquet"), columns)
         metrics[split] = _auc(columns["label"], columns["score"])
+    epochs = _history(out)
     card = {
         "model_id": model_id,
         "model": config.model,
@@ -336,8 +337,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             "counts": manifest.get("counts"),
         },
         # From history.csv: it spans a killed run and its resumption.
-        "epochs_run": len(_history(out)),
-        "best_val_auc": _best(_history(out)),
+        "epochs_run": len(epochs),
+        "best_val_auc": _best(epochs),
         "auc": metrics,
         "replicas": strategy.num_replicas_in_sync,
         "versions": {
