@@ -49,9 +49,12 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import pydicom
+import pydicom.encaps
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
+
+from beam_pipelines import reduced_decode
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,10 @@ REJECT_REASONS: frozenset[str] = frozenset(
 )
 
 Source = str | bytes | bytearray | memoryview | BinaryIO
+
+#: Side of the square model input, in pixels.
+MODEL_INPUT_SIZE = 224
+ResizePolicy = Literal["pad", "stretch"]
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
 COLOR = (
@@ -156,6 +163,10 @@ class DecodeOptions:
             image; ``"reject"`` rejects every colour encoding.
         max_pixels: largest Rows x Columns x Samples accepted (``too_large``).
         max_file_bytes: largest file read into memory (``too_large``).
+        reduced_resolution: let :func:`decode_model_input` decode JPEG 2000
+            and 8-bit JPEG at a reduced resolution that is still at least the
+            model input's size (see :mod:`beam_pipelines.reduced_decode`);
+            False always decodes every pixel.
     """
 
     voi_index: int | None = 0
@@ -163,6 +174,7 @@ class DecodeOptions:
     color: Literal["gray_only", "luminance", "reject"] = "gray_only"
     max_pixels: int = 64_000_000
     max_file_bytes: int = 2 * 1024**3
+    reduced_resolution: bool = True
 
     def __post_init__(self) -> None:
         if self.multiframe not in ("first", "reject"):
@@ -214,13 +226,18 @@ class DecodedImage:
     """A decoded image and the header it came with.
 
     Attributes:
-        image: 2-D float32 in [0, 1], original resolution, display sense.
+        image: 2-D float32 in [0, 1], display sense; original resolution
+            unless ``reduction`` > 1.
         header: the recorded header fields.
         inverted: True when MONOCHROME1 was inverted.
         voi: which intensity mapping was used: ``"window"``, ``"voi_lut"``,
             ``"bit_range"``, ``"window_ignored"`` (bit range, the window
             missed the image) or ``"min_max"`` (float pixel data only).
         color_converted: True when a colour encoding was reduced to gray.
+        path: how the pixels were decoded: ``"full"``, ``"j2k_reduced"`` (a
+            JPEG 2000 resolution level) or ``"jpeg_scaled"`` (JPEG DCT scaling).
+        reduction: each side of ``image`` is the original's divided by this
+            (rounded up); 1 on the full path.
     """
 
     image: np.ndarray
@@ -228,6 +245,12 @@ class DecodedImage:
     inverted: bool
     voi: str
     color_converted: bool
+    path: str = "full"
+    reduction: int = 1
+
+
+#: Every value of :attr:`DecodedImage.path`.
+DECODE_PATHS: tuple[str, ...] = ("full", "j2k_reduced", "jpeg_scaled")
 
 
 # --------------------------------------------------------------------------
@@ -486,11 +509,49 @@ def decode(source: Source | Dataset, options: DecodeOptions = DEFAULT_OPTIONS) -
         options: the decode policy.
 
     Returns:
-        The [0, 1] float32 image with its header.
+        The [0, 1] float32 image at the original resolution, with its header.
 
     Raises:
         DicomRejected: for every per-file problem.
     """
+    return _decode(source, options, min_shape=None)
+
+
+def decode_model_input(
+    source: Source | Dataset,
+    options: DecodeOptions = DEFAULT_OPTIONS,
+    size: int = MODEL_INPUT_SIZE,
+    policy: ResizePolicy = "pad",
+) -> tuple[np.ndarray, DecodedImage]:
+    """Decodes a DICOM straight to the model input: what preprocessing and scoring call.
+
+    With ``options.reduced_resolution`` (the default), JPEG 2000 and 8-bit
+    JPEG images are decoded at the coarsest resolution the codec offers that
+    is still at least the size :func:`to_model_input` shrinks them to (never
+    below), then go through exactly the same intensity pipeline and resize
+    as a full decode. Everything else, and any stream the reduced decoder
+    refuses, takes the full path; ``DecodedImage.path`` says which was used.
+
+    Returns:
+        The ``(size, size, 1)`` float32 model input and the decoded image.
+
+    Raises:
+        DicomRejected: for every per-file problem.
+    """
+    decoded = _decode(
+        source,
+        options,
+        min_shape=lambda header: content_shape(header.rows, header.columns, size, policy),
+    )
+    full_shape = (decoded.header.rows, decoded.header.columns)
+    return to_model_input(decoded.image, size, policy, shape=full_shape), decoded
+
+
+def _decode(
+    source: Source | Dataset,
+    options: DecodeOptions,
+    min_shape: Callable[[DicomHeader], tuple[int, int]] | None,
+) -> DecodedImage:
     ds = source if isinstance(source, Dataset) else read_dataset(source, options)
     try:
         header = read_header(ds)
@@ -498,12 +559,18 @@ def decode(source: Source | Dataset, options: DecodeOptions = DEFAULT_OPTIONS) -
         raise DicomRejected("not_dicom", f"header fields unreadable: {_safe(exc)}") from exc
     pixel_keyword = _pixel_keyword(ds)
     _check_geometry(ds, header, pixel_keyword, options)
-    stored = _decode_first_frame(ds, header)
+    reduced = None
+    if min_shape is not None and options.reduced_resolution:
+        reduced = _decode_reduced(ds, header, pixel_keyword, min_shape(header))
+    if reduced is None:
+        stored, path, reduction = _decode_first_frame(ds, header), "full", 1
+    else:
+        stored, path, reduction = reduced
     photometric = header.photometric_interpretation
     if header.samples_per_pixel == 1 and photometric in GRAYSCALE:
         inverted = photometric == "MONOCHROME1"
         image, voi = _normalize_gray(stored, ds, header, options, pixel_keyword, inverted)
-        return DecodedImage(image, header, inverted, voi, color_converted=False)
+        return DecodedImage(image, header, inverted, voi, False, path, reduction)
     image = _color_to_gray(stored, ds, header, options)
     return DecodedImage(image, header, inverted=False, voi="bit_range", color_converted=True)
 
@@ -633,6 +700,72 @@ def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
             "decode_failed", f"decoded shape {array.shape} does not match {expected}"
         )
     return array
+
+
+def _decode_reduced(
+    ds: Dataset, header: DicomHeader, keyword: str, min_shape: tuple[int, int]
+) -> tuple[np.ndarray, str, int] | None:
+    """Frame 0 at a reduced resolution >= ``min_shape``, or None for the full path.
+
+    Only grayscale single-sample JPEG 2000 / 8-bit JPEG whose codestream
+    agrees with the header qualify; anything the fast decoder refuses falls
+    back to the full decoder, which then decodes or rejects it.
+    """
+    syntax = header.transfer_syntax_uid
+    if (
+        keyword != "PixelData"
+        or header.samples_per_pixel != 1
+        or header.photometric_interpretation not in GRAYSCALE
+        or syntax not in reduced_decode.J2K_SYNTAXES | reduced_decode.JPEG_SYNTAXES
+    ):
+        return None
+    try:
+        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=header.number_of_frames)
+        if syntax in reduced_decode.J2K_SYNTAXES:
+            return _j2k_reduced(frame, header, min_shape)
+        return _jpeg_scaled(frame, header, min_shape)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the full path decodes or rejects with a reason
+        logger.debug("reduced decode refused (%s); decoding in full", type(exc).__name__)
+        return None
+
+
+def _j2k_reduced(
+    frame: bytes, header: DicomHeader, min_shape: tuple[int, int]
+) -> tuple[np.ndarray, str, int] | None:
+    info = reduced_decode.read_codestream(frame)
+    if (
+        info is None
+        or info.components != 1
+        or (info.rows, info.columns) != (header.rows, header.columns)
+        # A codestream that disagrees with the header gets pydicom's handling.
+        or info.precision != header.bits_stored
+        or info.signed != (header.pixel_representation == 1)
+    ):
+        return None
+    level = info.level_for(min_shape)
+    if level == 0 or not reduced_decode.j2k_available():
+        return None
+    stored = reduced_decode.decode_j2k_level(frame, level)
+    if stored.shape != info.shape_at(level) or stored.dtype.kind not in "iu":
+        return None
+    return stored, "j2k_reduced", 1 << level
+
+
+def _jpeg_scaled(
+    frame: bytes, header: DicomHeader, min_shape: tuple[int, int]
+) -> tuple[np.ndarray, str, int] | None:
+    if header.bits_allocated != 8 or header.pixel_representation != 0:
+        return None
+    scaled = reduced_decode.decode_jpeg_scaled(frame, min_shape)
+    if scaled is None:
+        return None
+    stored, scale = scaled
+    expected = (-(-header.rows // scale), -(-header.columns // scale))
+    if stored.shape != expected:
+        return None
+    return stored, "jpeg_scaled", scale
 
 
 def _normalize_gray(
@@ -912,13 +1045,22 @@ def _safe(exc: BaseException, limit: int = 200) -> str:
 # --------------------------------------------------------------------------
 # Model input
 
-MODEL_INPUT_SIZE = 224
 
-ResizePolicy = Literal["pad", "stretch"]
+def content_shape(
+    rows: int, cols: int, size: int = MODEL_INPUT_SIZE, policy: ResizePolicy = "pad"
+) -> tuple[int, int]:
+    """(rows, cols) an image of that size occupies in the model input, before padding."""
+    if policy == "stretch":
+        return (size, size)
+    scale = size / max(rows, cols)
+    return (max(1, round(rows * scale)), max(1, round(cols * scale)))
 
 
 def to_model_input(
-    image: np.ndarray, size: int = MODEL_INPUT_SIZE, policy: ResizePolicy = "pad"
+    image: np.ndarray,
+    size: int = MODEL_INPUT_SIZE,
+    policy: ResizePolicy = "pad",
+    shape: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Resizes a [0,1] image to the model input, ``(size, size, 1)`` float32.
 
@@ -931,6 +1073,10 @@ def to_model_input(
     antialiased bilinear filter (``reducing_gap=2``): area-like, no overshoot
     outside [0, 1].
 
+    ``shape`` is the (rows, cols) of the full image when ``image`` is a
+    reduced-resolution decode of it, so the output geometry is the full
+    image's to the pixel.
+
     Preprocessing and scoring both call this, so they cannot drift.
     """
     from PIL import Image
@@ -942,11 +1088,7 @@ def to_model_input(
     if policy not in ("pad", "stretch"):
         raise ValueError(f"policy must be 'pad' or 'stretch', not {policy!r}")
     rows, cols = image.shape
-    if policy == "stretch":
-        target = (size, size)
-    else:
-        scale = size / max(rows, cols)
-        target = (max(1, round(rows * scale)), max(1, round(cols * scale)))
+    target = content_shape(*(shape or (rows, cols)), size, policy)
     pixels = np.ascontiguousarray(image, dtype=np.float32)
     source = Image.frombuffer("F", (cols, rows), pixels, "raw", "F", 0, 1)
     # reducing_gap: box-average by an integer factor first, then the

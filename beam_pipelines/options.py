@@ -69,6 +69,12 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         default="gray_only",
         help="Colour-encoded images (default gray_only: accept only when the channels agree).",
     )
+    parser.add_argument(
+        "--full_resolution_decode",
+        action="store_true",
+        help="Decode every pixel of JPEG 2000 / JPEG images instead of the reduced resolution "
+        "(still >= the model input) their codecs can decode directly, ~10x faster for J2K.",
+    )
 
 
 def decode_options(args: argparse.Namespace) -> DecodeOptions:
@@ -77,4 +83,5 @@ def decode_options(args: argparse.Namespace) -> DecodeOptions:
         voi_index=None if args.voi_index < 0 else args.voi_index,
         multiframe=args.multiframe,
         color=args.color,
+        reduced_resolution=not args.full_resolution_decode,
     )

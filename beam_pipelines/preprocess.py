@@ -51,11 +51,11 @@ def make_record(
     Raises:
         dicom.DicomRejected: for every per-file problem.
     """
-    decoded = dicom.decode(row.resolved_path, options)
+    image, decoded = dicom.decode_model_input(row.resolved_path, options, policy=resize_policy)
     header = decoded.header
     return {
         "row": row.row,
-        "image": dicom.to_model_input(decoded.image, policy=resize_policy),
+        "image": image,
         "label": int(bool(row.abnormal)),
         "patient_id": row.patient_id,
         "study_id": row.study_id,
@@ -70,6 +70,7 @@ def make_record(
         "extra": row.extra,
         "_inverted": decoded.inverted,
         "_intensity": decoded.voi,
+        "_decode_path": decoded.path,
     }
 
 
@@ -121,6 +122,7 @@ class DecodeAndStageFn(beam.DoFn):
         if record.pop("_inverted"):
             Metrics.counter(self.__class__, "monochrome1_inverted").inc()
         Metrics.counter(self.__class__, f"intensity_{record.pop('_intensity')}").inc()
+        Metrics.counter(self.__class__, f"decode_path_{record.pop('_decode_path')}").inc()
         split = assignment[row.patient_id]
         shards = shard_count(sizes[split], self._num_shards)
         shard = sharding.shard_of(row.dicom_path, shards)

@@ -81,7 +81,9 @@ class DecodeForScoringFn(beam.DoFn):
         path = row.resolved_path if row else str(element)
         shown = row.dicom_path if row else path
         try:
-            decoded = dicom.decode(path, self._options)
+            model_image, decoded = dicom.decode_model_input(
+                path, self._options, policy=self._resize_policy
+            )
         except dicom.DicomRejected as rejected:
             Metrics.counter(self.__class__, f"rejected_{rejected.reason}").inc()
             yield (
@@ -90,7 +92,7 @@ class DecodeForScoringFn(beam.DoFn):
             )
             return
         header = decoded.header
-        image = schema.as_stored(dicom.to_model_input(decoded.image, policy=self._resize_policy))
+        image = schema.as_stored(model_image)
         meta = _meta(
             dicom_path=shown,
             row=row.row if row else None,
@@ -102,6 +104,7 @@ class DecodeForScoringFn(beam.DoFn):
             label=None if row is None or row.abnormal is None else int(row.abnormal),
         )
         Metrics.counter(self.__class__, "decoded").inc()
+        Metrics.counter(self.__class__, f"decode_path_{decoded.path}").inc()
         yield KEPT, (meta, image)
 
 

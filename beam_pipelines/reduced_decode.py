@@ -1,0 +1,254 @@
+"""Decode a compressed frame at a reduced resolution, when the codec can.
+
+A 2500x2048 radiograph becomes a 224x224 model input, so decoding every pixel
+wastes most of the work. Two codecs can skip it:
+
+* **JPEG 2000** (and HTJ2K) codestreams carry a wavelet resolution pyramid:
+  OpenJPEG decodes level ``r`` (each side divided by ``2**r``, rounded up)
+  without computing the finer levels. Reached through glymur, which binds the
+  system's OpenJPEG (``libopenjp2``, 2.3 or newer). Neither pylibjpeg-openjpeg
+  nor imagecodecs expose the level, and Pillow's own ``reduce`` computes the
+  reduced size by rounding instead of rounding up, so its decoder fails on
+  half the image sizes.
+* **JPEG baseline/extended, 8-bit**: libjpeg's scaled inverse DCT decodes at
+  1/2, 1/4 or 1/8 scale (Pillow's ``draft``).
+
+This module only decodes stored values; :mod:`beam_pipelines.dicom` decides
+when to use it and applies the same intensity pipeline and resize as the
+full path. A missing glymur or OpenJPEG makes :func:`j2k_available` False
+(with one warning per process), never an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import tempfile
+import threading
+import warnings
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# The pylibjpeg plugins and OpenJPEG decode HTJ2K with the same calls.
+J2K_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000
+        "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+        "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RCT
+        "1.2.840.10008.1.2.4.203",  # HTJ2K
+    }
+)
+JPEG_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit)
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended (8 or 12-bit; only 8 scales)
+    }
+)
+
+_SOC_SIZ = b"\xff\x4f\xff\x51"
+
+
+@dataclasses.dataclass(frozen=True)
+class Codestream:
+    """What a JPEG 2000 main header says about the image.
+
+    Attributes:
+        rows, columns: the full image size.
+        row_offset, column_offset: the image origin on the reference grid.
+        components: number of components.
+        precision: bits per sample of component 0.
+        signed: whether component 0 is signed.
+        levels: wavelet decomposition levels available for component 0.
+    """
+
+    rows: int
+    columns: int
+    row_offset: int
+    column_offset: int
+    components: int
+    precision: int
+    signed: bool
+    levels: int
+
+    def shape_at(self, level: int) -> tuple[int, int]:
+        """(rows, columns) OpenJPEG returns when decoding ``level``."""
+        scale = 1 << level
+        return (
+            _ceil_div(self.row_offset + self.rows, scale) - _ceil_div(self.row_offset, scale),
+            _ceil_div(self.column_offset + self.columns, scale)
+            - _ceil_div(self.column_offset, scale),
+        )
+
+    def level_for(self, min_shape: tuple[int, int]) -> int:
+        """The coarsest level whose size is still at least ``min_shape`` (0 = full)."""
+        best = 0
+        for level in range(1, self.levels + 1):
+            rows, cols = self.shape_at(level)
+            if rows < min_shape[0] or cols < min_shape[1]:
+                break
+            best = level
+        return best
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def read_codestream(frame: bytes) -> Codestream | None:
+    """Parses the SIZ and COD/COC markers of a J2K codestream (or a JP2 file's).
+
+    Returns None when the bytes do not hold a well-formed main header; the
+    full decoder then decides what is wrong.
+    """
+    start = frame.find(_SOC_SIZ, 0, 4096)  # JP2 boxes come before the codestream
+    if start < 0:
+        return None
+    try:
+        return _parse_main_header(memoryview(frame)[start:])
+    except (IndexError, ValueError):
+        return None
+
+
+def _parse_main_header(data: memoryview) -> Codestream | None:
+    def u16(at: int) -> int:
+        return int.from_bytes(data[at : at + 2], "big")
+
+    def u32(at: int) -> int:
+        return int.from_bytes(data[at : at + 4], "big")
+
+    # SOC, then the SIZ marker and its segment: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz,
+    # YOsiz, XTsiz, YTsiz, XTOsiz, YTOsiz, Csiz, then Ssiz per component.
+    siz = 4  # Lsiz
+    columns_end, rows_end = u32(siz + 4), u32(siz + 8)
+    column_offset, row_offset = u32(siz + 12), u32(siz + 16)
+    components = u16(siz + 36)
+    if components < 1 or columns_end <= column_offset or rows_end <= row_offset:
+        return None
+    ssiz = data[siz + 38]
+    precision, signed = (ssiz & 0x7F) + 1, bool(ssiz & 0x80)
+    levels = None
+    at = siz + u16(siz)  # the marker after the SIZ segment
+    while at + 4 <= len(data):
+        marker, length = u16(at), u16(at + 2)
+        if marker == 0xFF90 or length < 2:  # SOT: the main header is over
+            break
+        if marker == 0xFF52:  # COD: default coding style
+            cod_levels = data[at + 4 + 5]
+            levels = cod_levels if levels is None else min(levels, cod_levels)
+        elif marker == 0xFF53:  # COC: a component's own coding style
+            wide = components >= 257
+            component = u16(at + 4) if wide else data[at + 4]
+            if component == 0:
+                coc_levels = data[at + 4 + (2 if wide else 1) + 1]
+                levels = coc_levels if levels is None else min(levels, coc_levels)
+        at += 2 + length
+    if levels is None:
+        return None
+    return Codestream(
+        rows=rows_end - row_offset,
+        columns=columns_end - column_offset,
+        row_offset=row_offset,
+        column_offset=column_offset,
+        components=components,
+        precision=precision,
+        signed=signed,
+        levels=levels,
+    )
+
+
+# --------------------------------------------------------------------------
+# JPEG 2000 through glymur
+
+_lock = threading.Lock()
+_j2k_state: dict[str, object] = {}
+
+
+def j2k_available() -> bool:
+    """True when glymur and an OpenJPEG it can use are installed.
+
+    Checked once per process; the first False logs one warning naming what
+    to install, and every J2K image then takes the full path.
+    """
+    with _lock:
+        if "available" not in _j2k_state:
+            problem = _j2k_problem()
+            _j2k_state["available"] = problem is None
+            if problem is not None:
+                logger.warning(
+                    "JPEG 2000 images will be decoded at full resolution (slower): %s. "
+                    "Install glymur and OpenJPEG 2.3+ (Debian/Ubuntu: apt-get install "
+                    "libopenjp2-7; conda: openjpeg) on every worker.",
+                    problem,
+                )
+        return bool(_j2k_state["available"])
+
+
+def _j2k_problem() -> str | None:
+    try:
+        import glymur
+    except Exception as exc:  # ImportError, or a broken install
+        return f"glymur cannot be imported ({type(exc).__name__})"
+    version = str(getattr(glymur.version, "openjpeg_version", "0.0.0"))
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return f"unknown OpenJPEG version {version!r}"
+    if (major, minor) < (2, 3):
+        return f"glymur found no OpenJPEG 2.3+ library (version {version})"
+    return None
+
+
+def _scratch_dir() -> str | None:
+    # glymur reads only from files: a RAM-backed directory keeps that cheap.
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+def decode_j2k_level(frame: bytes, level: int) -> np.ndarray:
+    """Decodes resolution ``level`` of a J2K codestream (or JP2 file) to stored values.
+
+    Raises:
+        Exception: whatever glymur or OpenJPEG raise for a bad stream.
+    """
+    import glymur
+
+    suffix = ".jp2" if frame[4:8] == b"jP  " else ".j2k"
+    with tempfile.NamedTemporaryFile(suffix=suffix, dir=_scratch_dir()) as handle:
+        handle.write(frame)
+        handle.flush()
+        with warnings.catch_warnings():
+            # glymur warns about odd but readable boxes; the values decide.
+            warnings.simplefilter("ignore")
+            reader = glymur.Jp2kr(handle.name)
+            step = 1 << level
+            return np.asarray(reader[::step, ::step])
+
+
+# --------------------------------------------------------------------------
+# JPEG through Pillow's draft mode
+
+
+def decode_jpeg_scaled(frame: bytes, min_shape: tuple[int, int]) -> tuple[np.ndarray, int] | None:
+    """Decodes an 8-bit grayscale JPEG at the smallest DCT scale still >= ``min_shape``.
+
+    Returns the uint8 stored values and the scale denominator (2, 4 or 8), or
+    None when the frame is not 8-bit grayscale or no scaling fits.
+    """
+    from PIL import Image
+
+    with Image.open(io.BytesIO(frame)) as image:
+        if image.format != "JPEG" or image.mode != "L" or getattr(image, "bits", 8) != 8:
+            return None
+        full_cols, full_rows = image.size
+        # draft() picks the smallest scale whose result is still >= the size asked.
+        image.draft("L", (min_shape[1], min_shape[0]))
+        cols, rows = image.size
+        if (rows, cols) == (full_rows, full_cols):
+            return None
+        scale = round(full_cols / cols)
+        return np.asarray(image), scale
