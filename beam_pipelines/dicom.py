@@ -332,12 +332,12 @@ def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Da
         DicomRejected: for unreadable, empty, non-DICOM or truncated input.
     """
     data = read_bytes(source, options.max_file_bytes)
-    native = _is_native_little_endian(data)
+    byte_order = _uncompressed_byte_order(data)
     ds: Dataset
     try:
-        # Native pixel data stays unread (deferred): decode() views it in
-        # ``data`` directly instead of copying 10 MB twice.
-        ds = pydicom.dcmread(io.BytesIO(data), defer_size=_DEFER_BYTES if native else None)
+        # Uncompressed pixel data stays unread (deferred): decode() views it
+        # in ``data`` directly instead of copying 10 MB twice.
+        ds = pydicom.dcmread(io.BytesIO(data), defer_size=_DEFER_BYTES if byte_order else None)
     except InvalidDicomError as exc:
         if not _looks_like_raw_dataset(data):
             raise DicomRejected("not_dicom", "no DICM prefix and no DICOM data set") from exc
@@ -350,25 +350,54 @@ def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Da
     if _ends_early(ds, len(data)):
         raise DicomRejected("truncated", "an element's declared length runs past the end of file")
     ds.__dict__["_xray_file_size"] = len(data)
-    if native:
+    if byte_order:
         ds.__dict__["_xray_bytes"] = data
+        ds.__dict__["_xray_byte_order"] = byte_order
     return ds
 
 
 _DEFER_BYTES = 1 << 16
-_NATIVE_LITTLE_ENDIAN = (pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian)
+_UNCOMPRESSED_BYTE_ORDER = {
+    pydicom.uid.ExplicitVRLittleEndian: "<",
+    pydicom.uid.ImplicitVRLittleEndian: "<",
+    pydicom.uid.ExplicitVRBigEndian: ">",
+}
 
 
-def _is_native_little_endian(data: bytes) -> bool:
-    """True when a Part 10 file's meta says uncompressed little endian (cheap peek)."""
+def _uncompressed_byte_order(data: bytes) -> str | None:
+    """``"<"``/``">"`` when a Part 10 file's meta says uncompressed, else None (cheap peek)."""
     if data[128:132] != b"DICM":
-        return False
-    try:
-        # Reads the file meta group and stops: no data set element is wanted.
-        head = pydicom.dcmread(io.BytesIO(data), specific_tags=[], stop_before_pixels=True)
-    except Exception:  # the full read will say what is wrong
-        return False
-    return head.file_meta.get("TransferSyntaxUID") in _NATIVE_LITTLE_ENDIAN
+        return None
+    return _UNCOMPRESSED_BYTE_ORDER.get(_meta_transfer_syntax(data) or "")
+
+
+# File meta elements are always explicit VR little endian; these VRs have a
+# 4-byte length after 2 reserved bytes, the rest a 2-byte length.
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+
+
+def _meta_transfer_syntax(data: bytes) -> str | None:
+    """(0002,0010) read straight from the file meta bytes, or None.
+
+    Not via dcmread: for a deflated file pydicom inflates the whole data set
+    even when asked for the meta alone, which doubled the cost of the read.
+    """
+    at = 132
+    while at + 8 <= len(data) and data[at : at + 2] == b"\x02\x00":
+        element = int.from_bytes(data[at + 2 : at + 4], "little")
+        vr = data[at + 4 : at + 6]
+        if vr in _LONG_VRS:
+            length, value_at = int.from_bytes(data[at + 8 : at + 12], "little"), at + 12
+        else:
+            length, value_at = int.from_bytes(data[at + 6 : at + 8], "little"), at + 8
+        if element == 0x0010:
+            return data[value_at : value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        if length == 0xFFFFFFFF:
+            return None
+        at = value_at + length
+    return None
 
 
 def _ends_early(ds: Dataset, file_size: int) -> bool:
@@ -634,11 +663,12 @@ def _check_geometry(ds: Dataset, header: DicomHeader, keyword: str, options: Dec
 
 
 def _native_view(ds: Dataset, header: DicomHeader) -> np.ndarray | None:
-    """Frame 0 of uncompressed little-endian 8/16-bit grayscale, viewed in the file's bytes.
+    """Frame 0 of uncompressed 8/16-bit grayscale, viewed in the file's bytes.
 
     Returns None when the file is not such a case (pydicom then decodes).
     Unused high bits are masked (unsigned) or sign-extended (signed), as
-    pydicom does; when none are set, nothing is copied at all.
+    pydicom does; when none are set, little-endian data is not copied at all
+    (big-endian data is swapped once, into native order).
     """
     data = ds.__dict__.get("_xray_bytes")
     element: Any = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
@@ -653,12 +683,16 @@ def _native_view(ds: Dataset, header: DicomHeader) -> np.ndarray | None:
     ):
         return None
     signed = header.pixel_representation == 1
-    dtype = np.dtype(("<i" if signed else "<u") + str(bits // 8))
+    order = ds.__dict__.get("_xray_byte_order", "<")
+    dtype = np.dtype(order + ("i" if signed else "u") + str(bits // 8))
     count = header.rows * header.columns
     if element.value_tell + count * dtype.itemsize > len(data):
         return None
     frame = np.frombuffer(data, dtype=dtype, count=count, offset=element.value_tell)
     frame = frame.reshape(header.rows, header.columns)
+    if not frame.dtype.isnative:
+        frame = frame.astype(frame.dtype.newbyteorder("="))
+        dtype = frame.dtype
     if stored < bits:
         unused = bits - stored
         if signed:
@@ -694,6 +728,10 @@ def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
         raise DicomRejected("decode_failed", f"{syntax.name}: {_safe(exc)}") from exc
     if array.ndim == 3 and header.samples_per_pixel == 1:
         array = array[0]
+    if not array.dtype.isnative:
+        # Big endian data: one byte swap here, not a slow strided one in every
+        # arithmetic pass (and the lookup tables are built for native order).
+        array = array.astype(array.dtype.newbyteorder("="))
     expected = (header.rows, header.columns)
     if array.shape[:2] != expected:
         raise DicomRejected(

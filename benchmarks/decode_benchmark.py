@@ -13,6 +13,13 @@ once per transfer syntax with :func:`archive_tools.dicom_writer.write_dicom`:
   image (224 x 224 x 1, padded).
 * ``ratio``: median ``decode_ms`` / median ``bare_pydicom_ms``. The target is
   ratio <= 1.2 (normalization should cost little next to decoding).
+* ``model_input``, for the syntaxes with a reduced-resolution path (JPEG 2000,
+  8-bit JPEG): :func:`beam_pipelines.dicom.decode_model_input` with
+  ``reduced_resolution`` off (``full_ms``: decode every pixel, then resize)
+  and on (``fast_ms``), timed interleaved, with ``fast_ratio`` =
+  fast / full (target for JPEG 2000: <= 0.15), the level or DCT scale used
+  and the fast image's correlation and mean absolute difference with the
+  full one.
 
 Lossless encodings store 12-bit MONOCHROME2; ``jpeg_baseline`` can only carry
 8 bits, so it stores the same image at 8 bits (its ``bits_stored`` says so).
@@ -77,6 +84,11 @@ DEFAULT_ENCODINGS = (
 #: The extra file that exercises the full normalization path.
 WINDOW_VARIANT = "explicit_le_mono1_window"
 TARGET_RATIO = 1.2
+#: Reduced-resolution JPEG 2000 decode + resize against the full path.
+TARGET_FAST_RATIO = 0.15
+FULL_DECODE = dicom.DecodeOptions(reduced_resolution=False)
+#: Encodings with a reduced-resolution path.
+REDUCIBLE = ("j2k", "jpeg_baseline")
 
 
 @dataclass(frozen=True)
@@ -199,7 +211,7 @@ def _benchmark(files: Sequence[BenchFile], repeats: int) -> list[dict[str, Any]]
         info[f.name] = (bare, decoded)
 
     times: dict[str, dict[str, list[float]]] = {
-        f.name: {"bare": [], "decode": [], "resize": []} for f in files
+        f.name: {"bare": [], "decode": [], "resize": [], "full": [], "fast": []} for f in files
     }
     for repeat in range(repeats):
         for f in files:
@@ -214,6 +226,12 @@ def _benchmark(files: Sequence[BenchFile], repeats: int) -> list[dict[str, Any]]
                 t["bare"].append(_timed(lambda p=path: _bare_pydicom(p))[0])
             t["decode"].append(ms)
             t["resize"].append(_timed(lambda im=image: dicom.to_model_input(im))[0])
+            if f.name in REDUCIBLE:
+                full = lambda p=path: dicom.decode_model_input(str(p), FULL_DECODE)  # noqa: E731
+                fast = lambda p=path: dicom.decode_model_input(str(p))  # noqa: E731
+                order = (("full", full), ("fast", fast))
+                for key, fn in order if repeat % 2 == 0 else order[::-1]:
+                    t[key].append(_timed(fn)[0])
         logger.info("repeat %d/%d done", repeat + 1, repeats)
 
     results = []
@@ -243,10 +261,32 @@ def _benchmark(files: Sequence[BenchFile], repeats: int) -> list[dict[str, Any]]
             "within_target": ratio is not None and ratio <= TARGET_RATIO,
             "samples_ms": {k: [round(v, 3) for v in t[k]] for k in ("bare", "decode", "resize")},
         }
+        if f.name in REDUCIBLE:
+            result["model_input"] = _model_input_report(f, t)
         if f.encoding == "jpeg_baseline":
             result["note"] = "JPEG baseline carries only 8 bits: stored at bits_stored=8"
         results.append(result)
     return results
+
+
+def _model_input_report(f: BenchFile, t: dict[str, list[float]]) -> dict[str, Any]:
+    """Full vs reduced-resolution decode + resize of one file, with the fidelity."""
+    full_image, _ = dicom.decode_model_input(str(f.path), FULL_DECODE)
+    fast_image, fast = dicom.decode_model_input(str(f.path))
+    full_ms, fast_ms = _summary(t["full"]), _summary(t["fast"])
+    ratio = fast_ms["median"] / full_ms["median"]
+    return {
+        "full_ms": full_ms,
+        "fast_ms": fast_ms,
+        "fast_path": fast.path,
+        "reduction": fast.reduction,
+        "decoded_shape": list(fast.image.shape),
+        "fast_ratio": round(ratio, 3),
+        "within_target": fast.path != "j2k_reduced" or ratio <= TARGET_FAST_RATIO,
+        "correlation": round(float(np.corrcoef(fast_image.ravel(), full_image.ravel())[0, 1]), 5),
+        "mean_abs_diff": round(float(np.abs(fast_image - full_image).mean()), 5),
+        "samples_ms": {k: [round(v, 3) for v in t[k]] for k in ("full", "fast")},
+    }
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -277,6 +317,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "ratio = median decode_ms / median bare_pydicom_ms",
             "jpeg_baseline is stored at 8 bits (the syntax cannot carry 12)",
             f"{WINDOW_VARIANT}: MONOCHROME1 + rescale + VOI window, explicit VR LE",
+            "model_input: decode_model_input full vs reduced resolution; "
+            f"target fast_ratio <= {TARGET_FAST_RATIO} for JPEG 2000",
         ],
         "results": results,
     }

@@ -10,6 +10,7 @@ from types import ModuleType
 import pytest
 
 from archive_tools.dicom_writer import ENCODINGS
+from beam_pipelines.reduced_decode import j2k_available
 from tests.benchmarks.conftest import loaded_script
 
 _NAME = "decode_benchmark"
@@ -63,3 +64,22 @@ def test_main_prints_only_json(
 def test_rejects_unknown_encoding(bench: ModuleType) -> None:
     with pytest.raises(SystemExit):
         bench.run([*_TINY, "--encodings", "webp"])
+
+
+@pytest.mark.skipif(not j2k_available(), reason="glymur or OpenJPEG 2.3+ not installed")
+def test_reduced_resolution_is_timed_against_the_full_path(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    args = ["--rows", "600", "--cols", "500", "--repeats", "1", "--encodings", "j2k,jpeg_baseline"]
+    report = bench.run([*args, "--workdir", str(tmp_path)])
+
+    by_name = {r["encoding"]: r for r in report["results"]}
+    assert "model_input" not in by_name[bench.WINDOW_VARIANT]
+    expected = {"j2k": ("j2k_reduced", 2), "jpeg_baseline": ("jpeg_scaled", 2)}
+    for name, (path, reduction) in expected.items():
+        model_input = by_name[name]["model_input"]
+        assert (model_input["fast_path"], model_input["reduction"]) == (path, reduction)
+        assert model_input["decoded_shape"] == [300, 250]
+        assert model_input["full_ms"]["median"] > 0 and model_input["fast_ms"]["median"] > 0
+        assert model_input["fast_ratio"] > 0
+        assert model_input["correlation"] > 0.99
