@@ -357,7 +357,7 @@ def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Da
 
 
 _DEFER_BYTES = 1 << 16
-_UNCOMPRESSED_BYTE_ORDER = {
+_UNCOMPRESSED_BYTE_ORDER: dict[str, str] = {
     pydicom.uid.ExplicitVRLittleEndian: "<",
     pydicom.uid.ImplicitVRLittleEndian: "<",
     pydicom.uid.ExplicitVRBigEndian: ">",
