@@ -8,8 +8,8 @@ no rescale or window, one image per patient, sides drawn from ``--size``,
 8-16-bit formats and encodings):
 
 * ``bare_loop``: in this process, one image after another,
-  :func:`beam_pipelines.dicom.decode` -> :func:`beam_pipelines.dicom.to_model_input`
-  -> :func:`beam_pipelines.schema.serialize`, all records written to one gzip
+  :func:`beam_pipelines.dicom.decode_model_input` (what the job calls) ->
+  :func:`beam_pipelines.schema.serialize`, all records written to one gzip
   TFRecord with :func:`beam_pipelines.tfrecord.write_tfrecord_gz`. One image
   is decoded first, untimed, so imports and codec plugins are warm.
 * ``pipeline``: ``python -m beam_pipelines.preprocess --metadata ... --output_dir
@@ -24,6 +24,13 @@ no rescale or window, one image per patient, sides drawn from ``--size``,
   counted once per process, so it is an upper bound).
 * ``ratio`` = pipeline images/s / (usable cores x bare-loop images/s); the
   target is ratio >= 0.85. ``ratio_marginal`` uses the marginal rate.
+* ``other_cpu_seconds``: CPU time the whole machine spent outside the timed
+  process tree during a run (other users of a shared machine): when it is
+  large, the ratio measured the neighbours, not the job.
+* ``decode``: encodings with a reduced-resolution path (JPEG 2000, 8-bit
+  JPEG) are measured twice, ``fast`` (the default) and ``full``
+  (``--full_resolution_decode``, every pixel decoded), bare loop and job
+  alike; ``speedup_vs_full`` compares the two job runs.
 
 The memory check runs the job on archives of ``--memory_images`` and
 ``--memory_scale`` times as many small images (``--memory_size``,
@@ -136,6 +143,11 @@ def add_archive_arguments(parser: argparse.ArgumentParser, workdir_help: str) ->
         "--sample_interval", type=float, default=0.2, help="RSS sampling period in seconds"
     )
     parser.add_argument("--seed", type=int, default=0, help="phantom random seed")
+    parser.add_argument(
+        "--skip_full_decode",
+        action="store_true",
+        help="measure J2K/JPEG only with reduced-resolution decoding (the default path)",
+    )
 
 
 def check_archive_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -293,12 +305,12 @@ def ensure_archive(
 # Measurements
 
 
-def _record(path: Path, cells: dict[str, str]) -> dict[str, Any]:
-    """The record DecodeDicomFn builds for one row."""
-    decoded = dicom.decode(str(path))
+def _record(path: Path, cells: dict[str, str], options: dicom.DecodeOptions) -> dict[str, Any]:
+    """The record the job's DecodeAndStageFn builds for one row."""
+    image, decoded = dicom.decode_model_input(str(path), options)
     header = decoded.header
     return {
-        "image": dicom.to_model_input(decoded.image),
+        "image": image,
         "label": cells[ABNORMAL] == "true" or cells[ABNORMAL] == "1",
         "patient_id": cells[PATIENT_ID],
         "study_id": cells[STUDY_ID],
@@ -313,31 +325,42 @@ def _record(path: Path, cells: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def bare_loop(metadata: str, output: Path) -> dict[str, Any]:
+def _busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all processes, all cores)."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def bare_loop(
+    metadata: str, output: Path, options: dicom.DecodeOptions = dicom.DEFAULT_OPTIONS
+) -> dict[str, Any]:
     """Decode, resize and serialize every row in this process, into one TFRecord file."""
     root = Path(metadata).parent
     with open(metadata, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     # Warm-up, untimed: TensorFlow's protos, codec plugins, Beam's FileSystems.
-    schema.serialize(_record(root / rows[0][DICOM_PATH], rows[0]))
+    schema.serialize(_record(root / rows[0][DICOM_PATH], rows[0], options))
     tfrecord.write_tfrecord_gz(str(output), [])
 
     def records() -> Any:
         for cells in rows:
-            yield schema.serialize(_record(root / cells[DICOM_PATH], cells))
+            yield schema.serialize(_record(root / cells[DICOM_PATH], cells, options))
 
     process = psutil.Process()
     cpu_before = sum(process.cpu_times()[:2])
+    busy_before = _busy_cpu_seconds()
     start = time.perf_counter()
     written = tfrecord.write_tfrecord_gz(str(output), records())
     seconds = time.perf_counter() - start
     cpu = sum(process.cpu_times()[:2]) - cpu_before
+    others = _busy_cpu_seconds() - busy_before - cpu
     return {
         "images": written,
         "seconds": round(seconds, 3),
         "images_per_s": round(written / seconds, 3),
         "cpu_seconds": round(cpu, 3),
         "cpu_per_wall": round(cpu / seconds, 3),
+        "other_cpu_seconds": round(max(0.0, others), 3),
     }
 
 
@@ -387,7 +410,11 @@ class _TreeSampler(threading.Thread):
 
 
 def run_pipeline(
-    metadata: str, output_dir: Path, log_path: Path, interval: float
+    metadata: str,
+    output_dir: Path,
+    log_path: Path,
+    interval: float,
+    extra_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Runs the preprocessing job in a subprocess; wall time and peak RSS of its tree."""
     if output_dir.exists():
@@ -400,8 +427,10 @@ def run_pipeline(
         metadata,
         "--output_dir",
         str(output_dir),
+        *extra_args,
     ]
     with log_path.open("w") as log:
+        busy_before = _busy_cpu_seconds()
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         sampler = _TreeSampler(child.pid, interval)
@@ -409,6 +438,7 @@ def run_pipeline(
         code = child.wait()
         seconds = time.perf_counter() - start
         sampler.stop()
+        others = _busy_cpu_seconds() - busy_before - sampler.cpu_seconds
     if code != 0:
         tail = log_path.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"preprocess exited with {code}; log {log_path}:\n{tail}")
@@ -422,30 +452,43 @@ def run_pipeline(
         "peak_rss_mib": round(sampler.peak_rss / 2**20, 1),
         "peak_processes": sampler.peak_processes,
         "cpu_seconds_seen": round(sampler.cpu_seconds, 3),
+        "other_cpu_seconds": round(max(0.0, others), 3),
         "rss_samples": sampler.samples,
         "log": str(log_path),
     }
 
 
-def _throughput(args: argparse.Namespace, workdir: Path, encoding: str) -> dict[str, Any]:
+#: Encodings with a reduced-resolution decode path, measured fast and full.
+REDUCIBLE = frozenset({"j2k", "jpeg_baseline"})
+
+
+def _throughput(
+    args: argparse.Namespace, workdir: Path, encoding: str, decode: str = "fast"
+) -> dict[str, Any]:
     cores = _cores()
     archive = ensure_archive(workdir, encoding, args.images, args.size, args.seed)
-    runs = workdir / "runs" / encoding
+    runs = workdir / "runs" / (encoding if decode == "fast" else f"{encoding}_{decode}")
     runs.mkdir(parents=True, exist_ok=True)
+    options = dicom.DecodeOptions(reduced_resolution=decode == "fast")
+    flags = [] if decode == "fast" else ["--full_resolution_decode"]
 
-    logger.info("%s: bare loop over %d images", encoding, args.images)
-    bare = bare_loop(archive["metadata"], runs / "bare.tfrecord.gz")
-    logger.info("%s: bare loop %.2f images/s", encoding, bare["images_per_s"])
-    logger.info("%s: pipeline over %d images", encoding, args.images)
+    logger.info("%s/%s: bare loop over %d images", encoding, decode, args.images)
+    bare = bare_loop(archive["metadata"], runs / "bare.tfrecord.gz", options)
+    logger.info("%s/%s: bare loop %.2f images/s", encoding, decode, bare["images_per_s"])
+    logger.info("%s/%s: pipeline over %d images", encoding, decode, args.images)
     pipeline = run_pipeline(
-        archive["metadata"], runs / "pipeline", runs / "pipeline.log", args.sample_interval
+        archive["metadata"], runs / "pipeline", runs / "pipeline.log", args.sample_interval, flags
     )
-    logger.info("%s: pipeline %.2f images/s", encoding, pipeline["images_per_s"])
+    logger.info("%s/%s: pipeline %.2f images/s", encoding, decode, pipeline["images_per_s"])
     overhead, marginal = None, None
     if not args.skip_overhead:
         tiny = ensure_archive(workdir, encoding, OVERHEAD_IMAGES, args.size, args.seed)
         overhead = run_pipeline(
-            tiny["metadata"], runs / "overhead", runs / "overhead.log", args.sample_interval
+            tiny["metadata"],
+            runs / "overhead",
+            runs / "overhead.log",
+            args.sample_interval,
+            flags,
         )
         logger.info("%s: %d-image pipeline %.1f s", encoding, OVERHEAD_IMAGES, overhead["seconds"])
         extra_seconds = pipeline["seconds"] - overhead["seconds"]
@@ -456,6 +499,7 @@ def _throughput(args: argparse.Namespace, workdir: Path, encoding: str) -> dict[
     ratio_marginal = marginal / ideal if marginal is not None else None
     return {
         "encoding": encoding,
+        "decode": decode,
         "transfer_syntax_name": ENCODINGS[encoding].name,
         "archive": {k: archive[k] for k in ("params", "bytes", "seconds_to_generate", "generated")},
         "bare_loop": bare,
@@ -509,7 +553,15 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     workdir = Path(args.workdir or Path(tempfile.gettempdir(), "preprocess_throughput"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results = [_throughput(args, workdir, encoding) for encoding in args.encodings]
+    results = []
+    for encoding in args.encodings:
+        fast = _throughput(args, workdir, encoding)
+        results.append(fast)
+        if encoding in REDUCIBLE and not args.skip_full_decode:
+            full = _throughput(args, workdir, encoding, decode="full")
+            speedup = fast["pipeline"]["images_per_s"] / full["pipeline"]["images_per_s"]
+            fast["speedup_vs_full"] = round(speedup, 3)
+            results.append(full)
     memory = None if args.skip_memory else _memory_check(args, workdir)
     return {
         "machine": _machine(),
@@ -530,6 +582,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"marginal_images_per_s = (N - {OVERHEAD_IMAGES}) / (wall(N) - "
             f"wall({OVERHEAD_IMAGES} images)): start-up excluded; ratio_marginal uses it",
             "bare_loop: one process, warmed up on one image first, files from the page cache",
+            "decode fast/full: reduced-resolution J2K/JPEG decoding on (default) or off; "
+            "speedup_vs_full = fast pipeline images_per_s / full pipeline images_per_s",
+            "other_cpu_seconds: busy CPU of the machine outside the timed process (tree)",
             "peak_rss: max over samples of the summed RSS of the job's process tree "
             "(shared pages counted per process)",
             "memory_check.peak_rss_ratio: peak of the scaled archive / peak of the base one",

@@ -53,6 +53,8 @@ def test_main_prints_one_json_report(
 
     [result] = report["results"]
     assert result["encoding"] == "explicit_le"
+    assert result["decode"] == "fast"  # explicit LE has no reduced path: measured once
+    assert "speedup_vs_full" not in result
     assert result["archive"]["params"]["images"] == 4
     assert result["archive"]["generated"] is True
     for key in ("bare_loop", "pipeline"):
@@ -60,6 +62,8 @@ def test_main_prints_one_json_report(
         assert result[key]["seconds"] > 0
         assert result[key]["images_per_s"] > 0
     assert result["pipeline"]["rejected"] == 0
+    assert result["pipeline"]["other_cpu_seconds"] >= 0
+    assert result["bare_loop"]["other_cpu_seconds"] >= 0
     assert result["pipeline"]["peak_rss_bytes"] > 0
     assert result["pipeline"]["peak_processes"] >= 1
     assert result["pipeline_overhead_run"] is None
