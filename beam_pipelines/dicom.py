@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Literal
@@ -118,6 +119,25 @@ class _QuietPluginErrors(logging.Filter):
 
 _quiet = _QuietPluginErrors()
 logging.getLogger("pydicom.pixels.decoders.base").addFilter(_quiet)
+
+
+class _RedactQuotedValues(logging.Filter):
+    """Blanks quoted values in pydicom's log messages: they quote header values (PHI).
+
+    E.g. "Invalid value for VR AS: '<the value>'" becomes "... VR AS: '…'".
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = _QUOTED.sub("'…'", record.getMessage()), None
+        return True
+
+
+_redact = _RedactQuotedValues()
+for _name in ("pydicom", "pydicom.pixels.utils", "pydicom.pixels.decoders.base"):
+    logging.getLogger(_name).addFilter(_redact)
+# pydicom sends each warning both to its (now redacted) logger and through
+# warnings.warn with the values in clear: drop the unredacted duplicate.
+warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
 
 
 @contextmanager

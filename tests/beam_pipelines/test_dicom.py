@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -387,3 +389,34 @@ def test_unused_high_bits_are_ignored(signed: bool) -> None:
     noisy = stored.view(np.uint16) | np.uint16(0xA000)  # set bits 13 and 15
     ds.PixelData = noisy.astype("<u2").tobytes()
     np.testing.assert_array_equal(read_image(_dataset_bytes(ds)), clean)
+
+
+_LEAK_PROBE = """
+import logging, sys
+import pydicom.config, pydicom.valuerep
+from beam_pipelines.dicom import decode
+logging.basicConfig(level=logging.DEBUG)
+decode(sys.stdin.buffer.read())
+pydicom.valuerep.validate_value("AS", "SECRETAGE", pydicom.config.WARN)
+"""
+
+
+def test_pydicom_messages_about_header_values_do_not_leak_them(tmp_path: Path) -> None:
+    """pydicom's validation warnings quote the offending value: a name or ID is PHI.
+
+    Run in a fresh interpreter: pytest replaces the warning filters of tests.
+    """
+    image = _truth(8, 8).astype(np.uint16)
+    ds = build_dataset(image, PixelFormat(bits_stored=12), "explicit_le", HEADER)
+    ds.PatientID = "SECRETPATIENT" * 6  # longer than LO allows: pydicom complains
+    done = subprocess.run(
+        [sys.executable, "-c", _LEAK_PROBE],
+        input=_dataset_bytes(ds),
+        capture_output=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    stderr = done.stderr.decode()
+    assert "exceeds the maximum length" in stderr  # pydicom did complain
+    assert "Invalid value for VR AS: '…'" in stderr  # ... with the value blanked
+    assert "SECRET" not in stderr and "SECRET" not in done.stdout.decode()
