@@ -7,6 +7,13 @@ folder with ``safe_mode=True`` (no arbitrary code from an untrusted file),
 once per worker process, and scores batches. A batch that raises is retried
 image by image so that one bad input fails alone: its result carries the
 error instead of a score, and the job goes on.
+
+Every batch is padded with blank images to ``max_batch_size`` before the
+model sees it. CPU kernels give last-bit different results for different
+batch sizes, and which images share a batch depends on how a runner cut its
+bundles; at one fixed size an image's score depends on nothing else (measured:
+bit-identical at every position and batch composition), so a rerun, after a
+crash or not, writes the same bytes.
 """
 
 from __future__ import annotations
@@ -64,30 +71,45 @@ class KerasModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
         model: Any,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
-        try:
-            scores = _scores(model, np.stack(batch))
-            return [PredictionResult(x, s) for x, s in zip(batch, scores, strict=True)]
-        except Exception:  # retried one by one below; the failing input is named there
-            results = []
-            for example in batch:
-                try:
-                    score: Any = _scores(model, example[None])[0]
-                except Exception as exc:  # per input: reported as a reject
-                    score = InferenceError(f"{type(exc).__name__}: {str(exc)[:200]}")
-                results.append(PredictionResult(example, score))
-            return results
+        return _run(batch, model, self._max_batch_size)
+
+    def run_inference_alone(self, example: np.ndarray, model: Any) -> PredictionResult:
+        """Scores one input in a batch of one, unpadded (for one-by-one scoring)."""
+        (result,) = _run([example], model, 1)
+        return result
 
     def batch_elements_kwargs(self) -> dict[str, Any]:
-        return {"min_batch_size": 1, "max_batch_size": self._max_batch_size}
+        # Full batches: every batch is padded to this size anyway.
+        size = self._max_batch_size
+        return {"min_batch_size": size, "max_batch_size": size}
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         return sum(x.nbytes for x in batch)
 
 
-def _scores(model: Any, images: np.ndarray) -> list[float]:
+def _run(batch: Sequence[np.ndarray], model: Any, pad_to: int) -> list[PredictionResult]:
+    try:
+        scores = _scores(model, np.stack(batch), pad_to)
+        return [PredictionResult(x, s) for x, s in zip(batch, scores, strict=True)]
+    except Exception:  # retried one by one below; the failing input is named there
+        results = []
+        for example in batch:
+            try:
+                score: Any = _scores(model, example[None], pad_to)[0]
+            except Exception as exc:  # per input: reported as a reject
+                score = InferenceError(f"{type(exc).__name__}: {str(exc)[:200]}")
+            results.append(PredictionResult(example, score))
+        return results
+
+
+def _scores(model: Any, images: np.ndarray, pad_to: int = 1) -> list[float]:
     if images.ndim != 4 or images.shape[1:] != (224, 224, 1):
         raise ValueError(f"expected images of shape (n, 224, 224, 1), got {images.shape}")
-    output = np.asarray(model(images.astype(np.float32), training=False)).reshape(-1)
+    count = len(images)
+    images = images.astype(np.float32)
+    if count < pad_to:
+        images = np.concatenate([images, np.zeros((pad_to - count, *images.shape[1:]), np.float32)])
+    output = np.asarray(model(images, training=False)).reshape(-1)[:count]
     if not np.all(np.isfinite(output)):
         raise ValueError("the model returned a non-finite score")
     return [float(v) for v in output]

@@ -270,6 +270,9 @@ def _remove_previous_outputs(out: str) -> None:
     """
     patterns = [f"{out}/{name}/part-*" for name in splits.SPLITS]
     patterns += [f"{out}/rejects/rejects*", f"{out}/splits.csv", f"{out}/manifest.json"]
+    # The temporary files of atomic writes a killed run left (shards' and
+    # rejects' are matched above).
+    patterns += [f"{out}/splits.csv.tmp-*", f"{out}/manifest.json.tmp-*"]
     patterns += [f"{out}/.staging/*/*/*"]
     stale = remove_matching(patterns)
     if stale:

@@ -148,8 +148,7 @@ class _ScoreOneByOneFn(beam.DoFn):
 
     def process(self, element: tuple[dict[str, Any], Any]) -> Iterator[tuple[dict[str, Any], Any]]:
         meta, image = element
-        (result,) = self._handler.run_inference([image], self._model)
-        yield meta, result
+        yield meta, self._handler.run_inference_alone(image, self._model)
 
 
 class _ToPredictionFn(beam.DoFn):
@@ -272,7 +271,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     on_dask = "DaskRunner" in str(beam_options.view_as(StandardOptions).runner)
     if on_dask:
         logger.warning("DaskRunner: scoring image by image (Beam's Dask batching loses data)")
-    stale = remove_matching([f"{prefix}-*-of-*.parquet", rejects_path, summary_path])
+    # Also the temporary files of atomic writes a killed run left behind.
+    outputs = [f"{prefix}-*-of-*.parquet", rejects_path, summary_path]
+    stale = remove_matching([*outputs, *(f"{p}.tmp-*" for p in outputs)])
     if stale:
         logger.info("Replaced %d files of an earlier run", len(stale))
 

@@ -1,0 +1,145 @@
+"""Faults: jobs killed mid-run and run again.
+
+A killed preprocessing or scoring job, run again with the same command into
+the same output, must leave exactly the files an uninterrupted run writes,
+byte for byte: no partial or temporary file, no staging folder, no
+duplicate. The kills are SIGKILLs of the whole process group (the local
+runner's worker processes too) once some output exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from beam_pipelines import preprocess, score, tfrecord
+from tests.conftest import LOCAL_RUNNER
+
+pytestmark = pytest.mark.slow
+
+# The default local runner's mode, with the two workers this machine has.
+MULTI_PROCESS = [
+    "--runner=FnApiRunner",
+    "--direct_running_mode=multi_processing",
+    "--direct_num_workers=2",
+]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file below root (hidden ones too), by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _assert_same_files(got: dict[str, bytes], expected: dict[str, bytes]) -> None:
+    assert sorted(got) == sorted(expected)  # no leftover, missing or extra file
+    for name, data in expected.items():
+        assert got[name] == data, f"{name} differs from the uninterrupted run's"
+
+
+def _kill_once_written(
+    command: list[str], written: Callable[[], bool], finished: Callable[[], bool], log: Path
+) -> None:
+    """Starts the job and SIGKILLs its process group as soon as written() holds.
+
+    Tries again (up to 3 times) if the job finished before the kill landed.
+    """
+    for _ in range(3):
+        with log.open("w") as output:
+            process = subprocess.Popen(
+                command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 120
+        while not written() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        with contextlib.suppress(ProcessLookupError):  # it may have finished
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        if not finished():
+            assert written(), f"killed before any output: {log.read_text()[-3000:]}"
+            return
+    raise AssertionError("the job finished every time before it could be killed")
+
+
+def _rerun(command: list[str], log: Path) -> None:
+    with log.open("w") as output:
+        done = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, timeout=300)
+    assert done.returncode == 0, log.read_text()[-4000:]
+
+
+def test_killed_preprocessing_rerun_writes_what_an_uninterrupted_run_writes(
+    synthetic_archive: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = ["--metadata", str(synthetic_archive / "metadata.csv"), "--output_dir", str(out)]
+    preprocess.run([*args, *LOCAL_RUNNER])  # uninterrupted (output is runner-independent)
+    uninterrupted = _files(out)
+    for path in out.rglob("*"):
+        if path.is_file():
+            path.unlink()
+
+    command = [sys.executable, "-m", "beam_pipelines.preprocess", *args, *MULTI_PROCESS]
+    _kill_once_written(
+        command,
+        written=lambda: any(out.glob("*/part-*.tfrecord.gz")),
+        finished=lambda: (out / "manifest.json").exists(),
+        log=tmp_path / "killed.log",
+    )
+    left = _files(out)
+    assert "manifest.json" not in left
+    # Readers never see a partial shard: whatever matches their glob is whole.
+    for shard in out.glob("*/part-*.tfrecord.gz"):
+        assert list(tfrecord.read_tfrecord_gz(str(shard)))
+    # A kill inside an atomic write leaves its temporary file (the kill above
+    # may have fallen between writes): one more to clean up.
+    (out / "manifest.json.tmp-0123456789abcdef").write_text("{")
+
+    _rerun(command, tmp_path / "rerun.log")
+    _assert_same_files(_files(out), uninterrupted)
+    assert not (out / ".staging").exists()
+
+
+def test_killed_scoring_rerun_writes_what_an_uninterrupted_run_writes(
+    synthetic_archive: Path, trained_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "scores"
+    prefix = out / "archive"
+    args = [
+        "--model",
+        str(trained_model / "model"),
+        "--metadata",
+        str(synthetic_archive / "metadata.csv"),
+        "--output",
+        str(prefix),
+        "--num_shards",
+        "3",
+    ]
+    score.run([*args, *LOCAL_RUNNER])  # uninterrupted
+    uninterrupted = _files(out)
+    assert len([n for n in uninterrupted if n.endswith(".parquet")]) == 3
+    for path in out.rglob("*"):
+        if path.is_file():
+            path.unlink()
+
+    command = [sys.executable, "-m", "beam_pipelines.score", *args, *MULTI_PROCESS]
+    _kill_once_written(
+        command,
+        written=lambda: any(p.is_file() for p in out.rglob("*")),
+        finished=lambda: Path(f"{prefix}.summary.json").exists(),
+        log=tmp_path / "killed.log",
+    )
+    for parquet in out.glob("*.parquet"):  # readers' glob: only whole files
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(parquet).num_rows
+    (out / "archive-00001-of-00003.parquet.tmp-0123456789abcdef").write_bytes(b"PAR1")
+
+    _rerun(command, tmp_path / "rerun.log")
+    _assert_same_files(_files(out), uninterrupted)
