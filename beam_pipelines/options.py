@@ -8,6 +8,7 @@ import os
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from beam_pipelines.dicom import DecodeOptions
+from beam_pipelines.rows import allowed_schemes_for, parse_schemes
 
 
 def usable_cores() -> int:
@@ -85,3 +86,30 @@ def decode_options(args: argparse.Namespace) -> DecodeOptions:
         color=args.color,
         reduced_resolution=not args.full_resolution_decode,
     )
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The metadata.csv input flags, shared by preprocessing and scoring."""
+    parser.add_argument(
+        "--allowed_schemes",
+        default="",
+        metavar="SCHEMES",
+        help="Comma-separated URI schemes (e.g. gs,s3) a DicomPath in metadata.csv may use "
+        "besides local paths and the scheme of --archive_root and --metadata, which are always "
+        "allowed (default: no others). A row whose DicomPath is a URI of another scheme "
+        "(http://, file://, s3://, ...) is rejected as scheme_not_allowed and never read. "
+        "Relative DicomPaths stay under the archive root; one that leaves it, also through a "
+        "symlink, is rejected as path_escapes_root.",
+    )
+
+
+def allowed_schemes(args: argparse.Namespace, *locations: str) -> frozenset[str]:
+    """The schemes a DicomPath URI may use, from the flags of :func:`add_input_arguments`.
+
+    Those of ``locations`` (the archive root and metadata.csv the user chose)
+    plus ``--allowed_schemes``.
+
+    Raises:
+        ValueError: for a name in ``--allowed_schemes`` that is not a URI scheme.
+    """
+    return allowed_schemes_for(locations, parse_schemes(args.allowed_schemes))

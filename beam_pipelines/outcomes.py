@@ -18,6 +18,37 @@ from beam_pipelines.files import write_text
 KEPT = "kept"
 REJECTED = "rejected"
 
+#: Reject reason of an input a stage failed on unexpectedly (a bug, not a bad file).
+INTERNAL_ERROR = "internal_error"
+
+
+def internal_error_detail(exc: Exception, stage: str, row: int | None) -> str:
+    """Logs an unexpected exception on one input and returns its reject detail.
+
+    A decoder bug on one file must not fail a job over millions: the input
+    becomes an ``internal_error`` reject instead. The detail and the log line
+    hold the exception's type and its message with quoted values redacted
+    (they may be header values, i.e. PHI); the log adds the traceback's frames
+    (code locations only) and the metadata row, never the path, which can
+    carry a patient's name. Callers let ``MemoryError`` (the worker's
+    problem, not the input's) and non-``Exception`` errors propagate.
+    """
+    import traceback
+
+    from beam_pipelines.dicom import _safe
+
+    detail = f"{type(exc).__name__}: {_safe(exc)}"
+    frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+    logging.getLogger(__name__).warning(
+        "%s stage: unexpected error on metadata row %s, rejected as %s: %s\n%s",
+        stage,
+        "(none)" if row is None else row,
+        INTERNAL_ERROR,
+        detail,
+        frames,
+    )
+    return detail
+
 
 class SplitOutcomes(beam.PTransform):
     """Splits (KEPT|REJECTED, value) pairs into (kept values, reject records)."""

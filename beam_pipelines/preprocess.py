@@ -29,7 +29,15 @@ from apache_beam.metrics import Metrics
 from beam_pipelines import dicom, schema, sharding, splits, tfrecord
 from beam_pipelines.files import read_bytes, remove_matching, write_text
 from beam_pipelines.options import add_decode_arguments, decode_options, pipeline_options
-from beam_pipelines.outcomes import KEPT, REJECTED, Progress, SplitOutcomes, WriteRejects
+from beam_pipelines.outcomes import (
+    INTERNAL_ERROR,
+    KEPT,
+    REJECTED,
+    Progress,
+    SplitOutcomes,
+    WriteRejects,
+    internal_error_detail,
+)
 from beam_pipelines.rows import (
     ReadMetadataFn,
     RejectDuplicatePaths,
@@ -117,6 +125,13 @@ class DecodeAndStageFn(beam.DoFn):
                 REJECTED,
                 reject(row.row, row.dicom_path, "decode", rejected.reason, rejected.detail),
             )
+            return
+        except MemoryError:
+            raise
+        except Exception as exc:  # a bug on one input: that input is rejected, the job goes on
+            Metrics.counter(self.__class__, f"rejected_{INTERNAL_ERROR}").inc()
+            detail = internal_error_detail(exc, "decode", row.row)
+            yield REJECTED, reject(row.row, row.dicom_path, "decode", INTERNAL_ERROR, detail)
             return
         Metrics.counter(self.__class__, "decoded").inc()
         if record.pop("_inverted"):

@@ -39,7 +39,15 @@ from beam_pipelines import dicom, schema, tfrecord
 from beam_pipelines.files import atomic_create, remove_matching, write_text
 from beam_pipelines.model_handler import InferenceError, KerasModelHandler
 from beam_pipelines.options import add_decode_arguments, decode_options, pipeline_options
-from beam_pipelines.outcomes import KEPT, REJECTED, Progress, SplitOutcomes, WriteRejects
+from beam_pipelines.outcomes import (
+    INTERNAL_ERROR,
+    KEPT,
+    REJECTED,
+    Progress,
+    SplitOutcomes,
+    WriteRejects,
+    internal_error_detail,
+)
 from beam_pipelines.rows import (
     SCORING_REQUIRED_COLUMNS,
     ReadMetadataFn,
@@ -90,6 +98,14 @@ class DecodeForScoringFn(beam.DoFn):
                 REJECTED,
                 reject(row.row if row else None, shown, "decode", rejected.reason, rejected.detail),
             )
+            return
+        except MemoryError:
+            raise
+        except Exception as exc:  # a bug on one input: that input is rejected, the job goes on
+            Metrics.counter(self.__class__, f"rejected_{INTERNAL_ERROR}").inc()
+            number = row.row if row else None
+            detail = internal_error_detail(exc, "decode", number)
+            yield REJECTED, reject(number, shown, "decode", INTERNAL_ERROR, detail)
             return
         header = decoded.header
         image = schema.as_stored(model_image)

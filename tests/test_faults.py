@@ -1,15 +1,20 @@
-"""Faults: jobs killed mid-run and run again.
+"""Faults: jobs killed mid-run and run again, and a bug on one input.
 
 A killed preprocessing or scoring job, run again with the same command into
 the same output, must leave exactly the files an uninterrupted run writes,
 byte for byte: no partial or temporary file, no staging folder, no
 duplicate. The kills are SIGKILLs of the whole process group (the local
-runner's worker processes too) once some output exists.
+runner's worker processes too) once some output exists. An unexpected
+exception on one input (a decoder bug, not a bad file) must reject that input
+as ``internal_error``, without header values, and let the job finish.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,10 +22,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from beam_pipelines import preprocess, score, tfrecord
+from beam_pipelines import dicom, preprocess, score, tfrecord
 from tests.conftest import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
@@ -31,6 +37,8 @@ MULTI_PROCESS = [
     "--direct_running_mode=multi_processing",
     "--direct_num_workers=2",
 ]
+# Header-like text an exception message could carry: never in a detail or log.
+PHI = "DOE^JANE"
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -143,3 +151,118 @@ def test_killed_scoring_rerun_writes_what_an_uninterrupted_run_writes(
 
     _rerun(command, tmp_path / "rerun.log")
     _assert_same_files(_files(out), uninterrupted)
+
+
+def _buggy_decoder(monkeypatch: pytest.MonkeyPatch, victim: str) -> None:
+    """Makes the shared decoder raise a non-reject error on one file."""
+    real = dicom.decode_model_input
+
+    def decode(source: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(source).endswith(victim):
+            raise RuntimeError(f"decoder bug at PatientName '{PHI}'")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(dicom, "decode_model_input", decode)
+
+
+def _victim(archive: Path) -> tuple[int, str]:
+    with (archive / "metadata.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    number, row = next((i, r) for i, r in enumerate(rows, 1) if r["DicomPath"].startswith("raw/P"))
+    return number, row["DicomPath"]
+
+
+def _check_internal_error(
+    rejects: list[dict], row: int, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (record,) = [r for r in rejects if r["reason"] == "internal_error"]
+    assert (record["row"], record["dicom_path"], record["stage"]) == (row, path, "decode")
+    assert record["detail"].startswith("RuntimeError: decoder bug at PatientName")
+    assert PHI not in record["detail"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    logged = [m for m in warnings if "internal_error" in m]
+    assert len(logged) == 1 and f"row {row}," in logged[0] and "Traceback" not in logged[0]
+    assert "decode_model_input" in logged[0]  # the frames: where the bug is
+    assert PHI not in logged[0] and path not in logged[0] and path.split("/")[1] not in logged[0]
+
+
+def test_unexpected_decoder_error_rejects_one_row_in_preprocessing(
+    synthetic_archive: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    row, path = _victim(synthetic_archive)
+    _buggy_decoder(monkeypatch, path)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        manifest = preprocess.run(
+            [
+                "--metadata",
+                str(synthetic_archive / "metadata.csv"),
+                "--output_dir",
+                str(out),
+                "--direct_num_workers=1",
+                *LOCAL_RUNNER,
+            ]
+        )
+    rejects = [json.loads(x) for x in (out / "rejects" / "rejects.jsonl").read_text().splitlines()]
+    _check_internal_error(rejects, row, path, caplog)
+    assert manifest["rejected_by_reason"]["internal_error"] == 1
+    assert manifest["kept"] + manifest["rejected"] == manifest["input_rows"]
+    with (synthetic_archive / "expected_rejects.csv").open() as handle:
+        assert manifest["rejected"] == sum(1 for _ in csv.DictReader(handle)) + 1
+
+
+def test_unexpected_decoder_error_rejects_one_row_in_scoring(
+    synthetic_archive: Path,
+    trained_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    row, path = _victim(synthetic_archive)
+    _buggy_decoder(monkeypatch, path)
+    prefix = tmp_path / "archive"
+    with caplog.at_level(logging.WARNING):
+        summary = score.run(
+            [
+                "--model",
+                str(trained_model / "model"),
+                "--metadata",
+                str(synthetic_archive / "metadata.csv"),
+                "--output",
+                str(prefix),
+                "--direct_num_workers=1",
+                *LOCAL_RUNNER,
+            ]
+        )
+    rejects = [
+        json.loads(x) for x in (tmp_path / "rejects" / "archive.jsonl").read_text().splitlines()
+    ]
+    _check_internal_error(rejects, row, path, caplog)
+    assert summary["rejected_by_reason"]["internal_error"] == 1
+    assert summary["scored"] + summary["rejected"] == summary["inputs"]
+
+
+def test_memory_error_and_interrupts_still_propagate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from beam_pipelines.rows import ValidRow
+
+    row = ValidRow(1, "P1", "S1", "a.dcm", str(tmp_path / "a.dcm"), "PA", True, 40, "F", {})
+    preprocess_fn = preprocess.DecodeAndStageFn(dicom.DecodeOptions(), "pad", str(tmp_path), 0)
+    score_fn = score.DecodeForScoringFn(dicom.DecodeOptions(), "pad")
+    for error in (MemoryError, KeyboardInterrupt):
+
+        def fail(*args: object, error: type[BaseException] = error, **kwargs: object) -> None:
+            raise error
+
+        monkeypatch.setattr(dicom, "decode_model_input", fail)
+        for fn, element in (
+            (preprocess_fn, (row, {"P1": "train"}, {"train": 1})),
+            (score_fn, (row,)),
+        ):
+            fn.setup()
+            with pytest.raises(error):
+                list(fn.process(*element))

@@ -92,11 +92,15 @@ def test_pinned_rerun_moves_no_patient(
     assert (rerun / "splits.csv").read_text() == (out / "splits.csv").read_text()
 
 
-def test_missing_columns_fail_before_any_work(tmp_path: Path) -> None:
+def test_missing_columns_fail_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "metadata.csv"
     bad.write_text("PatientID,Path\nP1,a.dcm\n")
-    with pytest.raises(ValueError, match="DicomPath"):
+    with pytest.raises(SystemExit) as exited:
         preprocess.run(["--metadata", str(bad), "--output_dir", str(tmp_path / "out"), *LOCAL])
+    assert exited.value.code == 2
+    assert "lacks required columns ['DicomPath', 'Abnormal']" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
