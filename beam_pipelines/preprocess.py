@@ -28,7 +28,13 @@ from apache_beam.metrics import Metrics
 
 from beam_pipelines import dicom, schema, sharding, splits, tfrecord
 from beam_pipelines.files import read_bytes, remove_matching, write_text
-from beam_pipelines.options import add_decode_arguments, decode_options, pipeline_options
+from beam_pipelines.options import (
+    add_decode_arguments,
+    add_input_arguments,
+    allowed_schemes,
+    decode_options,
+    pipeline_options,
+)
 from beam_pipelines.outcomes import (
     INTERNAL_ERROR,
     KEPT,
@@ -39,12 +45,13 @@ from beam_pipelines.outcomes import (
     internal_error_detail,
 )
 from beam_pipelines.rows import (
+    MetadataError,
     ReadMetadataFn,
     RejectDuplicatePaths,
     ValidateRowFn,
     ValidRow,
     archive_root_for,
-    iter_metadata,
+    check_metadata,
     reject,
 )
 
@@ -310,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--archive_root", help="Root that DicomPath is relative to (default: the CSV's folder)."
     )
+    add_input_arguments(parser)
     parser.add_argument(
         "--split", default="0.8,0.1,0.1", help="train,validation,test ratios (default 0.8,0.1,0.1)."
     )
@@ -348,10 +356,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if args.pin_splits:
         with FileSystems.open(args.pin_splits) as handle:
             pinned = splits.read_splits_csv(handle.read().decode("utf-8"))
-    # Fail fast, before any work, on a CSV that cannot be used at all.
-    with FileSystems.open(args.metadata) as handle:
-        head = handle.read(1 << 16).decode("utf-8-sig", errors="replace").splitlines()[:1]
-    next(iter_metadata("\n".join(head) + "\n"), None)
+    try:
+        schemes = allowed_schemes(args, archive_root, args.metadata)
+    except ValueError as exc:
+        parser.error(f"--allowed_schemes: {exc}")
+    # Fail fast, before any work (and before an earlier run's outputs are
+    # replaced), on a CSV that cannot be used at all: exit 2 with the reason.
+    try:
+        check_metadata(args.metadata)
+    except MetadataError as exc:
+        parser.error(f"--metadata {args.metadata}: {exc}")
 
     decoding = decode_options(args)
     out = args.output_dir.rstrip("/")
@@ -367,7 +381,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
         valid, invalid = (
             rows
-            | "ValidateRows" >> beam.ParDo(ValidateRowFn(archive_root))
+            | "ValidateRows" >> beam.ParDo(ValidateRowFn(archive_root, allowed_schemes=schemes))
             | "RouteValidated" >> SplitOutcomes()
         )
         unique, duplicates = (
@@ -422,6 +436,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         settings = {
             "metadata": args.metadata,
             "archive_root": archive_root,
+            "allowed_schemes": sorted(schemes),
             "split": list(ratios),
             "seed": args.seed,
             "pin_splits": args.pin_splits,

@@ -38,7 +38,13 @@ from apache_beam.options.pipeline_options import StandardOptions
 from beam_pipelines import dicom, schema, tfrecord
 from beam_pipelines.files import atomic_create, remove_matching, write_text
 from beam_pipelines.model_handler import InferenceError, KerasModelHandler
-from beam_pipelines.options import add_decode_arguments, decode_options, pipeline_options
+from beam_pipelines.options import (
+    add_decode_arguments,
+    add_input_arguments,
+    allowed_schemes,
+    decode_options,
+    pipeline_options,
+)
 from beam_pipelines.outcomes import (
     INTERNAL_ERROR,
     KEPT,
@@ -50,11 +56,13 @@ from beam_pipelines.outcomes import (
 )
 from beam_pipelines.rows import (
     SCORING_REQUIRED_COLUMNS,
+    MetadataError,
     ReadMetadataFn,
     RejectDuplicatePaths,
     ValidateRowFn,
     ValidRow,
     archive_root_for,
+    check_metadata,
     reject,
 )
 from beam_pipelines.sharding import shard_count, shard_of
@@ -243,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--data_dir", help="Preprocessed output: scores every split's shards.")
     parser.add_argument("--output", required=True, help="Output prefix, e.g. predictions/archive.")
     parser.add_argument("--archive_root", help="Root of DicomPath (default: the CSV's folder).")
+    add_input_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=32, help="Largest inference batch.")
     parser.add_argument(
         "--num_shards", type=int, default=0, help=f"Output files (0: one per {ROWS_PER_SHARD})."
@@ -272,6 +281,18 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--model {args.model} has no model.keras (is it RESULTS/model?)")
     if args.metadata and not FileSystems.exists(args.metadata):
         parser.error(f"--metadata not found: {args.metadata}")
+    archive_root = archive_root_for(args.metadata or "", args.archive_root)
+    try:
+        schemes = allowed_schemes(args, archive_root, args.metadata or "")
+    except ValueError as exc:
+        parser.error(f"--allowed_schemes: {exc}")
+    if args.metadata:
+        # Fail fast, before any work (and before an earlier run's outputs are
+        # replaced), on a CSV that cannot be used at all: exit 2 with the reason.
+        try:
+            check_metadata(args.metadata, SCORING_REQUIRED_COLUMNS)
+        except MetadataError as exc:
+            parser.error(f"--metadata {args.metadata}: {exc}")
     if (
         args.data_dir
         and not FileSystems.match([f"{args.data_dir}/*/part-*.tfrecord.gz"])[0].metadata_list
@@ -308,7 +329,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             input_count = examples | "CountInputs" >> beam.combiners.Count.Globally()
         else:
             if args.metadata:
-                archive_root = archive_root_for(args.metadata, args.archive_root)
                 rows = (
                     pipeline
                     | "MetadataPath" >> beam.Create([args.metadata])
@@ -317,7 +337,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 )
                 valid, invalid = (
                     rows
-                    | "ValidateRows" >> beam.ParDo(ValidateRowFn(archive_root, scoring=True))
+                    | "ValidateRows"
+                    >> beam.ParDo(
+                        ValidateRowFn(archive_root, scoring=True, allowed_schemes=schemes)
+                    )
                     | "RouteValidated" >> SplitOutcomes()
                 )
                 sources, duplicates = (
