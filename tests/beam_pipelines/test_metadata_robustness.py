@@ -584,3 +584,9 @@ def test_preprocess_manifest_counts_every_reason(synthetic_archive: Path, tmp_pa
         (10, "malformed_row"),
     ]
     assert rejects[4]["dicom_path"] == "raw/\\xe9.dcm"
+
+
+def test_readme_lists_every_validate_reason() -> None:
+    readme = (REPO / "README.md").read_text()
+    missing = [r for r in rows.VALIDATE_REASONS if f"`{r}`" not in readme]
+    assert not missing, f"README lists no {missing}"
