@@ -44,6 +44,11 @@ from beam_pipelines.outcomes import (
     WriteRejects,
     internal_error_detail,
 )
+from beam_pipelines.pseudonym import (
+    Pseudonymizer,
+    add_pseudonymize_arguments,
+    pseudonymizer_from_args,
+)
 from beam_pipelines.rows import (
     MetadataError,
     ReadMetadataFn,
@@ -59,9 +64,15 @@ logger = logging.getLogger(__name__)
 
 
 def make_record(
-    row: ValidRow, options: dicom.DecodeOptions, resize_policy: dicom.ResizePolicy
+    row: ValidRow,
+    options: dicom.DecodeOptions,
+    resize_policy: dicom.ResizePolicy,
+    pseudonymizer: Pseudonymizer | None = None,
 ) -> dict[str, Any]:
     """Decodes a row's DICOM into a schema record (224x224x1 image + metadata).
+
+    With a pseudonymizer the row's identifiers are already pseudonyms; the
+    header's SOP Instance UID is replaced here.
 
     Raises:
         dicom.DicomRejected: for every per-file problem.
@@ -81,7 +92,9 @@ def make_record(
         "sex": row.sex or header.patient_sex or "",
         "original_rows": header.rows,
         "original_columns": header.columns,
-        "sop_instance_uid": header.sop_instance_uid,
+        "sop_instance_uid": (
+            pseudonymizer(header.sop_instance_uid) if pseudonymizer else header.sop_instance_uid
+        ),
         "extra": row.extra,
         "_inverted": decoded.inverted,
         "_intensity": decoded.voi,
@@ -111,11 +124,13 @@ class DecodeAndStageFn(beam.DoFn):
         resize_policy: dicom.ResizePolicy,
         staging_dir: str,
         num_shards: int,
+        pseudonymizer: Pseudonymizer | None = None,
     ) -> None:
         self._options = options
         self._resize_policy = resize_policy
         self._staging_dir = staging_dir
         self._num_shards = num_shards
+        self._pseudonymizer = pseudonymizer
 
     def setup(self) -> None:
         self._progress = Progress("decoded and staged images")
@@ -125,7 +140,7 @@ class DecodeAndStageFn(beam.DoFn):
     ) -> Iterator[Any]:
         self._progress.tick()
         try:
-            record = make_record(row, self._options, self._resize_policy)
+            record = make_record(row, self._options, self._resize_policy, self._pseudonymizer)
         except dicom.DicomRejected as rejected:
             Metrics.counter(self.__class__, f"rejected_{rejected.reason}").inc()
             yield (
@@ -334,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Shards per split (default 0: one per {RECORDS_PER_SHARD} records).",
     )
     add_decode_arguments(parser)
+    add_pseudonymize_arguments(parser)
     return parser
 
 
@@ -367,6 +383,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     except MetadataError as exc:
         parser.error(f"--metadata {args.metadata}: {exc}")
 
+    try:
+        pseudonymizer = pseudonymizer_from_args(args)
+    except ValueError as exc:
+        parser.error(f"pseudonymization: {exc}")
+
     decoding = decode_options(args)
     out = args.output_dir.rstrip("/")
     options = pipeline_options(beam_args)
@@ -384,6 +405,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             | "ValidateRows" >> beam.ParDo(ValidateRowFn(archive_root, allowed_schemes=schemes))
             | "RouteValidated" >> SplitOutcomes()
         )
+        if pseudonymizer is not None:
+            # From here on every identifier is a pseudonym: splits, records,
+            # rejects and shard placement never see the originals.
+            valid = valid | "PseudonymizeRows" >> beam.Map(pseudonymizer.row)
+            invalid = invalid | "PseudonymizeRejects" >> beam.Map(pseudonymizer.record)
         unique, duplicates = (
             valid
             | "RejectDuplicatePaths" >> RejectDuplicatePaths()
@@ -401,7 +427,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             unique
             | "DecodeDicom"
             >> beam.ParDo(
-                DecodeAndStageFn(decoding, args.resize_policy, staging, args.num_shards),
+                DecodeAndStageFn(
+                    decoding, args.resize_policy, staging, args.num_shards, pseudonymizer
+                ),
                 pvalue.AsSingleton(assignment),
                 pvalue.AsSingleton(sizes),
             )
@@ -446,7 +474,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 "voi_index": decoding.voi_index,
                 "multiframe": args.multiframe,
                 "color": args.color,
+                "reduced_resolution": decoding.reduced_resolution,
             },
+            # Names the key (not the key): jobs given the same key match it.
+            "pseudonymized": pseudonymizer.fingerprint if pseudonymizer else None,
         }
         # Written last and only after every other output exists (its side
         # inputs are their paths): a manifest.json means a complete output.

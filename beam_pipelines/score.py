@@ -54,6 +54,7 @@ from beam_pipelines.outcomes import (
     WriteRejects,
     internal_error_detail,
 )
+from beam_pipelines.pseudonym import add_pseudonymize_arguments, pseudonymizer_from_args
 from beam_pipelines.rows import (
     SCORING_REQUIRED_COLUMNS,
     MetadataError,
@@ -258,7 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model_id", help="Recorded in every row (default: the model card's).")
     add_decode_arguments(parser)
+    add_pseudonymize_arguments(parser)
     return parser
+
+
+def _shards_pseudonym_key(data_dir: str) -> str | None:
+    """The key fingerprint preprocessing recorded for these shards, or None."""
+    path = f"{data_dir.rstrip('/')}/manifest.json"
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as handle:
+        settings = json.loads(handle.read()).get("options", {})
+    return settings.get("pseudonymized")
 
 
 def _model_id(model_dir: str, given: str | None) -> str:
@@ -302,6 +314,17 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     name = posixpath.basename(prefix)
     rejects_path = f"{posixpath.dirname(prefix) or '.'}/rejects/{name}.jsonl"
     summary_path = f"{prefix}.summary.json"
+    try:
+        pseudonymizer = pseudonymizer_from_args(args)
+    except ValueError as exc:
+        parser.error(f"pseudonymization: {exc}")
+    # Shards made with a key already hold pseudonyms: never hash them twice.
+    already = _shards_pseudonym_key(args.data_dir) if args.data_dir else None
+    if already and pseudonymizer and pseudonymizer.fingerprint != already:
+        parser.error("the pseudonymization key differs from the one the shards were made with")
+    pseudonymized = already or (pseudonymizer.fingerprint if pseudonymizer else None)
+    if already:
+        pseudonymizer = None
     model_id = _model_id(args.model, args.model_id)
     options = decode_options(args)
     beam_options = pipeline_options(beam_args)
@@ -372,6 +395,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
         rejects.append(failed)
         all_rejects = tuple(rejects) | "AllRejects" >> beam.Flatten()
+        if pseudonymizer is not None:
+            # Decoding needed the real paths; nothing written keeps them.
+            predictions = predictions | "PseudonymizePredictions" >> beam.Map(pseudonymizer.record)
+            all_rejects = all_rejects | "PseudonymizeRejects" >> beam.Map(pseudonymizer.record)
         files = predictions | "WritePredictions" >> WritePredictions(prefix, args.num_shards)
         rejects_file = all_rejects | "WriteRejects" >> WriteRejects(rejects_path)
         scored = predictions | "CountScored" >> beam.combiners.Count.Globally()
@@ -385,6 +412,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             _write_summary,
             summary_path,
             model_id,
+            pseudonymized,
             pvalue.AsSingleton(scored),
             pvalue.AsSingleton(by_reason),
             pvalue.AsList(files),
@@ -406,6 +434,7 @@ def _write_summary(
     inputs: int,
     path: str,
     model_id: str,
+    pseudonymized: str | None,
     scored: int,
     by_reason: dict[str, int],
     files: list[str],
@@ -417,6 +446,7 @@ def _write_summary(
         "rejected": sum(by_reason.values()),
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "model_id": model_id,
+        "pseudonymized": pseudonymized,
         "files": sorted(files),
         "rejects_file": rejects_file,
     }
