@@ -521,13 +521,24 @@ def test_cli_bad_allowed_schemes_exit(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--allowed_schemes: not a URI scheme" in done.stderr
 
 
-# --- End to end: every new reason reconciles in the manifest ------------------------------------
+# --- End to end: every new reason reconciles in the manifest and the summary ----------------------
+
+_LOCAL = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
+#: (row, reason) of every broken row of `broken_archive`.
+_EXPECTED_REJECTS = [
+    (4, "path_escapes_root"),
+    (5, "path_escapes_root"),
+    (6, "scheme_not_allowed"),
+    (7, "scheme_not_allowed"),
+    (8, "bad_encoding"),
+    (9, "ragged_row"),
+    (10, "malformed_row"),
+]
 
 
-@pytest.mark.slow
-def test_preprocess_manifest_counts_every_reason(synthetic_archive: Path, tmp_path: Path) -> None:
-    from beam_pipelines import preprocess
-
+@pytest.fixture
+def broken_archive(synthetic_archive: Path, tmp_path: Path) -> Path:
+    """archive/metadata.csv: 3 good rows (one through an inner symlink), 7 of the new reasons."""
     with (synthetic_archive / "metadata.csv").open(newline="") as handle:
         good = list(csv.DictReader(handle))[:3]
     root, outside = tmp_path / "archive", tmp_path / "outside"
@@ -555,16 +566,25 @@ def test_preprocess_manifest_counts_every_reason(synthetic_archive: Path, tmp_pa
         + line("Q8", "raw/0.dcm").replace(b"raw/0", b"raw/\xe9")
         + b"Q9,S,raw/1.dcm,PA\n"
         + b'Q10,S,"raw/1.dcm,PA,true,40,F\n'
-        + b'Q11,S,"raw/2.dcm",PA,true,40,F\n'
+        + b'Q11,S,"raw/2.dcm",PA,true,40,F\n'  # taken into Q10's row by its open quote
     )
     (root / "metadata.csv").write_bytes(data)
+    return root
+
+
+def _reject_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(r) for r in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_preprocess_manifest_counts_every_reason(broken_archive: Path, tmp_path: Path) -> None:
+    from beam_pipelines import preprocess
+
     out = tmp_path / "pre"
     manifest = preprocess.run(
-        ["--metadata", str(root / "metadata.csv"), "--output_dir", str(out), "--seed", "1"]
-        + ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
+        ["--metadata", str(broken_archive / "metadata.csv"), "--output_dir", str(out), *_LOCAL]
     )
-    assert manifest["input_rows"] == 10  # Q10's open quote took Q11's line into its row
-    assert manifest["kept"] == 3
+    assert (manifest["input_rows"], manifest["kept"]) == (10, 3)
     assert manifest["rejected_by_reason"] == {
         "bad_encoding": 1,
         "malformed_row": 1,
@@ -573,17 +593,39 @@ def test_preprocess_manifest_counts_every_reason(synthetic_archive: Path, tmp_pa
         "scheme_not_allowed": 2,
     }
     assert manifest["options"]["allowed_schemes"] == []
-    rejects = [json.loads(r) for r in (out / "rejects" / "rejects.jsonl").read_text().splitlines()]
-    assert [(r["row"], r["reason"]) for r in rejects] == [
-        (4, "path_escapes_root"),
-        (5, "path_escapes_root"),
-        (6, "scheme_not_allowed"),
-        (7, "scheme_not_allowed"),
-        (8, "bad_encoding"),
-        (9, "ragged_row"),
-        (10, "malformed_row"),
-    ]
+    rejects = _reject_lines(out / "rejects" / "rejects.jsonl")
+    assert [(r["row"], r["reason"]) for r in rejects] == _EXPECTED_REJECTS
     assert rejects[4]["dicom_path"] == "raw/\\xe9.dcm"
+
+
+@pytest.mark.slow
+def test_score_summary_counts_every_reason(
+    broken_archive: Path, trained_model: Path, tmp_path: Path
+) -> None:
+    from beam_pipelines import score
+
+    prefix = tmp_path / "scores" / "archive"
+    summary = score.run(
+        [
+            "--model",
+            str(trained_model / "model"),
+            "--metadata",
+            str(broken_archive / "metadata.csv"),
+            "--output",
+            str(prefix),
+            *_LOCAL,
+        ]
+    )
+    assert (summary["inputs"], summary["scored"]) == (10, 3)
+    assert summary["rejected_by_reason"] == {
+        "bad_encoding": 1,
+        "malformed_row": 1,
+        "path_escapes_root": 2,
+        "ragged_row": 1,
+        "scheme_not_allowed": 2,
+    }
+    rejects = _reject_lines(prefix.parent / "rejects" / "archive.jsonl")
+    assert [(r["row"], r["reason"]) for r in rejects] == _EXPECTED_REJECTS
 
 
 def test_readme_lists_every_validate_reason() -> None:
