@@ -611,14 +611,20 @@ def _decode(
     reduced = None
     if min_shape is not None and options.reduced_resolution:
         reduced = _decode_reduced(ds, header, pixel_keyword, min_shape(header))
+    native = None
     if reduced is None:
-        stored, path, reduction = _decode_first_frame(ds, header), "full", 1
+        native = _native_view(ds, header)
+        stored = native if native is not None else _decode_first_frame(ds, header)
+        path, reduction = "full", 1
     else:
         stored, path, reduction = reduced
     photometric = header.photometric_interpretation
     if header.samples_per_pixel == 1 and photometric in GRAYSCALE:
         inverted = photometric == "MONOCHROME1"
-        image, voi = _normalize_gray(stored, ds, header, options, pixel_keyword, inverted)
+        # The in-place view is masked to Bits Stored: its values need no scan.
+        image, voi = _normalize_gray(
+            stored, ds, header, options, pixel_keyword, inverted, in_range=native is not None
+        )
         return DecodedImage(image, header, inverted, voi, False, path, reduction)
     image = _color_to_gray(stored, ds, header, options)
     return DecodedImage(image, header, inverted=False, voi="bit_range", color_converted=True)
@@ -723,9 +729,6 @@ def _native_view(ds: Dataset, header: DicomHeader) -> np.ndarray | None:
 
 
 def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
-    native = _native_view(ds, header)
-    if native is not None:
-        return native
     syntax = UID(header.transfer_syntax_uid)
     try:
         decoder = pydicom.pixels.get_decoder(syntax)
@@ -833,23 +836,31 @@ def _normalize_gray(
     options: DecodeOptions,
     keyword: str,
     invert: bool,
+    in_range: bool = False,
 ) -> tuple[np.ndarray, str]:
-    """Modality LUT, VOI, range scaling and inversion; returns float32 [0, 1]."""
+    """Modality LUT, VOI, range scaling and inversion; returns float32 [0, 1].
+
+    ``in_range``: the stored values are known to lie within the range Bits
+    Stored allows (so the data need not be scanned for it).
+    """
     if keyword != "PixelData" or stored.dtype.kind == "f":
         image, mode = _normalize_float(stored, ds, options)
         return (1.0 - image if invert else image), mode
+    bounds = _stored_range(header) if in_range else None
     transform, mode = _intensity_transform(ds, header, options.voi_index, invert)
-    image = _apply_transform(stored, transform)
+    image = _apply_transform(stored, transform, bounds)
     if mode != "bit_range" and _misses_image(image):
         # A window that leaves (nearly) every pixel saturated describes some
         # other image (edited pixels, copied headers): use the bit range.
         transform, _ = _intensity_transform(ds, header, None, invert)
-        return _apply_transform(stored, transform), "window_ignored"
+        return _apply_transform(stored, transform, bounds), "window_ignored"
     return image, mode
 
 
 def _apply_transform(
-    stored: np.ndarray, transform: Callable[[np.ndarray], np.ndarray]
+    stored: np.ndarray,
+    transform: Callable[[np.ndarray], np.ndarray],
+    bounds: tuple[int, int] | None = None,
 ) -> np.ndarray:
     bits = stored.dtype.itemsize * 8
     if bits > 16:
@@ -870,9 +881,11 @@ def _apply_transform(
         image = np.multiply(stored, np.float32(scale), dtype=np.float32)
         if offset:
             image += np.float32(offset)
-        # Clipping costs two passes over the float image; a min/max over the
-        # (half as large) stored values tells whether any pixel needs it.
-        ends = (float(stored.min()) * scale + offset, float(stored.max()) * scale + offset)
+        # Clipping costs two passes over the float image; the values' range
+        # (from the header when known, else a min/max over the half as large
+        # stored values) tells whether any pixel needs it.
+        low, high = bounds if bounds is not None else (stored.min(), stored.max())
+        ends = (float(low) * scale + offset, float(high) * scale + offset)
         if min(ends) < 0.0 or max(ends) > 1.0:
             np.maximum(image, 0.0, out=image)  # faster than np.clip on numpy 1.26
             np.minimum(image, 1.0, out=image)
@@ -924,19 +937,23 @@ def _intensity_transform(
     return forward, mode
 
 
-def _modality_transform(
-    ds: Dataset, header: DicomHeader
-) -> tuple[Callable[[np.ndarray], np.ndarray], float, float]:
-    """Returns the modality LUT and the range of its output over the stored range."""
+def _stored_range(header: DicomHeader) -> tuple[int, int]:
+    """The smallest and largest stored value Bits Stored and the sign allow."""
     bits = (
         header.bits_stored
         if 0 < header.bits_stored <= header.bits_allocated
         else (header.bits_allocated)
     )
     if header.pixel_representation == 1:
-        smin, smax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    else:
-        smin, smax = 0, 2**bits - 1
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _modality_transform(
+    ds: Dataset, header: DicomHeader
+) -> tuple[Callable[[np.ndarray], np.ndarray], float, float]:
+    """Returns the modality LUT and the range of its output over the stored range."""
+    smin, smax = _stored_range(header)
 
     sequence = _value(ds, "ModalityLUTSequence")
     if sequence:
