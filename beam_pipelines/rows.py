@@ -224,7 +224,7 @@ def _header(reader: Any, lines: _Lines, required: tuple[str, ...]) -> list[str]:
     columns = []
     for name in names:
         unique, k = name, 0
-        if name in first:
+        if name and name in first:  # (unnamed columns are ignored, not renamed)
             while unique in taken:
                 k += 1
                 unique = f"{name}.{k}"

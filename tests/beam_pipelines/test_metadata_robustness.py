@@ -204,6 +204,11 @@ def test_duplicate_extra_columns_keep_their_data() -> None:
     }
 
 
+def test_unnamed_columns_are_ignored() -> None:
+    ((_, cells),) = iter_metadata("PatientID,,DicomPath,Abnormal,\nP1,x,a.dcm,true,y\n")
+    assert cells == {"PatientID": "P1", "DicomPath": "a.dcm", "Abnormal": "true"}
+
+
 def test_empty_file_is_refused() -> None:
     with pytest.raises(MetadataError, match="empty"):
         list(iter_metadata(""))
