@@ -49,20 +49,26 @@ def serialized_records(files: list[str], training: bool, seed: int) -> tf.data.D
     )
 
 
-def random_affine(images: tf.Tensor, config: TrainConfig) -> tf.Tensor:
+def _uniform(seeds: tf.Tensor, which: int, shape: Any, low: float, high: float) -> tf.Tensor:
+    """Stateless uniform draw number ``which`` of a batch's seeds."""
+    return tf.random.stateless_uniform(shape, seed=seeds[which], minval=low, maxval=high)
+
+
+def random_affine(images: tf.Tensor, config: TrainConfig, seeds: tf.Tensor) -> tf.Tensor:
     """Random rotation, shift and zoom of a batch as one bilinear resample.
 
     One composed transform instead of three Keras layers: each resamples the
     whole image, and together they cost more than the CPU training step.
-    Areas brought in from outside the image are black (air).
+    Areas brought in from outside the image are black (air). ``seeds``: the
+    batch's stateless seeds (see :func:`augment_batch`).
     """
     n = tf.shape(images)[0]
     size = float(schema.IMAGE_SIZE)
     centre = (size - 1.0) / 2.0
-    angle = tf.random.uniform([n], -1.0, 1.0) * (config.rotation_degrees * math.pi / 180.0)
-    scale = 1.0 + tf.random.uniform([n], -config.zoom_fraction, config.zoom_fraction)
-    dx = tf.random.uniform([n], -1.0, 1.0) * config.shift_fraction * size
-    dy = tf.random.uniform([n], -1.0, 1.0) * config.shift_fraction * size
+    angle = _uniform(seeds, 0, [n], -1.0, 1.0) * (config.rotation_degrees * math.pi / 180.0)
+    scale = 1.0 + _uniform(seeds, 1, [n], -config.zoom_fraction, config.zoom_fraction)
+    dx = _uniform(seeds, 2, [n], -1.0, 1.0) * config.shift_fraction * size
+    dy = _uniform(seeds, 3, [n], -1.0, 1.0) * config.shift_fraction * size
     # Maps output to input coordinates about the centre, as the op expects.
     a0, a1 = tf.cos(angle) * scale, -tf.sin(angle) * scale
     b0, b1 = tf.sin(angle) * scale, tf.cos(angle) * scale
@@ -80,36 +86,53 @@ def random_affine(images: tf.Tensor, config: TrainConfig) -> tf.Tensor:
     )
 
 
-def augment_batch(images: tf.Tensor, config: TrainConfig) -> tf.Tensor:
-    """Train-time augmentation of a batch of [0,1] images; stays in [0,1]."""
+def augment_batch(images: tf.Tensor, config: TrainConfig, seed: tf.Tensor) -> tf.Tensor:
+    """Train-time augmentation of a batch of [0,1] images; stays in [0,1].
+
+    Stateless: ``seed`` (shape [2], int) fixes every random draw, so batch k
+    of a run is augmented the same way whether the run got there in one go
+    or resumed after a kill (see :func:`training_dataset`).
+    """
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=7)
     if config.flip:
-        images = tf.image.random_flip_left_right(images)
+        images = tf.image.stateless_random_flip_left_right(images, seed=seeds[4])
     if config.rotation_degrees or config.shift_fraction or config.zoom_fraction:
-        images = random_affine(images, config)
+        images = random_affine(images, config, seeds)
     n = tf.shape(images)[0]
     if config.brightness:
-        delta = tf.random.uniform([n, 1, 1, 1], -config.brightness, config.brightness)
+        delta = _uniform(seeds, 5, [n, 1, 1, 1], -config.brightness, config.brightness)
         images = images + delta
     if config.contrast:
-        factor = 1.0 + tf.random.uniform([n, 1, 1, 1], -config.contrast, config.contrast)
+        factor = 1.0 + _uniform(seeds, 6, [n, 1, 1, 1], -config.contrast, config.contrast)
         mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
         images = (images - mean) * factor + mean
     return tf.clip_by_value(images, 0.0, 1.0)
 
 
-def training_dataset(config: TrainConfig, files: list[str]) -> tf.data.Dataset:
-    """Endless shuffled, augmented (image, label) batches of the global batch size."""
+def training_dataset(
+    config: TrainConfig, files: list[str], skip_batches: int = 0
+) -> tf.data.Dataset:
+    """Endless shuffled, augmented (image, label) batches of the global batch size.
+
+    The stream depends only on the seed: batch k holds the same records,
+    augmented the same way, in every run. ``skip_batches`` starts it at a
+    later batch (a resumed run skips the batches of the epochs it already
+    trained on); skipped batches are read but neither parsed nor augmented.
+    """
     dataset = serialized_records(files, training=True, seed=config.seed)
     if config.cache:
         dataset = dataset.cache()
     dataset = dataset.shuffle(config.shuffle_buffer, seed=config.seed).repeat()
     dataset = dataset.batch(config.global_batch_size, drop_remainder=True)
-    dataset = dataset.map(schema.tf_parse_examples, num_parallel_calls=AUTOTUNE)
+    dataset = dataset.enumerate().skip(skip_batches)
 
-    def to_pair(batch: dict[str, Any]) -> tuple[tf.Tensor, tf.Tensor]:
+    def to_pair(index: tf.Tensor, serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        batch = schema.tf_parse_examples(serialized)
         images = batch["image"]
         if config.augment:
-            images = augment_batch(images, config)
+            images = augment_batch(
+                images, config, tf.stack([tf.constant(config.seed, tf.int64), index])
+            )
         return images, batch["label"]
 
     return dataset.map(to_pair, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)

@@ -151,31 +151,171 @@ def _best_weights_class() -> type:
     return BestWeights
 
 
-def _callbacks(config: TrainConfig, steps_per_epoch: int, earlier_best: float | None) -> list[Any]:
+RNG_STATE_FILE = "rng_state.json"
+
+
+def _rng_variables(model: Any) -> list[Any]:
+    """The model's random-generator states (e.g. dropout's), which backups leave out."""
+    return [v for v in model.variables if "seed_generator_state" in v.path]
+
+
+def _rng_state_class() -> type:
+    import keras
+
+    class RngState(keras.callbacks.Callback):
+        """Records the model's random-generator states at each epoch's end.
+
+        ``BackupAndRestore`` saves weights and optimizer, not the seed
+        generators of layers such as dropout: a resumed run would draw the
+        masks of its first epoch again. Keeps the last two epochs (the
+        backup may fall back to the previous one); written atomically,
+        before the backup marks the epoch done.
+        """
+
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            self.path = path
+
+        def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+            states = _read_rng_states(self.path)
+            states[str(epoch + 1)] = {
+                v.path: np.asarray(v.numpy()).tolist() for v in _rng_variables(self.model)
+            }
+            keep = sorted(states, key=int)[-2:]
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(f"{self.path}.tmp", "w") as handle:
+                json.dump({k: states[k] for k in keep}, handle)
+            os.replace(f"{self.path}.tmp", self.path)
+
+    return RngState
+
+
+def _read_rng_states(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as handle:
+            return dict(json.load(handle))
+    except (OSError, ValueError):
+        return {}
+
+
+def _restore_rng_states(model: Any, backup_dir: str, epoch: int) -> bool:
+    """Sets the random-generator states recorded when ``epoch`` began; False if unknown."""
+    states = _read_rng_states(os.path.join(backup_dir, RNG_STATE_FILE)).get(str(epoch))
+    variables = _rng_variables(model)
+    if states is None or {v.path for v in variables} != set(states):
+        return False
+    for variable in variables:
+        variable.assign(np.asarray(states[variable.path], dtype=variable.dtype))
+    return True
+
+
+def _val_aucs(rows: list[dict[str, str]]) -> list[float | None]:
+    """Validation AUC per epoch of history rows (None where missing or NaN)."""
+    values: list[float | None] = []
+    for row in rows:
+        try:
+            value: float | None = float(row.get("val_auc") or "nan")
+        except ValueError:
+            value = None
+        values.append(value if value is not None and math.isfinite(value) else None)
+    return values
+
+
+def _resumable_classes() -> tuple[type, type]:
+    import keras
+
+    class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+        """EarlyStopping that counts the epochs a killed run already did.
+
+        Keras resets its counters when training (re)starts; replaying the
+        validation AUCs of history.csv makes a resumed run stop when an
+        uninterrupted one would.
+        """
+
+        wait: int
+        best: Any
+        best_epoch: int
+
+        def __init__(self, earlier: list[float | None], **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.earlier = earlier
+
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            super().on_train_begin(logs)
+            if self.earlier and self.monitor_op is None:
+                self._set_monitor_op()
+            for epoch, value in enumerate(self.earlier):
+                if value is None:
+                    continue
+                self.wait += 1
+                if self._is_improvement(value, self.best):
+                    self.best, self.best_epoch, self.wait = value, epoch, 0
+
+    class ResumedReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+        """ReduceLROnPlateau that counts the epochs a killed run already did.
+
+        The learning rate itself comes back with the optimizer's state; this
+        restores the plateau counters by replaying history.csv.
+        """
+
+        wait: int
+        best: Any
+        cooldown_counter: int
+
+        def __init__(self, earlier: list[float | None], **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.earlier = earlier
+
+        def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+            super().on_train_begin(logs)
+            if self.earlier and self.monitor_op is None:
+                self._set_monitor_op()
+            for value in self.earlier:
+                if value is None:
+                    continue
+                if self.in_cooldown():
+                    self.cooldown_counter -= 1
+                    self.wait = 0
+                if self._is_improvement(value, self.best):
+                    self.best, self.wait = value, 0
+                elif not self.in_cooldown():
+                    self.wait += 1
+                    if self.wait >= self.patience:  # the rate was reduced then
+                        self.cooldown_counter, self.wait = self.cooldown, 0
+
+    return ResumedEarlyStopping, ResumedReduceLROnPlateau
+
+
+def _callbacks(
+    config: TrainConfig, steps_per_epoch: int, earlier: list[dict[str, str]]
+) -> list[Any]:
+    """The training callbacks; ``earlier``: history rows of the epochs a resumed run skips."""
     import keras
 
     out = config.output_dir
     BestWeights = _best_weights_class()
+    EarlyStopping, ReduceLROnPlateau = _resumable_classes()
+    aucs = _val_aucs(earlier)
     # Order matters at each epoch's end: the history row and the best weights
     # are written before the backup records the epoch as done, so a kill in
     # between repeats that epoch instead of losing its row.
     callbacks: list[Any] = [
         keras.callbacks.CSVLogger(os.path.join(out, "history.csv"), append=True),
-        BestWeights(os.path.join(out, "checkpoints", "best.weights.h5"), earlier_best),
-        keras.callbacks.EarlyStopping(
-            monitor="val_auc", mode="max", patience=config.early_stopping_patience
-        ),
+        BestWeights(os.path.join(out, "checkpoints", "best.weights.h5"), _best(earlier)),
+        EarlyStopping(aucs, monitor="val_auc", mode="max", patience=config.early_stopping_patience),
         keras.callbacks.TensorBoard(os.path.join(out, "logs")),
     ]
     if config.lr_schedule == "plateau":
         callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(
+            ReduceLROnPlateau(
+                aucs,
                 monitor="val_auc",
                 mode="max",
                 factor=0.5,
                 patience=max(1, config.early_stopping_patience // 2),
             )
         )
+    callbacks.append(_rng_state_class()(os.path.join(out, "backup", RNG_STATE_FILE)))
     # double_checkpoint keeps the previous backup: a kill while the new one
     # is written leaves one that loads (see _usable_backup).
     callbacks.append(
@@ -296,15 +436,23 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             ],
             jit_compile=config.xla,
         )
+    if resume_epoch is not None and not _restore_rng_states(
+        model, os.path.join(out, "backup"), resume_epoch
+    ):
+        logger.warning(
+            "No random-generator state for epoch %s: dropout masks restart", resume_epoch
+        )
     model.fit(
-        data.training_dataset(config, train_files),
+        # The batches the finished epochs trained on are skipped, so a resumed
+        # run sees the very batches an uninterrupted one would.
+        data.training_dataset(config, train_files, (resume_epoch or 0) * steps_per_epoch),
         validation_data=data.evaluation_dataset(
             config, validation_files, pad=strategy.num_replicas_in_sync > 1
         ),
         epochs=config.epochs,
         steps_per_epoch=steps_per_epoch,
         class_weight=weights,
-        callbacks=_callbacks(config, steps_per_epoch, _best(_history(out)) if resuming else None),
+        callbacks=_callbacks(config, steps_per_epoch, _history(out) if resuming else []),
         verbose=config.verbose,
     )
     best = os.path.join(out, "checkpoints", "best.weights.h5")
