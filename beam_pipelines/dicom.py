@@ -314,7 +314,7 @@ def _read_path(path: str, max_bytes: int) -> bytes:
         # Beam wraps "not found" in BeamIOError (an OSError) on some filesystems.
         if not FileSystems.exists(path):
             raise DicomRejected("missing_file", "no file at the given path") from exc
-        raise DicomRejected("unreadable", f"{type(exc).__name__}: {_safe(exc)}") from exc
+        raise DicomRejected("unreadable", f"{type(exc).__name__}: {redact(exc)}") from exc
 
 
 def _read_limited(handle: BinaryIO, max_bytes: int) -> bytes:
@@ -365,7 +365,7 @@ def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Da
     except EOFError as exc:
         raise DicomRejected("truncated", "the file ends inside the header") from exc
     except Exception as exc:  # pydicom raises many types for malformed headers
-        raise DicomRejected("not_dicom", f"header could not be parsed: {_safe(exc)}") from exc
+        raise DicomRejected("not_dicom", f"header could not be parsed: {redact(exc)}") from exc
     _infer_transfer_syntax(ds)
     if _ends_early(ds, len(data)):
         raise DicomRejected("truncated", "an element's declared length runs past the end of file")
@@ -456,7 +456,7 @@ def _read_raw_dataset(data: bytes) -> Dataset:
     except EOFError as exc:
         raise DicomRejected("truncated", "the file ends inside the header") from exc
     except Exception as exc:
-        raise DicomRejected("not_dicom", f"header could not be parsed: {_safe(exc)}") from exc
+        raise DicomRejected("not_dicom", f"header could not be parsed: {redact(exc)}") from exc
     if len(ds) == 0:
         raise DicomRejected("not_dicom", "no DICOM elements found")
     return ds
@@ -517,6 +517,14 @@ def _value(ds: Dataset, keyword: str) -> Any:
         return ds.get(keyword)
     except Exception:  # an undecodable value reads as absent
         return None
+
+
+def _sequence(ds: Dataset, keyword: str) -> list[Dataset]:
+    """A sequence's items; a tag written with another VR reads as absent."""
+    value = _value(ds, keyword)
+    if isinstance(value, pydicom.sequence.Sequence):
+        return [item for item in value if isinstance(item, Dataset)]
+    return []
 
 
 def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
@@ -605,7 +613,7 @@ def _decode(
     try:
         header = read_header(ds)
     except Exception as exc:
-        raise DicomRejected("not_dicom", f"header fields unreadable: {_safe(exc)}") from exc
+        raise DicomRejected("not_dicom", f"header fields unreadable: {redact(exc)}") from exc
     pixel_keyword = _pixel_keyword(ds)
     _check_geometry(ds, header, pixel_keyword, options)
     reduced = None
@@ -684,8 +692,13 @@ def _check_geometry(ds: Dataset, header: DicomHeader, keyword: str, options: Dec
                 "pixel_length_mismatch",
                 f"{length} pixel bytes, header declares {expected}",
             )
-    elif ds.PixelData is None or len(ds.PixelData) == 0:
-        raise DicomRejected("no_pixel_data", "the encapsulated pixel data is empty")
+    else:
+        try:
+            value = ds.PixelData
+        except Exception as exc:  # e.g. an unknown VR, converted on first access
+            raise DicomRejected("not_dicom", f"pixel data unreadable: {redact(exc)}") from exc
+        if value is None or len(value) == 0:
+            raise DicomRejected("no_pixel_data", "the encapsulated pixel data is empty")
 
 
 def _native_view(ds: Dataset, header: DicomHeader) -> np.ndarray | None:
@@ -740,15 +753,28 @@ def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
         raise DicomRejected(
             "unsupported_transfer_syntax", f"no installed plugin decodes {syntax.name}"
         )
-    try:
-        # as_rgb converts YBR to RGB; index=0 decodes only the first frame.
-        with _quiet_plugins():
-            # pydicom's stub types **kwargs as DecodeOptions; as_rgb is documented.
-            array, _ = decoder.as_array(ds, index=0, as_rgb=True)  # type: ignore[arg-type]
-    except (MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # plugins raise anything from ValueError to RuntimeError
-        raise DicomRejected("decode_failed", f"{syntax.name}: {_safe(exc)}") from exc
+    if syntax.is_encapsulated:
+        _check_frame_header(ds, header, syntax)
+    array = None
+    failures = []
+    for plugin in _plugins(decoder.available_plugins):
+        try:
+            # as_rgb converts YBR to RGB; index=0 decodes only the first frame.
+            with _quiet_plugins():
+                # pydicom's stub types **kwargs as DecodeOptions; both are documented.
+                array, _ = decoder.as_array(
+                    ds,
+                    index=0,
+                    as_rgb=True,  # type: ignore[arg-type]
+                    decoding_plugin=plugin,
+                )
+            break
+        except (MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a Rust codec panics with a BaseException
+            failures.append(f"{plugin}: {redact(exc, 120)}")
+    if array is None:
+        raise DicomRejected("decode_failed", f"{syntax.name}: {'; '.join(failures)}"[:400])
     if array.ndim == 3 and header.samples_per_pixel == 1:
         array = array[0]
     if not array.dtype.isnative:
@@ -761,6 +787,41 @@ def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
             "decode_failed", f"decoded shape {array.shape} does not match {expected}"
         )
     return array
+
+
+# Tried in this order. GDCM comes last, only when nothing else can decode the
+# syntax: on malformed input it aborts the whole process (uncaught C++
+# exceptions, segfaults), which no except clause can turn into a reject.
+_PLUGIN_ORDER = ("pylibjpeg", "pyjpegls", "pillow")
+
+
+def _plugins(available: tuple[str, ...]) -> list[str]:
+    """Plugin names to try in order; ``""`` lets pydicom decode native data itself."""
+    ordered = [p for p in _PLUGIN_ORDER if p in available]
+    ordered += [p for p in available if p not in ordered and p != "gdcm"]
+    return ordered or list(available) or [""]
+
+
+def _check_frame_header(ds: Dataset, header: DicomHeader, syntax: UID) -> None:
+    """Rejects a compressed frame whose own header disagrees with Rows x Columns.
+
+    Codecs allocate from the frame's header, not the DICOM one: a 2 KB file
+    claiming a 65000 x 65000 frame would take minutes and gigabytes before
+    the shape check after decoding could reject it.
+    """
+    try:
+        items = pydicom.encaps.generate_fragments(ds.PixelData)
+        next(items, None)  # the Basic Offset Table item always comes first
+        first_fragment = next(items, b"")
+    except Exception:  # a broken fragment table: the decoder says what is wrong
+        return
+    shape = reduced_decode.frame_shape(first_fragment)
+    if shape is not None and shape != (header.rows, header.columns):
+        raise DicomRejected(
+            "decode_failed",
+            f"the compressed frame's header says {shape[0]}x{shape[1]}, "
+            f"the DICOM header {header.rows}x{header.columns}",
+        )
 
 
 def _decode_reduced(
@@ -871,7 +932,13 @@ def _apply_transform(
     # covers signed data), so any header maths costs at most one gather.
     unsigned_type = np.uint8 if bits == 8 else np.uint16
     domain = np.arange(2**bits, dtype=unsigned_type).view(stored.dtype).astype(np.float64)
-    values = transform(domain)
+    with np.errstate(all="ignore"):
+        values = transform(domain)
+    if not np.isfinite(values).all():
+        # E.g. a Rescale Slope of 1e308: the header's maths overflows.
+        raise DicomRejected(
+            "unsupported_pixel_format", "the header's intensity transform is not finite"
+        )
     table = np.clip(values, 0.0, 1.0)
     line = _as_line(domain, values, table)
     if line is not None:
@@ -885,7 +952,9 @@ def _apply_transform(
         # (from the header when known, else a min/max over the half as large
         # stored values) tells whether any pixel needs it.
         low, high = bounds if bounds is not None else (stored.min(), stored.max())
-        ends = (float(low) * scale + offset, float(high) * scale + offset)
+        # The ends computed with the image's own float32 operations (monotonic
+        # under rounding), so they bound every pixel exactly.
+        ends = [np.float32(v) * np.float32(scale) + np.float32(offset) for v in (low, high)]
         if min(ends) < 0.0 or max(ends) > 1.0:
             np.maximum(image, 0.0, out=image)  # faster than np.clip on numpy 1.26
             np.minimum(image, 1.0, out=image)
@@ -955,7 +1024,7 @@ def _modality_transform(
     """Returns the modality LUT and the range of its output over the stored range."""
     smin, smax = _stored_range(header)
 
-    sequence = _value(ds, "ModalityLUTSequence")
+    sequence = _sequence(ds, "ModalityLUTSequence")
     if sequence:
         lut = _lut_from_item(sequence[0])
         if lut is not None:
@@ -973,7 +1042,7 @@ def _modality_transform(
 def _voi_transform(
     ds: Dataset, index: int
 ) -> tuple[Callable[[np.ndarray], np.ndarray], str] | None:
-    sequence = _value(ds, "VOILUTSequence")
+    sequence = _sequence(ds, "VOILUTSequence")
     if sequence and len(sequence) > index:
         lut = _lut_from_item(sequence[index])
         if lut is not None:
@@ -1027,8 +1096,8 @@ def _lut_from_item(item: Dataset) -> tuple[int, np.ndarray] | None:
             table = np.frombuffer(raw, dtype=dtype).astype(np.float64)
         else:
             table = np.asarray(raw if hasattr(raw, "__len__") else [raw], dtype=np.float64)
-        if table.size == 0:
-            return None
+        if table.size == 0 or not np.isfinite(table).all():
+            return None  # an empty LUT Data reads as [None] -> [nan]
         # First-mapped is signed (US or SS VR) when the stored data is.
         if first > 32767 and item["LUTDescriptor"].VR == "SS":
             first -= 65536
@@ -1068,7 +1137,7 @@ def _color_to_gray(
         try:
             rgb = pydicom.pixels.apply_color_lut(stored, ds)
         except Exception as exc:
-            raise DicomRejected("decode_failed", f"palette lookup failed: {_safe(exc)}") from exc
+            raise DicomRejected("decode_failed", f"palette lookup failed: {redact(exc)}") from exc
         full_scale = 255.0 if rgb.dtype == np.uint8 else 65535.0
     else:
         if stored.ndim != 3 or stored.shape[-1] != 3:
@@ -1111,7 +1180,7 @@ def _floats(ds: Dataset, keyword: str) -> list[float]:
     return out
 
 
-def _safe(exc: BaseException, limit: int = 200) -> str:
+def redact(exc: BaseException, limit: int = 200) -> str:
     """An exception message without quoted values (they may be PHI), shortened."""
     text = _QUOTED.sub("'…'", str(exc)).replace("\n", " ")
     return text[:limit]

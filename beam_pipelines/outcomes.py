@@ -35,9 +35,9 @@ def internal_error_detail(exc: Exception, stage: str, row: int | None) -> str:
     """
     import traceback
 
-    from beam_pipelines.dicom import _safe
+    from beam_pipelines.dicom import redact
 
-    detail = f"{type(exc).__name__}: {_safe(exc)}"
+    detail = f"{type(exc).__name__}: {redact(exc)}"
     frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
     logging.getLogger(__name__).warning(
         "%s stage: unexpected error on metadata row %s, rejected as %s: %s\n%s",

@@ -161,6 +161,38 @@ def _parse_main_header(data: memoryview) -> Codestream | None:
     )
 
 
+_JPEG_SOF = frozenset(range(0xFFC0, 0xFFD0)) - {0xFFC4, 0xFFC8, 0xFFCC} | {0xFFF7}
+
+
+def frame_shape(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) a JPEG, JPEG-LS or JPEG 2000 frame's own header declares.
+
+    None when the header cannot be found or leaves the height to a later
+    marker (JPEG's DNL); only the first 64 KiB are searched.
+    """
+    if frame[:4] == _SOC_SIZ or frame[4:8] == b"jP  ":
+        info = read_codestream(frame)
+        return (info.rows, info.columns) if info is not None else None
+    if frame[:2] != b"\xff\xd8":  # JPEG SOI
+        return None
+    at, end = 2, min(len(frame), 1 << 16)
+    while at + 9 <= end:
+        if frame[at] != 0xFF:
+            return None
+        marker = int.from_bytes(frame[at : at + 2], "big")
+        if marker in (0xFFD8, 0xFF01) or 0xFFD0 <= marker <= 0xFFD7 or marker == 0xFFFF:
+            at += 1 if marker == 0xFFFF else 2  # no length: fill byte, SOI, TEM, RSTn
+            continue
+        if marker in _JPEG_SOF:
+            rows = int.from_bytes(frame[at + 5 : at + 7], "big")
+            cols = int.from_bytes(frame[at + 7 : at + 9], "big")
+            return (rows, cols) if rows and cols else None
+        if marker == 0xFFDA:  # start of scan before any frame header
+            return None
+        at += 2 + int.from_bytes(frame[at + 2 : at + 4], "big")
+    return None
+
+
 # --------------------------------------------------------------------------
 # JPEG 2000 through glymur
 
