@@ -616,6 +616,8 @@ def _decode(
         raise DicomRejected("not_dicom", f"header fields unreadable: {redact(exc)}") from exc
     pixel_keyword = _pixel_keyword(ds)
     _check_geometry(ds, header, pixel_keyword, options)
+    if pixel_keyword == "PixelData" and UID(header.transfer_syntax_uid).is_encapsulated:
+        _check_frame_header(ds, header)
     reduced = None
     if min_shape is not None and options.reduced_resolution:
         reduced = _decode_reduced(ds, header, pixel_keyword, min_shape(header))
@@ -753,8 +755,6 @@ def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
         raise DicomRejected(
             "unsupported_transfer_syntax", f"no installed plugin decodes {syntax.name}"
         )
-    if syntax.is_encapsulated:
-        _check_frame_header(ds, header, syntax)
     array = None
     failures = []
     for plugin in _plugins(decoder.available_plugins):
@@ -802,7 +802,7 @@ def _plugins(available: tuple[str, ...]) -> list[str]:
     return ordered or list(available) or [""]
 
 
-def _check_frame_header(ds: Dataset, header: DicomHeader, syntax: UID) -> None:
+def _check_frame_header(ds: Dataset, header: DicomHeader) -> None:
     """Rejects a compressed frame whose own header disagrees with Rows x Columns.
 
     Codecs allocate from the frame's header, not the DICOM one: a 2 KB file

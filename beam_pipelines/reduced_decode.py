@@ -167,8 +167,7 @@ _JPEG_SOF = frozenset(range(0xFFC0, 0xFFD0)) - {0xFFC4, 0xFFC8, 0xFFCC} | {0xFFF
 def frame_shape(frame: bytes) -> tuple[int, int] | None:
     """(rows, columns) a JPEG, JPEG-LS or JPEG 2000 frame's own header declares.
 
-    None when the header cannot be found or leaves the height to a later
-    marker (JPEG's DNL); only the first 64 KiB are searched.
+    None when the header cannot be found; only the first 64 KiB are searched.
     """
     if frame[:4] == _SOC_SIZ or frame[4:8] == b"jP  ":
         info = read_codestream(frame)
@@ -186,7 +185,9 @@ def frame_shape(frame: bytes) -> tuple[int, int] | None:
         if marker in _JPEG_SOF:
             rows = int.from_bytes(frame[at + 5 : at + 7], "big")
             cols = int.from_bytes(frame[at + 7 : at + 9], "big")
-            return (rows, cols) if rows and cols else None
+            # A height of 0 (left to a DNL marker) is returned as is: no DICOM
+            # writer uses DNL, and libjpeg then allocates without bound.
+            return (rows, cols)
         if marker == 0xFFDA:  # start of scan before any frame header
             return None
         at += 2 + int.from_bytes(frame[at + 2 : at + 4], "big")

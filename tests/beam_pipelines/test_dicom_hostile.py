@@ -60,12 +60,27 @@ def test_frame_claiming_a_huge_image_is_rejected_before_decoding(
     at = data.index(marker)
     for offset, size in fields:
         data[at + offset : at + offset + size] = (30000).to_bytes(size, "big")
-    started = time.perf_counter()
-    with pytest.raises(DicomRejected) as rejected:
-        read_image(bytes(data))
-    assert rejected.value.reason == "decode_failed"
-    assert "30000x30000" in rejected.value.detail
-    assert time.perf_counter() - started < 2  # decoding it took seconds and gigabytes
+    for call in (read_image, lambda d: decode_model_input(d)[0]):
+        started = time.perf_counter()
+        with pytest.raises(DicomRejected) as rejected:
+            call(bytes(data))
+        assert rejected.value.reason == "decode_failed"
+        assert "30000x30000" in rejected.value.detail
+        assert time.perf_counter() - started < 2  # decoding it took seconds and gigabytes
+
+
+@pytest.mark.parametrize(
+    ("encoding", "marker"), [("jpeg_baseline", b"\xff\xc0"), ("jpegls", b"\xff\xf7")]
+)
+def test_frame_of_height_zero_is_rejected_before_decoding(encoding: str, marker: bytes) -> None:
+    """Height 0 (a DNL stream) made pylibjpeg-libjpeg allocate 23 GB for a 1.7 KB file."""
+    data = bytearray(_seed(encoding, bits=8 if encoding == "jpeg_baseline" else 12))
+    at = data.index(marker)
+    data[at + 5 : at + 7] = bytes(2)
+    for call in (read_image, lambda d: decode_model_input(d)[0]):
+        with pytest.raises(DicomRejected) as rejected:
+            call(bytes(data))
+        assert rejected.value.reason == "decode_failed" and "0x16" in rejected.value.detail
 
 
 def test_gdcm_is_only_a_last_resort() -> None:
