@@ -968,7 +968,8 @@ def mangled_fragments(draw: st.DrawFn) -> Case:
         lengths = b"".join(draw(eight_bytes) for _ in range(count))
         extra = _encode_element(0x7FE00001, "OV", starts, True, "little")
         extra += _encode_element(0x7FE00002, "OV", lengths, True, "little")
-        at = _scan(body, 0, layout.explicit, layout.little)[-1].start
+        # Pixel Data (still last) starts before its element header and value.
+        at = len(body) - len(value) - (pixel.value_start - pixel.start)
         body = _splice(body, at, at, extra)
         notes.append(f"extended offset table of {count}")
     return Case(seed.name, "; ".join(notes) or "re-encapsulated", layout.assemble(body=body))
