@@ -789,17 +789,14 @@ def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
     return array
 
 
-# Tried in this order. GDCM comes last, only when nothing else can decode the
-# syntax: on malformed input it aborts the whole process (uncaught C++
-# exceptions, segfaults), which no except clause can turn into a reject.
-_PLUGIN_ORDER = ("pylibjpeg", "pyjpegls", "pillow")
-
-
 def _plugins(available: tuple[str, ...]) -> list[str]:
-    """Plugin names to try in order; ``""`` lets pydicom decode native data itself."""
-    ordered = [p for p in _PLUGIN_ORDER if p in available]
-    ordered += [p for p in available if p not in ordered and p != "gdcm"]
-    return ordered or list(available) or [""]
+    """Plugin names to try, in pydicom's own order, GDCM only when nothing else can.
+
+    On malformed input GDCM aborts the whole process (uncaught C++
+    exceptions, segfaults), which no except clause can turn into a reject.
+    ``""`` lets pydicom decode native data itself.
+    """
+    return [p for p in available if p != "gdcm"] or list(available) or [""]
 
 
 def _check_frame_header(ds: Dataset, header: DicomHeader) -> None:

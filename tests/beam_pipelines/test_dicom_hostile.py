@@ -85,7 +85,7 @@ def test_frame_of_height_zero_is_rejected_before_decoding(encoding: str, marker:
 
 def test_gdcm_is_only_a_last_resort() -> None:
     # GDCM aborts the process on malformed input: no except clause catches that.
-    assert dicom._plugins(("gdcm", "pillow", "pylibjpeg")) == ["pylibjpeg", "pillow"]
+    assert dicom._plugins(("gdcm", "pillow", "pylibjpeg")) == ["pillow", "pylibjpeg"]
     assert dicom._plugins(("gdcm",)) == ["gdcm"]
     assert dicom._plugins(()) == [""]  # native data: pydicom decodes it itself
 
