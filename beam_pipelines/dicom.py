@@ -799,6 +799,10 @@ def _plugins(available: tuple[str, ...]) -> list[str]:
     return [p for p in available if p != "gdcm"] or list(available) or [""]
 
 
+# Real radiographs use one tile or a few dozen; 4096 is 64x64-pixel tiles on 4096^2.
+_MAX_J2K_TILES = 4096
+
+
 def _check_frame_header(ds: Dataset, header: DicomHeader) -> None:
     """Rejects a compressed frame whose own header disagrees with Rows x Columns.
 
@@ -812,6 +816,12 @@ def _check_frame_header(ds: Dataset, header: DicomHeader) -> None:
         first_fragment = next(items, b"")
     except Exception:  # a broken fragment table: the decoder says what is wrong
         return
+    codestream = reduced_decode.read_codestream(first_fragment)
+    if codestream is not None and codestream.tiles > _MAX_J2K_TILES:
+        # Tiny tiles cost OpenJPEG ~500 MB and a second per file, whatever the size.
+        raise DicomRejected(
+            "decode_failed", f"the JPEG 2000 frame declares {codestream.tiles} tiles"
+        )
     shape = reduced_decode.frame_shape(first_fragment)
     if shape is not None and shape != (header.rows, header.columns):
         raise DicomRejected(

@@ -64,6 +64,7 @@ class Codestream:
         precision: bits per sample of component 0.
         signed: whether component 0 is signed.
         levels: wavelet decomposition levels available for component 0.
+        tiles: number of tiles the image is cut into.
     """
 
     rows: int
@@ -74,6 +75,7 @@ class Codestream:
     precision: int
     signed: bool
     levels: int
+    tiles: int = 1
 
     def shape_at(self, level: int) -> tuple[int, int]:
         """(rows, columns) OpenJPEG returns when decoding ``level``."""
@@ -126,9 +128,16 @@ def _parse_main_header(data: memoryview) -> Codestream | None:
     siz = 4  # Lsiz
     columns_end, rows_end = u32(siz + 4), u32(siz + 8)
     column_offset, row_offset = u32(siz + 12), u32(siz + 16)
+    tile_columns, tile_rows = u32(siz + 20), u32(siz + 24)
+    tile_column_offset, tile_row_offset = u32(siz + 28), u32(siz + 32)
     components = u16(siz + 36)
     if components < 1 or columns_end <= column_offset or rows_end <= row_offset:
         return None
+    if not tile_columns or not tile_rows:
+        return None
+    tiles = _ceil_div(columns_end - tile_column_offset, tile_columns) * _ceil_div(
+        rows_end - tile_row_offset, tile_rows
+    )
     ssiz = data[siz + 38]
     precision, signed = (ssiz & 0x7F) + 1, bool(ssiz & 0x80)
     levels = None
@@ -158,6 +167,7 @@ def _parse_main_header(data: memoryview) -> Codestream | None:
         precision=precision,
         signed=signed,
         levels=levels,
+        tiles=tiles,
     )
 
 

@@ -24,7 +24,7 @@ HEADER = RadiographHeader(patient_id="P000001", study_id="S0001")
 
 def _seed(encoding: str, rows: int = 24, cols: int = 16, bits: int = 12) -> bytes:
     if encoding == "j2k":  # OpenJPEG's 6 resolution levels need a bigger image
-        rows, cols = 40, 32
+        rows, cols = max(rows, 40), max(cols, 32)
     fmt = PixelFormat(bits_stored=bits)
     stored = (np.arange(rows * cols) * 37 % (2**bits)).reshape(rows, cols).astype(fmt.dtype)
     buffer = io.BytesIO()
@@ -81,6 +81,18 @@ def test_frame_of_height_zero_is_rejected_before_decoding(encoding: str, marker:
         with pytest.raises(DicomRejected) as rejected:
             call(bytes(data))
         assert rejected.value.reason == "decode_failed" and "0x16" in rejected.value.detail
+
+
+def test_j2k_of_tiny_tiles_is_rejected() -> None:
+    """2x2-pixel tiles cost OpenJPEG ~500 MB and a second, whatever the image size."""
+    data = bytearray(_seed("j2k", rows=80, cols=64))  # 5120 one-pixel tiles
+    siz = data.index(b"\xff\x4f\xff\x51") + 4  # Lsiz
+    for offset in (20, 24):  # XTsiz, YTsiz
+        data[siz + offset : siz + offset + 4] = (1).to_bytes(4, "big")
+    for call in (read_image, lambda d: decode_model_input(d)[0]):
+        with pytest.raises(DicomRejected) as rejected:
+            call(bytes(data))
+        assert rejected.value.reason == "decode_failed" and "tiles" in rejected.value.detail
 
 
 def test_gdcm_is_only_a_last_resort() -> None:
