@@ -98,6 +98,8 @@ def test_j2k_of_tiny_tiles_is_rejected() -> None:
 def test_gdcm_is_only_a_last_resort() -> None:
     # GDCM aborts the process on malformed input: no except clause catches that.
     assert dicom._plugins(("gdcm", "pillow", "pylibjpeg")) == ["pillow", "pylibjpeg"]
+    j2k = "1.2.840.10008.1.2.4.90"  # the fastest plugin for the syntax goes first
+    assert dicom._plugins(("gdcm", "pillow", "pylibjpeg"), j2k) == ["pylibjpeg", "pillow"]
     assert dicom._plugins(("gdcm",)) == ["gdcm"]
     assert dicom._plugins(()) == [""]  # native data: pydicom decodes it itself
 
