@@ -838,7 +838,10 @@ def _check_frame_header(ds: Dataset, header: DicomHeader) -> None:
         raise DicomRejected(
             "decode_failed", f"the JPEG 2000 frame declares {codestream.tiles} tiles"
         )
-    shape = reduced_decode.frame_shape(first_fragment)
+    if codestream is not None:  # parsed once: JPEG 2000 needs no second look
+        shape: tuple[int, int] | None = (codestream.rows, codestream.columns)
+    else:
+        shape = reduced_decode.frame_shape(first_fragment)
     if shape is not None and shape != (header.rows, header.columns):
         raise DicomRejected(
             "decode_failed",
