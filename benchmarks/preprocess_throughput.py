@@ -94,6 +94,8 @@ from beam_pipelines.metadata import (
     VIEW_POSITION,
     format_label,
 )
+from beam_pipelines.preprocess import make_record
+from beam_pipelines.rows import ValidRow, validate_row
 
 logger = logging.getLogger(__name__)
 
@@ -305,24 +307,16 @@ def ensure_archive(
 # Measurements
 
 
-def _record(path: Path, cells: dict[str, str], options: dicom.DecodeOptions) -> dict[str, Any]:
-    """The record the job's DecodeAndStageFn builds for one row."""
-    image, decoded = dicom.decode_model_input(str(path), options)
-    header = decoded.header
-    return {
-        "image": image,
-        "label": cells[ABNORMAL] == "true" or cells[ABNORMAL] == "1",
-        "patient_id": cells[PATIENT_ID],
-        "study_id": cells[STUDY_ID],
-        "dicom_path": cells[DICOM_PATH],
-        "view_position": cells[VIEW_POSITION] or header.view_position,
-        "age": int(cells[AGE]) if cells[AGE] else header.patient_age,
-        "sex": cells[SEX] or header.patient_sex or "",
-        "original_rows": header.rows,
-        "original_columns": header.columns,
-        "sop_instance_uid": header.sop_instance_uid,
-        "extra": {},
-    }
+def _record(
+    root: Path, row: int, cells: dict[str, str], options: dicom.DecodeOptions
+) -> dict[str, Any]:
+    """The record the job builds for one row: its own validation and make_record."""
+    valid = validate_row(row, cells, str(root))
+    if not isinstance(valid, ValidRow):
+        raise RuntimeError(f"benchmark archive row {row} is invalid: {valid['reason']}")
+    record = make_record(valid, options, "pad")
+    # The job pops its counter fields before serializing.
+    return {key: value for key, value in record.items() if not key.startswith("_")}
 
 
 def _busy_cpu_seconds() -> float:
@@ -339,12 +333,12 @@ def bare_loop(
     with open(metadata, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     # Warm-up, untimed: TensorFlow's protos, codec plugins, Beam's FileSystems.
-    schema.serialize(_record(root / rows[0][DICOM_PATH], rows[0], options))
+    schema.serialize(_record(root, 1, rows[0], options))
     tfrecord.write_tfrecord_gz(str(output), [])
 
     def records() -> Any:
-        for cells in rows:
-            yield schema.serialize(_record(root / cells[DICOM_PATH], cells, options))
+        for row, cells in enumerate(rows, start=1):
+            yield schema.serialize(_record(root, row, cells, options))
 
     process = psutil.Process()
     cpu_before = sum(process.cpu_times()[:2])
