@@ -28,8 +28,11 @@ secondary captures) becomes one channel; a truly coloured image is rejected
 with ``unsupported_photometric`` (``DecodeOptions.color="luminance"`` keeps it
 as ITU-R BT.601 luminance instead).
 
-Steps 2–5 are folded into one lookup table over all 8/16-bit stored values,
-so normalization costs a single gather whatever the header asks for.
+Steps 2–5 are evaluated over every 8/16-bit value the header allows. When
+the result is a clipped straight line (bit range, rescale, LINEAR windows,
+inversion: nearly every radiograph) the pixels are mapped in one pass by
+:mod:`beam_pipelines.pixel_map`; otherwise (LUT sequences, SIGMOID) through
+one table gather.
 
 Per-file problems raise :class:`DicomRejected` with a stable ``reason`` code;
 nothing else escapes for them. Details never carry header values (PHI).
@@ -55,7 +58,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from beam_pipelines import reduced_decode
+from beam_pipelines import pixel_map, reduced_decode
 
 logger = logging.getLogger(__name__)
 
@@ -631,9 +634,10 @@ def _decode(
     photometric = header.photometric_interpretation
     if header.samples_per_pixel == 1 and photometric in GRAYSCALE:
         inverted = photometric == "MONOCHROME1"
-        # The in-place view is masked to Bits Stored: its values need no scan.
+        # The in-place view still holds the file's unused high bits.
+        raw_bits = header.bits_stored if native is not None else None
         image, voi = _normalize_gray(
-            stored, ds, header, options, pixel_keyword, inverted, in_range=native is not None
+            stored, ds, header, options, pixel_keyword, inverted, raw_bits=raw_bits
         )
         return DecodedImage(image, header, inverted, voi, False, path, reduction)
     image = _color_to_gray(stored, ds, header, options)
@@ -704,12 +708,11 @@ def _check_geometry(ds: Dataset, header: DicomHeader, keyword: str, options: Dec
 
 
 def _native_view(ds: Dataset, header: DicomHeader) -> np.ndarray | None:
-    """Frame 0 of uncompressed 8/16-bit grayscale, viewed in the file's bytes.
+    """Frame 0 of uncompressed 8/16-bit grayscale, viewed in the file's bytes (no copy).
 
     Returns None when the file is not such a case (pydicom then decodes).
-    Unused high bits are masked (unsigned) or sign-extended (signed), as
-    pydicom does; when none are set, little-endian data is not copied at all
-    (big-endian data is swapped once, into native order).
+    The view keeps the file's byte order and any unused high bits: the
+    intensity mapping cleans them on the fly (:mod:`beam_pipelines.pixel_map`).
     """
     data = ds.__dict__.get("_xray_bytes")
     element: Any = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
@@ -730,17 +733,7 @@ def _native_view(ds: Dataset, header: DicomHeader) -> np.ndarray | None:
     if element.value_tell + count * dtype.itemsize > len(data):
         return None
     frame = np.frombuffer(data, dtype=dtype, count=count, offset=element.value_tell)
-    frame = frame.reshape(header.rows, header.columns)
-    if not frame.dtype.isnative:
-        frame = frame.astype(frame.dtype.newbyteorder("="))
-        dtype = frame.dtype
-    if stored < bits:
-        unused = bits - stored
-        if signed:
-            frame = (frame << unused) >> unused  # sign-extend from bit `stored`
-        elif int(frame.max()) >> stored:
-            frame = frame & dtype.type(2**stored - 1)
-    return frame
+    return frame.reshape(header.rows, header.columns)
 
 
 def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
@@ -923,41 +916,54 @@ def _normalize_gray(
     options: DecodeOptions,
     keyword: str,
     invert: bool,
-    in_range: bool = False,
+    raw_bits: int | None = None,
 ) -> tuple[np.ndarray, str]:
     """Modality LUT, VOI, range scaling and inversion; returns float32 [0, 1].
 
-    ``in_range``: the stored values are known to lie within the range Bits
-    Stored allows (so the data need not be scanned for it).
+    ``raw_bits``: ``stored`` is a view of the file (:func:`_native_view`):
+    any byte order, and only its low ``raw_bits`` bits hold the value.
     """
     if keyword != "PixelData" or stored.dtype.kind == "f":
         image, mode = _normalize_float(stored, ds, options)
         return (1.0 - image if invert else image), mode
-    bounds = _stored_range(header) if in_range else None
     transform, mode = _intensity_transform(ds, header, options.voi_index, invert)
-    image = _apply_transform(stored, transform, bounds)
+    image = _apply_transform(stored, transform, raw_bits)
     if mode != "bit_range" and _misses_image(image):
         # A window that leaves (nearly) every pixel saturated describes some
         # other image (edited pixels, copied headers): use the bit range.
         transform, _ = _intensity_transform(ds, header, None, invert)
-        return _apply_transform(stored, transform, bounds), "window_ignored"
+        return _apply_transform(stored, transform, raw_bits), "window_ignored"
     return image, mode
 
 
 def _apply_transform(
     stored: np.ndarray,
     transform: Callable[[np.ndarray], np.ndarray],
-    bounds: tuple[int, int] | None = None,
+    raw_bits: int | None = None,
 ) -> np.ndarray:
     bits = stored.dtype.itemsize * 8
     if bits > 16:
         # 32-bit integer data: too wide for a table; same maths, element-wise.
         return np.clip(transform(stored.astype(np.float64)), 0.0, 1.0).astype(np.float32)
-    # The transform evaluated over every value of the array's dtype, in index
-    # order: a uint view of the array indexes it directly (two's complement
-    # covers signed data), so any header maths costs at most one gather.
+    # The transform evaluated over every value that can occur: a clipped
+    # straight line (bit range, rescale, LINEAR windows, inversion) is mapped
+    # in one pass; anything else through a table, one gather.
+    native = stored.dtype.newbyteorder("=")
+    low, high = pixel_map.value_range(native, raw_bits)
+    domain = np.arange(low, high + 1, dtype=np.float64)
+    values = _evaluate(transform, domain)
+    line = _as_line(domain, values, np.clip(values, 0.0, 1.0))
+    if line is not None:
+        return pixel_map.affine(stored, *line, bits_stored=raw_bits)
+    # The table indexed by a uint view of the values, in index order (two's
+    # complement covers signed data).
     unsigned_type = np.uint8 if bits == 8 else np.uint16
-    domain = np.arange(2**bits, dtype=unsigned_type).view(stored.dtype).astype(np.float64)
+    every_value = np.arange(2**bits, dtype=unsigned_type).view(native).astype(np.float64)
+    table = np.clip(_evaluate(transform, every_value), 0.0, 1.0).astype(np.float32)
+    return table[pixel_map.stored_values(stored, raw_bits).view(unsigned_type)]
+
+
+def _evaluate(transform: Callable[[np.ndarray], np.ndarray], domain: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         values = transform(domain)
     if not np.isfinite(values).all():
@@ -965,27 +971,7 @@ def _apply_transform(
         raise DicomRejected(
             "unsupported_pixel_format", "the header's intensity transform is not finite"
         )
-    table = np.clip(values, 0.0, 1.0)
-    line = _as_line(domain, values, table)
-    if line is not None:
-        # Most headers (bit range, rescale, LINEAR windows, inversion) are a
-        # clipped straight line: a multiply-add is ~3x faster than the gather.
-        scale, offset = line
-        image = np.multiply(stored, np.float32(scale), dtype=np.float32)
-        if offset:
-            image += np.float32(offset)
-        # Clipping costs two passes over the float image; the values' range
-        # (from the header when known, else a min/max over the half as large
-        # stored values) tells whether any pixel needs it.
-        low, high = bounds if bounds is not None else (stored.min(), stored.max())
-        # The ends computed with the image's own float32 operations (monotonic
-        # under rounding), so they bound every pixel exactly.
-        ends = [np.float32(v) * np.float32(scale) + np.float32(offset) for v in (low, high)]
-        if min(ends) < 0.0 or max(ends) > 1.0:
-            np.maximum(image, 0.0, out=image)  # faster than np.clip on numpy 1.26
-            np.minimum(image, 1.0, out=image)
-        return image
-    return table.astype(np.float32)[stored.view(unsigned_type)]
+    return values
 
 
 def _as_line(
