@@ -44,6 +44,14 @@ def test_run_reports_every_encoding(bench: ModuleType, tmp_path: Path) -> None:
             assert 0 < result[key]["min"] <= result[key]["median"]
         assert result["ratio"] > 0
         assert result["bits_stored"] == (8 if name == "jpeg_baseline" else 12)
+        # Codec for codec: bare pydicom is also timed with our plugin when its default differs.
+        if result["our_plugin"] != result["pydicom_plugin"]:
+            assert result["bare_same_plugin_ms"]["median"] > 0
+            assert result["within_target"] == (result["ratio_same_plugin"] <= bench.TARGET_RATIO)
+        else:
+            assert "bare_same_plugin_ms" not in result
+    plugins = {r["encoding"]: r["our_plugin"] for r in report["results"]}
+    assert plugins["explicit_le"] == "" and plugins["j2k"] == "pylibjpeg"
 
     window = report["results"][-1]
     assert window["photometric"] == "MONOCHROME1"
