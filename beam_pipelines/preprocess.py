@@ -23,6 +23,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam import pvalue
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -163,9 +164,10 @@ class DecodeAndStageFn(beam.DoFn):
         split = assignment[row.patient_id]
         shards = shard_count(sizes[split], self._num_shards)
         shard = sharding.shard_of(row.dicom_path, shards)
-        staged = f"{self._staging_dir}/{split}/{shard:05d}/{row.row:010d}.pb"
-        with FileSystems.create(staged) as handle:
-            handle.write(schema.serialize(record))
+        staged = f"{self._staging_dir}/{split}/{shard:05d}/{row.row:010d}.chunk"
+        with FileSystems.create(staged, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+            # Compressed here, in parallel: the shard writer only concatenates.
+            handle.write(tfrecord.compress_record(schema.serialize(record)))
         total = squares = pixels = 0
         if split == "train":
             values = schema.quantize(record["image"]).astype("uint64")
@@ -191,7 +193,8 @@ class WriteShards(beam.PTransform):
     order; each file appears atomically (temporary name, then rename). Every
     shard of a non-empty split is written, even one that hashing left empty.
     Only (row, staged path) pairs are grouped; the writer streams the staged
-    records into the shard and deletes them.
+    records (already compressed by the decode stage) into the shard and
+    deletes them.
     """
 
     def __init__(self, out: str, num_shards: int, sizes: beam.PCollection) -> None:
@@ -233,7 +236,7 @@ class _WriteShardFn(beam.DoFn):
         (split, shard, shards), values = element
         staged = [path for _, path in sorted(v for v in values if v is not None)]
         path = f"{self._out}/{split}/part-{shard:05d}-of-{shards:05d}.tfrecord.gz"
-        written = tfrecord.write_tfrecord_gz(path, (read_bytes(p) for p in staged))
+        written = tfrecord.write_compressed_gz(path, (read_bytes(p) for p in staged))
         if staged:
             FileSystems.delete(staged)
         Metrics.counter(self.__class__, f"written_{split}").inc(written)

@@ -11,7 +11,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from archive_tools.dicom_writer import PixelFormat, RadiographHeader, to_stored, write_dicom
-from beam_pipelines import dicom, schema
+from beam_pipelines import dicom, schema, tfrecord
 from beam_pipelines.outcomes import SplitOutcomes
 from beam_pipelines.preprocess import DecodeAndStageFn
 from beam_pipelines.rows import RejectDuplicatePaths, ValidateRowFn, ValidRow
@@ -107,8 +107,12 @@ def test_decode_makes_records_and_rejects(tmp_path: Path) -> None:
             equal_to([(2, "decode", "not_dicom"), (3, "decode", "missing_file")]),
             label="rejected",
         )
-    (staged,) = staging.rglob("*.pb")
-    record = schema.parse_example(staged.read_bytes())
+    (staged,) = staging.rglob("*.chunk")
+    # The staged chunk is already compressed: the shard writer only concatenates.
+    shard = str(tmp_path / "one.tfrecord.gz")
+    assert tfrecord.write_compressed_gz(shard, [staged.read_bytes()]) == 1
+    (serialized,) = tfrecord.read_tfrecord_gz(shard)
+    record = schema.parse_example(serialized)
     # The header fills what metadata.csv left unknown.
     assert (record["age"], record["sex"]) == (71, "F")
     assert (record["original_rows"], record["original_columns"]) == (40, 30)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from beam_pipelines.tfrecord import read_tfrecord_gz, write_tfrecord_gz
+from beam_pipelines.tfrecord import (
+    compress_record,
+    read_tfrecord_gz,
+    write_compressed_gz,
+    write_tfrecord_gz,
+)
 
-RECORDS = [b"", b"a", bytes(range(256)) * 40, "é".encode()]
+RECORDS = [b"", b"a", bytes(range(256)) * 40, "é".encode(), np.random.bytes(300_000)]
 
 
 def test_round_trip_and_determinism(tmp_path: Path) -> None:
@@ -44,3 +50,43 @@ def test_corruption_is_detected(tmp_path: Path) -> None:
     path.write_bytes(gzip.compress(bytes(raw)))
     with pytest.raises(ValueError, match="corrupt"):
         list(read_tfrecord_gz(str(path)))
+
+
+def test_chunks_compressed_apart_make_one_ordinary_gzip_member(tmp_path: Path) -> None:
+    import gzip
+    import zlib
+
+    from beam_pipelines.tfrecord import frame
+
+    chunks = [compress_record(r) for r in RECORDS]
+    path = tmp_path / "chunks.tfrecord.gz"
+    assert write_compressed_gz(str(path), iter(chunks)) == len(RECORDS)
+    data = path.read_bytes()
+    # One member: a plain inflate consumes everything but the 8-byte trailer.
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    content = inflate.decompress(data)
+    assert inflate.eof and inflate.unused_data == b""
+    assert content == b"".join(frame(r) for r in RECORDS)
+    assert gzip.decompress(data) == content  # CRC and length trailer checked
+    # Compressing apart costs little: 300 kB of random bytes dominate the size.
+    assert len(data) < sum(len(r) for r in RECORDS) * 1.01 + 200
+    assert list(read_tfrecord_gz(str(path))) == RECORDS
+    # Writing records directly is the same thing, byte for byte.
+    direct = tmp_path / "direct.tfrecord.gz"
+    write_tfrecord_gz(str(direct), RECORDS)
+    assert direct.read_bytes() == data
+
+
+def test_empty_file_is_valid_gzip(tmp_path: Path) -> None:
+    import gzip
+
+    path = tmp_path / "empty.tfrecord.gz"
+    assert write_tfrecord_gz(str(path), []) == 0
+    assert gzip.decompress(path.read_bytes()) == b""
+    assert list(read_tfrecord_gz(str(path))) == []
+
+
+def test_a_chunk_that_is_not_one_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not a compressed record chunk"):
+        write_compressed_gz(str(tmp_path / "x.tfrecord.gz"), [b"\xff" * 40])
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left
