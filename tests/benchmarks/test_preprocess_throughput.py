@@ -24,6 +24,8 @@ _TINY = [
     "--encodings",
     "explicit_le",
     "--skip_overhead",
+    "--repeat",
+    "2",
     "--memory_images",
     "2",
     "--memory_scale",
@@ -57,8 +59,10 @@ def test_main_prints_one_json_report(
     assert "speedup_vs_full" not in result
     assert result["archive"]["params"]["images"] == 4
     assert result["archive"]["generated"] is True
+    # --repeat 2: every image listed twice, as another patient through a symlink.
+    assert report["settings"]["repeat"] == 2
     for key in ("bare_loop", "pipeline"):
-        assert result[key]["images"] == 4
+        assert result[key]["images"] == 8
         assert result[key]["seconds"] > 0
         assert result[key]["images_per_s"] > 0
     assert result["pipeline"]["rejected"] == 0
@@ -74,6 +78,8 @@ def test_main_prints_one_json_report(
     assert isinstance(result["within_target"], bool)
     assert (tmp_path / "runs" / "explicit_le" / "bare.tfrecord.gz").is_file()
     assert (tmp_path / "runs" / "explicit_le" / "pipeline" / "manifest.json").is_file()
+    splits_csv = (tmp_path / "runs" / "explicit_le" / "pipeline" / "splits.csv").read_text()
+    assert len(splits_csv.strip().splitlines()) == 1 + 8  # 8 distinct patients
 
     memory = report["memory_check"]
     assert [r["images"] for r in memory["runs"]] == [2, 4]
@@ -86,6 +92,6 @@ def test_main_prints_one_json_report(
 
 
 def test_rejects_bad_arguments(bench: ModuleType) -> None:
-    for bad in (["--encodings", "webp"], ["--images", "2"], ["--size", "10-5"]):
+    for bad in (["--encodings", "webp"], ["--images", "2"], ["--size", "10-5"], ["--repeat", "0"]):
         with pytest.raises(SystemExit):
             bench.run(bad)
