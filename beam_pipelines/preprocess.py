@@ -27,7 +27,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_pipelines import dicom, schema, sharding, splits, tfrecord
+from beam_pipelines import dicom, malloc_tuning, schema, sharding, splits, tfrecord
 from beam_pipelines.files import read_bytes, remove_matching, write_text
 from beam_pipelines.options import (
     add_decode_arguments,
@@ -134,6 +134,7 @@ class DecodeAndStageFn(beam.DoFn):
         self._pseudonymizer = pseudonymizer
 
     def setup(self) -> None:
+        malloc_tuning.keep_freed_buffers()
         self._progress = Progress("decoded and staged images")
 
     def process(

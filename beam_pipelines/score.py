@@ -35,7 +35,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import StandardOptions
 
-from beam_pipelines import dicom, schema, tfrecord
+from beam_pipelines import dicom, malloc_tuning, schema, tfrecord
 from beam_pipelines.files import atomic_create, remove_matching, write_text
 from beam_pipelines.model_handler import InferenceError, KerasModelHandler
 from beam_pipelines.options import (
@@ -90,6 +90,7 @@ class DecodeForScoringFn(beam.DoFn):
         self._resize_policy = resize_policy
 
     def setup(self) -> None:
+        malloc_tuning.keep_freed_buffers()
         self._progress = Progress("decoded images")
 
     def process(self, element: ValidRow | str) -> Iterator[Any]:

@@ -64,7 +64,7 @@ import numpy as np
 import psutil
 
 from archive_tools.dicom_writer import ENCODINGS
-from beam_pipelines import dicom, schema
+from beam_pipelines import dicom, malloc_tuning, schema
 from beam_pipelines.metadata import DICOM_PATH
 
 logger = logging.getLogger(__name__)
@@ -189,6 +189,8 @@ def bare_loop(metadata: str, model_dir: str, batch_size: int) -> dict[str, Any]:
     root = Path(metadata).parent
     with open(metadata, newline="", encoding="utf-8") as handle:
         paths = [root / row[DICOM_PATH] for row in csv.DictReader(handle)]
+    # The job's decode stage tunes malloc in its setup(); so does the loop.
+    malloc_tuning.keep_freed_buffers()
     # Warm-up, untimed: model load, codec plugins, one full-size batch.
     model = keras.saving.load_model(str(Path(model_dir, "model.keras")), safe_mode=True)
     first = _model_input(paths[0])
