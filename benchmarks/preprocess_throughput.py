@@ -26,7 +26,9 @@ no rescale or window, one image per patient, sides drawn from ``--size``,
   target is ratio >= 0.85. ``ratio_marginal`` uses the marginal rate.
 * ``other_cpu_seconds``: CPU time the whole machine spent outside the timed
   process tree during a run (other users of a shared machine): when it is
-  large, the ratio measured the neighbours, not the job.
+  large, the ratio measured the neighbours, not the job. ``steal_seconds``
+  is the part of it a hypervisor gave to other virtual machines (seen here
+  on a shared VM: up to 40 CPU-s during one 150 s bare loop).
 * ``decode``: encodings with a reduced-resolution path (JPEG 2000, 8-bit
   JPEG) are measured twice, ``fast`` (the default) and ``full``
   (``--full_resolution_decode``, every pixel decoded), bare loop and job
@@ -367,6 +369,11 @@ def _record(
     return {key: value for key, value in record.items() if not key.startswith("_")}
 
 
+def _steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests (0 where the OS does not report it)."""
+    return float(getattr(psutil.cpu_times(), "steal", 0.0))
+
+
 def _busy_cpu_seconds() -> float:
     """CPU seconds the whole machine has spent busy (all processes, all cores)."""
     times = psutil.cpu_times()
@@ -393,12 +400,13 @@ def bare_loop(
 
     process = psutil.Process()
     cpu_before = sum(process.cpu_times()[:2])
-    busy_before = _busy_cpu_seconds()
+    busy_before, steal_before = _busy_cpu_seconds(), _steal_seconds()
     start = time.perf_counter()
     written = tfrecord.write_tfrecord_gz(str(output), records())
     seconds = time.perf_counter() - start
     cpu = sum(process.cpu_times()[:2]) - cpu_before
     others = _busy_cpu_seconds() - busy_before - cpu
+    steal = _steal_seconds() - steal_before
     return {
         "images": written,
         "seconds": round(seconds, 3),
@@ -406,6 +414,7 @@ def bare_loop(
         "cpu_seconds": round(cpu, 3),
         "cpu_per_wall": round(cpu / seconds, 3),
         "other_cpu_seconds": round(max(0.0, others), 3),
+        "steal_seconds": round(steal, 3),
     }
 
 
@@ -475,7 +484,7 @@ def run_pipeline(
         *extra_args,
     ]
     with log_path.open("w") as log:
-        busy_before = _busy_cpu_seconds()
+        busy_before, steal_before = _busy_cpu_seconds(), _steal_seconds()
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         sampler = _TreeSampler(child.pid, interval)
@@ -484,6 +493,7 @@ def run_pipeline(
         seconds = time.perf_counter() - start
         sampler.stop()
         others = _busy_cpu_seconds() - busy_before - sampler.cpu_seconds
+        steal = _steal_seconds() - steal_before
     if code != 0:
         tail = log_path.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"preprocess exited with {code}; log {log_path}:\n{tail}")
@@ -498,6 +508,7 @@ def run_pipeline(
         "peak_processes": sampler.peak_processes,
         "cpu_seconds_seen": round(sampler.cpu_seconds, 3),
         "other_cpu_seconds": round(max(0.0, others), 3),
+        "steal_seconds": round(steal, 3),
         "rss_samples": sampler.samples,
         "log": str(log_path),
     }
@@ -632,7 +643,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "bare_loop: one process, warmed up on one image first, files from the page cache",
             "decode fast/full: reduced-resolution J2K/JPEG decoding on (default) or off; "
             "speedup_vs_full = fast pipeline images_per_s / full pipeline images_per_s",
-            "other_cpu_seconds: busy CPU of the machine outside the timed process (tree)",
+            "other_cpu_seconds: busy CPU of the machine outside the timed process (tree); "
+            "steal_seconds: the part of it the hypervisor gave to other virtual machines",
             "peak_rss: max over samples of the summed RSS of the job's process tree "
             "(shared pages counted per process)",
             "memory_check.peak_rss_ratio: peak of the scaled archive / peak of the base one",

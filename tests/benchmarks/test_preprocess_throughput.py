@@ -68,6 +68,7 @@ def test_main_prints_one_json_report(
     assert result["pipeline"]["rejected"] == 0
     assert result["pipeline"]["other_cpu_seconds"] >= 0
     assert result["bare_loop"]["other_cpu_seconds"] >= 0
+    assert result["bare_loop"]["steal_seconds"] >= 0 and result["pipeline"]["steal_seconds"] >= 0
     assert result["pipeline"]["peak_rss_bytes"] > 0
     assert result["pipeline"]["peak_processes"] >= 1
     assert result["pipeline_overhead_run"] is None
