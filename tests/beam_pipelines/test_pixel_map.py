@@ -57,7 +57,19 @@ def test_kernel_equals_numpy_and_the_truth(
     rng = np.random.default_rng(bits_stored)
     raw = rng.integers(0, 256, size=(37, 53, np.dtype(dtype).itemsize), dtype=np.uint8)
     stored = raw.view(dtype)[..., 0]  # every bit pattern, unused high bits set
+    calls = []
+    real = pixel_map._kernels
+    assert real is not None
+
+    class Spy:
+        @staticmethod
+        def affine_to_float32(*args: object) -> None:
+            calls.append(args)
+            real.affine_to_float32(*args)
+
+    monkeypatch.setattr(pixel_map, "_kernels", Spy)
     kernel = pixel_map.affine(stored, scale, offset, bits_stored)
+    assert len(calls) == 1  # the C kernel did the work
     monkeypatch.setattr(pixel_map, "_kernels", None)
     fallback = pixel_map.affine(stored, scale, offset, bits_stored)
     clean = pixel_map.stored_values(stored, bits_stored)
