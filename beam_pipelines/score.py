@@ -135,14 +135,33 @@ class DecodeForScoringFn(beam.DoFn):
 
 
 class ReadShardsFn(beam.DoFn):
-    """A preprocessed shard -> (meta, image) per record; the split is the folder name."""
+    """A preprocessed shard -> (KEPT, (meta, image)) per record; the split is the folder name.
 
-    def process(self, path: str) -> Iterator[tuple[dict[str, Any], Any]]:
+    A shard that cannot be read to its end (truncated, corrupt gzip, failed
+    checksum, unparsable record) becomes one ``corrupt_shard`` reject that
+    says how many of its records were read first (those are scored); the
+    job goes on with the other shards.
+    """
+
+    def process(self, path: str) -> Iterator[tuple[str, Any]]:
         split = posixpath.basename(posixpath.dirname(path))
-        for serialized in tfrecord.read_tfrecord_gz(path):
-            record = schema.parse_example(serialized)
-            meta = _meta(split=split, **{k: record[k] for k in _META_KEYS})
-            yield meta, record["image"]
+        read = 0
+        try:
+            for serialized in tfrecord.read_tfrecord_gz(path):
+                record = schema.parse_example(serialized)
+                meta = _meta(split=split, **{k: record[k] for k in _META_KEYS})
+                read += 1
+                yield KEPT, (meta, record["image"])
+        except MemoryError:
+            raise
+        except Exception as exc:  # whatever the file holds, the other shards go on
+            Metrics.counter(self.__class__, "rejected_corrupt_shard").inc()
+            detail = (
+                f"{type(exc).__name__}: {dicom.redact(exc)}; {read} records read before it "
+                "(scored); the rest of the shard is lost"
+            )
+            logger.warning("Shard %s is corrupt after %d records: %s", path, read, detail)
+            yield REJECTED, reject(None, path, "read_shard", "corrupt_shard", detail)
 
 
 class ScoreImages(beam.PTransform):
@@ -349,8 +368,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 | "ShardPaths" >> beam.Map(lambda m: m.path)
                 | "SpreadShards" >> beam.Reshuffle()
             )
-            examples = inputs | "ReadShards" >> beam.ParDo(ReadShardsFn())
-            input_count = examples | "CountInputs" >> beam.combiners.Count.Globally()
+            read = inputs | "ReadShards" >> beam.ParDo(ReadShardsFn())
+            # A corrupt shard counts as one input: its reject balances the summary.
+            input_count = read | "CountInputs" >> beam.combiners.Count.Globally()
+            examples, unreadable = read | "RouteRead" >> SplitOutcomes()
+            rejects.append(unreadable)
         else:
             if args.metadata:
                 rows = (

@@ -153,3 +153,41 @@ def test_bad_arguments_exit(tmp_path: Path, trained_model: Path) -> None:
         score.run(["--model", str(tmp_path), "--data_dir", str(tmp_path), "--output", "x"])
     with pytest.raises(SystemExit):
         score.run(["--model", str(trained_model / "model"), "--output", "x"])
+
+
+def test_a_corrupt_shard_is_one_reject_and_the_rest_is_scored(
+    preprocessed: Path, trained_model: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from beam_pipelines import tfrecord
+
+    data = tmp_path / "pre"
+    good = sorted((preprocessed / "train").glob("part-*.tfrecord.gz"))[0]
+    bad_source = sorted((preprocessed / "test").glob("part-*.tfrecord.gz"))[0]
+    (data / "train").mkdir(parents=True)
+    (data / "test").mkdir()
+    shutil.copy(good, data / "train" / good.name)
+    raw = bad_source.read_bytes()
+    bad = data / "test" / bad_source.name
+    bad.write_bytes(raw[: len(raw) * 2 // 3])  # cut inside a record
+    readable = 0
+    with pytest.raises((EOFError, ValueError)):
+        for _ in tfrecord.read_tfrecord_gz(str(bad)):
+            readable += 1
+    good_records = sum(1 for _ in tfrecord.read_tfrecord_gz(str(good)))
+
+    prefix = tmp_path / "scored" / "shards"
+    summary = score.run(
+        ["--model", str(trained_model / "model"), "--data_dir", str(data)]
+        + ["--output", str(prefix), *LOCAL_RUNNER]
+    )
+
+    assert summary["rejected_by_reason"] == {"corrupt_shard": 1}
+    assert summary["scored"] == good_records + readable
+    assert summary["inputs"] == summary["scored"] + 1
+    assert len(_scores(prefix)) == good_records + readable
+    (line,) = Path(summary["rejects_file"]).read_text().splitlines()
+    record = json.loads(line)
+    assert (record["dicom_path"], record["stage"]) == (str(bad), "read_shard")
+    assert f"{readable} records read before it" in record["detail"]
