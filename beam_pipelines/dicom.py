@@ -32,7 +32,8 @@ Steps 2–5 are evaluated over every 8/16-bit value the header allows. When
 the result is a clipped straight line (bit range, rescale, LINEAR windows,
 inversion: nearly every radiograph) the pixels are mapped in one pass by
 :mod:`beam_pipelines.pixel_map`; otherwise (LUT sequences, SIGMOID) through
-one table gather.
+one table gather. :func:`decode_model_input` also does the resize's first
+box average in that pass, so the full-size float image is never made.
 
 Per-file problems raise :class:`DicomRejected` with a stable ``reason`` code;
 nothing else escapes for them. Details never carry header values (PHI).
@@ -85,6 +86,9 @@ Source = str | bytes | bytearray | memoryview | BinaryIO
 
 #: Side of the square model input, in pixels.
 MODEL_INPUT_SIZE = 224
+# Pillow's resize box-averages by an integer factor down to within this
+# factor of the target, then filters.
+_REDUCING_GAP = 2.0
 ResizePolicy = Literal["pad", "stretch"]
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
@@ -574,7 +578,7 @@ def decode(source: Source | Dataset, options: DecodeOptions = DEFAULT_OPTIONS) -
     Raises:
         DicomRejected: for every per-file problem.
     """
-    return _decode(source, options, min_shape=None)
+    return _decode(source, options)
 
 
 def decode_model_input(
@@ -598,19 +602,25 @@ def decode_model_input(
     Raises:
         DicomRejected: for every per-file problem.
     """
-    decoded = _decode(
-        source,
-        options,
-        min_shape=lambda header: content_shape(header.rows, header.columns, size, policy),
-    )
+    decoded = _decode(source, options, model_input=(size, policy))
     full_shape = (decoded.header.rows, decoded.header.columns)
-    return to_model_input(decoded.image, size, policy, shape=full_shape), decoded
+    image = to_model_input(decoded.image, size, policy, full_shape, decoded.reduction)
+    return image, decoded
+
+
+def _box_factor(rows: int, cols: int, size: int, policy: ResizePolicy) -> int:
+    """The integer box reduction :func:`to_model_input` starts with (Pillow's
+    ``reducing_gap=2``), when equal on both axes; else 1."""
+    target_rows, target_cols = content_shape(rows, cols, size, policy)
+    factor_x = int(cols / target_cols / _REDUCING_GAP) or 1
+    factor_y = int(rows / target_rows / _REDUCING_GAP) or 1
+    return factor_x if factor_x == factor_y else 1
 
 
 def _decode(
     source: Source | Dataset,
     options: DecodeOptions,
-    min_shape: Callable[[DicomHeader], tuple[int, int]] | None,
+    model_input: tuple[int, ResizePolicy] | None = None,
 ) -> DecodedImage:
     ds = source if isinstance(source, Dataset) else read_dataset(source, options)
     try:
@@ -622,8 +632,9 @@ def _decode(
     if pixel_keyword == "PixelData" and UID(header.transfer_syntax_uid).is_encapsulated:
         _check_frame_header(ds, header)
     reduced = None
-    if min_shape is not None and options.reduced_resolution:
-        reduced = _decode_reduced(ds, header, pixel_keyword, min_shape(header))
+    if model_input is not None and options.reduced_resolution:
+        minimum = content_shape(header.rows, header.columns, *model_input)
+        reduced = _decode_reduced(ds, header, pixel_keyword, minimum)
     native = None
     if reduced is None:
         native = _native_view(ds, header)
@@ -636,10 +647,18 @@ def _decode(
         inverted = photometric == "MONOCHROME1"
         # The in-place view still holds the file's unused high bits.
         raw_bits = header.bits_stored if native is not None else None
-        image, voi = _normalize_gray(
-            stored, ds, header, options, pixel_keyword, inverted, raw_bits=raw_bits
+        # A full decode for the model input is box-reduced while it is mapped.
+        box = 1
+        if (
+            model_input is not None
+            and reduction == 1
+            and stored.shape == (header.rows, header.columns)
+        ):
+            box = _box_factor(header.rows, header.columns, *model_input)
+        image, voi, boxed = _normalize_gray(
+            stored, ds, header, options, pixel_keyword, inverted, raw_bits, box
         )
-        return DecodedImage(image, header, inverted, voi, False, path, reduction)
+        return DecodedImage(image, header, inverted, voi, False, path, reduction * boxed)
     image = _color_to_gray(stored, ds, header, options)
     return DecodedImage(image, header, inverted=False, voi="bit_range", color_converted=True)
 
@@ -917,50 +936,84 @@ def _normalize_gray(
     keyword: str,
     invert: bool,
     raw_bits: int | None = None,
-) -> tuple[np.ndarray, str]:
+    reduce_by: int = 1,
+) -> tuple[np.ndarray, str, int]:
     """Modality LUT, VOI, range scaling and inversion; returns float32 [0, 1].
 
     ``raw_bits``: ``stored`` is a view of the file (:func:`_native_view`):
     any byte order, and only its low ``raw_bits`` bits hold the value.
+    ``reduce_by``: the caller only needs the image box-averaged by this
+    factor (:func:`decode_model_input`); it is made without the full-size
+    image where the one-pass kernel can. Returns (image, mode, reduction).
     """
     if keyword != "PixelData" or stored.dtype.kind == "f":
         image, mode = _normalize_float(stored, ds, options)
-        return (1.0 - image if invert else image), mode
+        return (1.0 - image if invert else image), mode, 1
     transform, mode = _intensity_transform(ds, header, options.voi_index, invert)
-    image = _apply_transform(stored, transform, raw_bits)
-    if mode != "bit_range" and _misses_image(image):
+    mapping = _Mapping.build(stored.dtype, transform, raw_bits)
+    if mode != "bit_range" and _misses_image(mapping.apply(_sample(stored))):
         # A window that leaves (nearly) every pixel saturated describes some
         # other image (edited pixels, copied headers): use the bit range.
         transform, _ = _intensity_transform(ds, header, None, invert)
-        return _apply_transform(stored, transform, raw_bits), "window_ignored"
-    return image, mode
+        mapping, mode = _Mapping.build(stored.dtype, transform, raw_bits), "window_ignored"
+    if reduce_by > 1:
+        reduced = mapping.apply_reduced(stored, reduce_by)
+        if reduced is not None:
+            return reduced, mode, reduce_by
+    return mapping.apply(stored), mode, 1
 
 
-def _apply_transform(
-    stored: np.ndarray,
-    transform: Callable[[np.ndarray], np.ndarray],
-    raw_bits: int | None = None,
-) -> np.ndarray:
-    bits = stored.dtype.itemsize * 8
-    if bits > 16:
-        # 32-bit integer data: too wide for a table; same maths, element-wise.
-        return np.clip(transform(stored.astype(np.float64)), 0.0, 1.0).astype(np.float32)
-    # The transform evaluated over every value that can occur: a clipped
-    # straight line (bit range, rescale, LINEAR windows, inversion) is mapped
-    # in one pass; anything else through a table, one gather.
-    native = stored.dtype.newbyteorder("=")
-    low, high = pixel_map.value_range(native, raw_bits)
-    domain = np.arange(low, high + 1, dtype=np.float64)
-    values = _evaluate(transform, domain)
-    line = _as_line(domain, values, np.clip(values, 0.0, 1.0))
-    if line is not None:
-        return pixel_map.affine(stored, *line, bits_stored=raw_bits)
-    # The table indexed by a uint view of the values, in index order (two's
-    # complement covers signed data).
-    unsigned_type = np.uint8 if bits == 8 else np.uint16
-    every_value = np.arange(2**bits, dtype=unsigned_type).view(native).astype(np.float64)
-    table = np.clip(_evaluate(transform, every_value), 0.0, 1.0).astype(np.float32)
-    return table[pixel_map.stored_values(stored, raw_bits).view(unsigned_type)]
+@dataclasses.dataclass(frozen=True)
+class _Mapping:
+    """Stored value -> [0, 1], evaluated once over every value that can occur.
+
+    A clipped straight line (bit range, rescale, LINEAR windows, inversion)
+    is applied in one pass by :mod:`beam_pipelines.pixel_map`; anything else
+    through a table, one gather; 32-bit data element-wise.
+    """
+
+    transform: Callable[[np.ndarray], np.ndarray]
+    raw_bits: int | None
+    line: tuple[float, float] | None
+
+    @staticmethod
+    def build(
+        dtype: np.dtype, transform: Callable[[np.ndarray], np.ndarray], raw_bits: int | None
+    ) -> _Mapping:
+        if dtype.itemsize > 2:
+            return _Mapping(transform, raw_bits, None)
+        low, high = pixel_map.value_range(dtype.newbyteorder("="), raw_bits)
+        domain = np.arange(low, high + 1, dtype=np.float64)
+        values = _evaluate(transform, domain)
+        return _Mapping(transform, raw_bits, _as_line(domain, values, np.clip(values, 0.0, 1.0)))
+
+    def apply(self, stored: np.ndarray) -> np.ndarray:
+        bits = stored.dtype.itemsize * 8
+        if bits > 16:
+            # 32-bit integer data: too wide for a table; same maths, element-wise.
+            values = self.transform(stored.astype(np.float64))
+            return np.clip(values, 0.0, 1.0).astype(np.float32)
+        if self.line is not None:
+            return pixel_map.affine(stored, *self.line, bits_stored=self.raw_bits)
+        # The table indexed by a uint view of the values, in index order (two's
+        # complement covers signed data).
+        unsigned_type = np.uint8 if bits == 8 else np.uint16
+        native = stored.dtype.newbyteorder("=")
+        every_value = np.arange(2**bits, dtype=unsigned_type).view(native).astype(np.float64)
+        table = np.clip(_evaluate(self.transform, every_value), 0.0, 1.0).astype(np.float32)
+        return table[pixel_map.stored_values(stored, self.raw_bits).view(unsigned_type)]
+
+    def apply_reduced(self, stored: np.ndarray, factor: int) -> np.ndarray | None:
+        """The image box-averaged by ``factor`` in one pass, or None (line mappings only)."""
+        if self.line is None:
+            return None
+        return pixel_map.affine_reduced(stored, *self.line, self.raw_bits, factor)
+
+
+def _sample(stored: np.ndarray) -> np.ndarray:
+    """About 256 x 256 pixels spread over the image (for :func:`_misses_image`)."""
+    rows, cols = stored.shape
+    return np.ascontiguousarray(stored[:: max(1, rows // 256), :: max(1, cols // 256)])
 
 
 def _evaluate(transform: Callable[[np.ndarray], np.ndarray], domain: np.ndarray) -> np.ndarray:
@@ -991,9 +1044,8 @@ def _as_line(
     return float(scale), float(offset)
 
 
-def _misses_image(image: np.ndarray) -> bool:
-    """True when under 1% of (a sample of) the pixels fall inside the window."""
-    sample = image[:: max(1, image.shape[0] // 256), :: max(1, image.shape[1] // 256)]
+def _misses_image(sample: np.ndarray) -> bool:
+    """True when under 1% of the (sampled, mapped) pixels fall inside the window."""
     inside = np.count_nonzero((sample > 0.0) & (sample < 1.0))
     return inside < 0.01 * sample.size
 
@@ -1217,6 +1269,7 @@ def to_model_input(
     size: int = MODEL_INPUT_SIZE,
     policy: ResizePolicy = "pad",
     shape: tuple[int, int] | None = None,
+    reduction: int = 1,
 ) -> np.ndarray:
     """Resizes a [0,1] image to the model input, ``(size, size, 1)`` float32.
 
@@ -1230,8 +1283,9 @@ def to_model_input(
     outside [0, 1].
 
     ``shape`` is the (rows, cols) of the full image when ``image`` is a
-    reduced-resolution decode of it, so the output geometry is the full
-    image's to the pixel.
+    reduced-resolution decode of it, each side divided by ``reduction``
+    (rounded up), so the output geometry is the full image's to the pixel:
+    the resize reads the box of the reduced image that the full one maps to.
 
     Preprocessing and scoring both call this, so they cannot drift.
     """
@@ -1244,14 +1298,21 @@ def to_model_input(
     if policy not in ("pad", "stretch"):
         raise ValueError(f"policy must be 'pad' or 'stretch', not {policy!r}")
     rows, cols = image.shape
-    target = content_shape(*(shape or (rows, cols)), size, policy)
+    full_rows, full_cols = shape or (rows, cols)
+    target = content_shape(full_rows, full_cols, size, policy)
+    box = None
+    if reduction > 1:
+        box = (0.0, 0.0, full_cols / reduction, full_rows / reduction)
     pixels = np.ascontiguousarray(image, dtype=np.float32)
     source = Image.frombuffer("F", (cols, rows), pixels, "raw", "F", 0, 1)
     # reducing_gap: box-average by an integer factor first, then the
     # bilinear filter over the last < 2x: ~3x faster than filtering all the
-    # way down, and still antialiased.
+    # way down, and still antialiased. (decode_model_input does that first
+    # box average itself, while mapping the pixels: _box_factor.)
     resized = np.asarray(
-        source.resize((target[1], target[0]), Image.Resampling.BILINEAR, reducing_gap=2.0),
+        source.resize(
+            (target[1], target[0]), Image.Resampling.BILINEAR, box, reducing_gap=_REDUCING_GAP
+        ),
         dtype=np.float32,
     )
     out = np.zeros((size, size, 1), dtype=np.float32)

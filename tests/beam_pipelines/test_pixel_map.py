@@ -125,3 +125,69 @@ def test_decode_is_identical_without_the_kernel(
     without = dicom.decode(str(path))
     assert with_kernel.voi == without.voi == "window"
     np.testing.assert_array_equal(with_kernel.image, without.image)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("dtype", "bits_stored"), [("<u2", 12), (">i2", 10), ("u1", 8)])
+@pytest.mark.parametrize(("rows", "cols", "factor"), [(50, 41, 5), (37, 64, 2), (20, 23, 7)])
+def test_reduced_kernel_equals_pillow_reduce(
+    dtype: str, bits_stored: int, rows: int, cols: int, factor: int
+) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(rows * cols)
+    raw = rng.integers(0, 256, size=(rows, cols, np.dtype(dtype).itemsize), dtype=np.uint8)
+    stored = raw.view(dtype)[..., 0]
+    scale, offset = -0.004, 1.2  # inverted and clipped at both ends
+    full = pixel_map.affine(stored, scale, offset, bits_stored)
+    pillow = np.asarray(Image.fromarray(full, mode="F").reduce(factor), dtype=np.float32)
+    reduced = pixel_map.affine_reduced(stored, scale, offset, bits_stored, factor)
+    assert reduced is not None and reduced.shape == (-(-rows // factor), -(-cols // factor))
+    # Edge blocks are averaged over the pixels they hold, as Pillow does.
+    np.testing.assert_allclose(reduced, pillow, rtol=0, atol=2.4e-7)
+
+
+def test_reduced_kernel_declines_without_the_kernel(numpy_only: None) -> None:
+    stored = np.zeros((8, 8), np.uint16)
+    assert pixel_map.affine_reduced(stored, 1.0, 0.0, 12, 2) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("encoding", "fmt"),
+    [
+        ("explicit_le", dict(bits_stored=12)),
+        ("big_endian", dict(bits_stored=16, signed=True, rescale_intercept=-1024.0)),
+        (
+            "rle",
+            dict(
+                bits_stored=12, photometric="MONOCHROME1", window_center=2000.0, window_width=1500.0
+            ),
+        ),
+        ("explicit_le", dict(bits_stored=8)),
+    ],
+    ids=["12bit", "big_endian_signed", "rle_mono1_window", "8bit"],
+)
+def test_model_input_fused_with_the_box_average_matches_the_two_step_path(
+    encoding: str, fmt: dict, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from archive_tools.dicom_writer import PixelFormat, RadiographHeader, to_stored, write_dicom
+    from archive_tools.phantom import chest_phantom
+
+    pixel_format = PixelFormat(**fmt)
+    display = chest_phantom(np.random.default_rng(3), 1100, 900, abnormal=True)
+    path = tmp_path / "image.dcm"
+    write_dicom(
+        path,
+        to_stored(display, pixel_format),
+        pixel_format,
+        encoding,
+        RadiographHeader(patient_id="P1", study_id="S1"),
+    )
+    fused, decoded = dicom.decode_model_input(str(path))
+    assert decoded.reduction == dicom._box_factor(1100, 900, 224, "pad") > 1
+    assert decoded.image.shape == (-(-1100 // decoded.reduction), -(-900 // decoded.reduction))
+    monkeypatch.setattr(pixel_map, "_kernels", None)
+    two_step, plain = dicom.decode_model_input(str(path))
+    assert plain.reduction == 1 and plain.voi == decoded.voi
+    np.testing.assert_allclose(fused, two_step, rtol=0, atol=2.4e-7)

@@ -39,7 +39,7 @@ def test_run_reports_every_encoding(bench: ModuleType, tmp_path: Path) -> None:
         assert result["transfer_syntax"] == str(ENCODINGS[encoding])
         assert result["file_bytes"] > 0
         assert (tmp_path / f"{name}.dcm").is_file()
-        for key in ("bare_pydicom_ms", "decode_ms", "resize_ms"):
+        for key in ("bare_pydicom_ms", "decode_ms", "resize_ms", "model_input_ms"):
             assert result[key]["median"] > 0
             assert 0 < result[key]["min"] <= result[key]["median"]
         assert result["ratio"] > 0
