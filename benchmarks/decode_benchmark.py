@@ -36,8 +36,12 @@ One extra file, ``explicit_le_mono1_window``, stores 12-bit MONOCHROME1 with a
 rescale slope/intercept and a VOI window that covers the image, which runs the
 whole normalization path (modality LUT, window, inversion).
 
-Method: each call re-reads the file from disk (after the first pass it comes
-from the OS page cache, so this times parsing and decoding, not the disk).
+Method: the process keeps freed buffers as the jobs' workers do
+(:mod:`beam_pipelines.malloc_tuning`; without it, which reader paid for
+page faults depended on the allocations before it: the windowed file's
+decode varied 9-33 ms between rounds). Each call re-reads the file from
+disk (after the first pass it comes from the OS page cache, so this times
+parsing and decoding, not the disk).
 Everything is warmed up once (imports, codec plugin loading) before timing.
 The machine may be shared and noisy, so the measurements are interleaved
 round-robin: each repeat times every file once, alternating which of the two
@@ -77,7 +81,7 @@ from archive_tools.dicom_writer import (
     write_dicom,
 )
 from archive_tools.phantom import chest_phantom
-from beam_pipelines import dicom
+from beam_pipelines import dicom, malloc_tuning
 
 logger = logging.getLogger(__name__)
 
@@ -223,6 +227,10 @@ def _machine() -> dict[str, Any]:
 
 
 def _benchmark(files: Sequence[BenchFile], repeats: int) -> list[dict[str, Any]]:
+    # As in the jobs' workers (and for both readers alike): freed image
+    # buffers stay in the process, so timings do not depend on which earlier
+    # allocation made glibc hand pages back to the kernel.
+    malloc_tuning.keep_freed_buffers()
     # Warm-up: imports (Beam's FileSystems, Pillow), codec plugin loading, page cache.
     info = {}
     for f in files:
