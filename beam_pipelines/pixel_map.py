@@ -132,6 +132,8 @@ def affine_reduced(
     """
     if not _kernel_takes(stored) or stored.ndim != 2 or factor < 1:
         return None
+    if not hasattr(_kernels, "affine_reduce_to_float32"):
+        return None  # a kernel built from an older source: `make install` rebuilds it
     rows, cols = stored.shape
     out = np.empty((-(-rows // factor), -(-cols // factor)), dtype=np.float32)
     assert _kernels is not None
