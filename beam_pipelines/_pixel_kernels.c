@@ -32,6 +32,31 @@
 
 #define SWAP16(v) ((uint16_t)(((uint16_t)(v) >> 8) | ((uint16_t)(v) << 8)))
 
+/* Runs LOOP(TYPE, LOAD) with LOAD reading one stored value v of the layout:
+ * 1 or 2 bytes, unsigned (unused high bits masked) or signed (sign-extended
+ * from bit bits_stored), byte-swapped or not. One branch per call, none per
+ * pixel, so each loop is a plain loop the compiler vectorizes. */
+#define FOR_LAYOUT(LOOP)                                                          \
+    do {                                                                          \
+        if (itemsize == 1) {                                                      \
+            const uint8_t mask = (uint8_t)(0xFFu >> unused);                      \
+            if (is_signed)                                                        \
+                LOOP(uint8_t, (int8_t)(uint8_t)(v << unused) >> unused);          \
+            else                                                                  \
+                LOOP(uint8_t, v & mask);                                          \
+        } else {                                                                  \
+            const uint16_t mask = (uint16_t)(0xFFFFu >> unused);                  \
+            if (is_signed && swap)                                                \
+                LOOP(uint16_t, (int16_t)(uint16_t)(SWAP16(v) << unused) >> unused); \
+            else if (is_signed)                                                   \
+                LOOP(uint16_t, (int16_t)(uint16_t)(v << unused) >> unused);       \
+            else if (swap)                                                        \
+                LOOP(uint16_t, SWAP16(v) & mask);                                 \
+            else                                                                  \
+                LOOP(uint16_t, v & mask);                                         \
+        }                                                                         \
+    } while (0)
+
 static PyObject *affine_to_float32(PyObject *self, PyObject *args) {
     Py_buffer src, out;
     int itemsize, is_signed, swap, bits_stored;
@@ -53,23 +78,7 @@ static PyObject *affine_to_float32(PyObject *self, PyObject *args) {
     float *out_f = (float *)out.buf;
     const int unused = 8 * itemsize - bits_stored;
     Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 1) {
-        const uint8_t mask = (uint8_t)(0xFFu >> unused);
-        if (is_signed)
-            MAP_LOOP(uint8_t, (int8_t)(uint8_t)(v << unused) >> unused);
-        else
-            MAP_LOOP(uint8_t, v & mask);
-    } else {
-        const uint16_t mask = (uint16_t)(0xFFFFu >> unused);
-        if (is_signed && swap)
-            MAP_LOOP(uint16_t, (int16_t)(uint16_t)(SWAP16(v) << unused) >> unused);
-        else if (is_signed)
-            MAP_LOOP(uint16_t, (int16_t)(uint16_t)(v << unused) >> unused);
-        else if (swap)
-            MAP_LOOP(uint16_t, SWAP16(v) & mask);
-        else
-            MAP_LOOP(uint16_t, v & mask);
-    }
+    FOR_LAYOUT(MAP_LOOP);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
@@ -143,23 +152,7 @@ static PyObject *affine_reduce_to_float32(PyObject *self, PyObject *args) {
     float *out_f = (float *)out.buf;
     const int unused = 8 * itemsize - bits_stored;
     Py_BEGIN_ALLOW_THREADS
-    if (itemsize == 1) {
-        const uint8_t mask = (uint8_t)(0xFFu >> unused);
-        if (is_signed)
-            REDUCE_LOOP(uint8_t, (int8_t)(uint8_t)(v << unused) >> unused);
-        else
-            REDUCE_LOOP(uint8_t, v & mask);
-    } else {
-        const uint16_t mask = (uint16_t)(0xFFFFu >> unused);
-        if (is_signed && swap)
-            REDUCE_LOOP(uint16_t, (int16_t)(uint16_t)(SWAP16(v) << unused) >> unused);
-        else if (is_signed)
-            REDUCE_LOOP(uint16_t, (int16_t)(uint16_t)(v << unused) >> unused);
-        else if (swap)
-            REDUCE_LOOP(uint16_t, SWAP16(v) & mask);
-        else
-            REDUCE_LOOP(uint16_t, v & mask);
-    }
+    FOR_LAYOUT(REDUCE_LOOP);
     Py_END_ALLOW_THREADS
     result = Py_None;
     Py_INCREF(result);
