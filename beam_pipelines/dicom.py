@@ -649,11 +649,7 @@ def _decode(
         raw_bits = header.bits_stored if native is not None else None
         # A full decode for the model input is box-reduced while it is mapped.
         box = 1
-        if (
-            model_input is not None
-            and reduction == 1
-            and stored.shape == (header.rows, header.columns)
-        ):
+        if model_input is not None and reduced is None:
             box = _box_factor(header.rows, header.columns, *model_input)
         image, voi, boxed = _normalize_gray(
             stored, ds, header, options, pixel_keyword, inverted, raw_bits, box
@@ -969,12 +965,15 @@ class _Mapping:
 
     A clipped straight line (bit range, rescale, LINEAR windows, inversion)
     is applied in one pass by :mod:`beam_pipelines.pixel_map`; anything else
-    through a table, one gather; 32-bit data element-wise.
+    through ``table``, one gather; 32-bit data element-wise.
     """
 
     transform: Callable[[np.ndarray], np.ndarray]
     raw_bits: int | None
     line: tuple[float, float] | None
+    # float32 over every value of the 8/16-bit dtype, indexed by a uint view of
+    # the values (two's complement covers signed data); when there is no line.
+    table: np.ndarray | None = None
 
     @staticmethod
     def build(
@@ -982,26 +981,27 @@ class _Mapping:
     ) -> _Mapping:
         if dtype.itemsize > 2:
             return _Mapping(transform, raw_bits, None)
-        low, high = pixel_map.value_range(dtype.newbyteorder("="), raw_bits)
+        native = dtype.newbyteorder("=")
+        low, high = pixel_map.value_range(native, raw_bits)
         domain = np.arange(low, high + 1, dtype=np.float64)
         values = _evaluate(transform, domain)
-        return _Mapping(transform, raw_bits, _as_line(domain, values, np.clip(values, 0.0, 1.0)))
+        line = _as_line(domain, values, np.clip(values, 0.0, 1.0))
+        if line is not None:
+            return _Mapping(transform, raw_bits, line)
+        unsigned_type = np.uint8 if dtype.itemsize == 1 else np.uint16
+        every_value = np.arange(2 ** (8 * dtype.itemsize), dtype=unsigned_type).view(native)
+        table = np.clip(_evaluate(transform, every_value.astype(np.float64)), 0.0, 1.0)
+        return _Mapping(transform, raw_bits, None, table.astype(np.float32))
 
     def apply(self, stored: np.ndarray) -> np.ndarray:
-        bits = stored.dtype.itemsize * 8
-        if bits > 16:
-            # 32-bit integer data: too wide for a table; same maths, element-wise.
-            values = self.transform(stored.astype(np.float64))
-            return np.clip(values, 0.0, 1.0).astype(np.float32)
         if self.line is not None:
             return pixel_map.affine(stored, *self.line, bits_stored=self.raw_bits)
-        # The table indexed by a uint view of the values, in index order (two's
-        # complement covers signed data).
-        unsigned_type = np.uint8 if bits == 8 else np.uint16
-        native = stored.dtype.newbyteorder("=")
-        every_value = np.arange(2**bits, dtype=unsigned_type).view(native).astype(np.float64)
-        table = np.clip(_evaluate(self.transform, every_value), 0.0, 1.0).astype(np.float32)
-        return table[pixel_map.stored_values(stored, self.raw_bits).view(unsigned_type)]
+        if self.table is not None:
+            unsigned_type = np.uint8 if stored.dtype.itemsize == 1 else np.uint16
+            return self.table[pixel_map.stored_values(stored, self.raw_bits).view(unsigned_type)]
+        # 32-bit integer data: too wide for a table; same maths, element-wise.
+        values = self.transform(stored.astype(np.float64))
+        return np.clip(values, 0.0, 1.0).astype(np.float32)
 
     def apply_reduced(self, stored: np.ndarray, factor: int) -> np.ndarray | None:
         """The image box-averaged by ``factor`` in one pass, or None (line mappings only)."""
@@ -1077,9 +1077,7 @@ def _stored_range(header: DicomHeader) -> tuple[int, int]:
         if 0 < header.bits_stored <= header.bits_allocated
         else (header.bits_allocated)
     )
-    if header.pixel_representation == 1:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
+    return pixel_map.bit_range(bits, header.pixel_representation == 1)
 
 
 def _modality_transform(

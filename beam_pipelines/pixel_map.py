@@ -62,14 +62,19 @@ def stored_values(raw: np.ndarray, bits_stored: int | None = None) -> np.ndarray
     return frame
 
 
+def bit_range(bits: int, signed: bool) -> tuple[int, int]:
+    """The smallest and largest value ``bits`` bits hold (two's complement if signed)."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
 def value_range(dtype: np.dtype, bits_stored: int | None) -> tuple[int, int]:
-    """The smallest and largest value ``bits_stored`` bits of this signedness hold."""
+    """The smallest and largest value the low ``bits_stored`` bits of ``dtype`` hold."""
     bits = dtype.itemsize * 8
     if bits_stored is not None and 0 < bits_stored < bits:
         bits = bits_stored
-    if dtype.kind == "i":
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    return 0, 2**bits - 1
+    return bit_range(bits, dtype.kind == "i")
 
 
 def affine(
