@@ -9,7 +9,7 @@
  *
  * The arithmetic is float32 `(float)v * scale + offset`, then clip, with
  * floating-point contraction off (setup.py builds with -ffp-contract=off):
- * results are bit-identical to the numpy fallback in dicom.py.
+ * results are bit-identical to the numpy fallback in pixel_map.py.
  *
  * Plain C and the buffer protocol only: no numpy headers at build time.
  */
@@ -18,16 +18,26 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MAP_LOOP(TYPE, LOAD)                                            \
-    do {                                                                \
-        const TYPE *in = (const TYPE *)src.buf;                         \
-        for (Py_ssize_t i = 0; i < n; i++) {                            \
-            TYPE v = in[i];                                             \
-            float x = (float)(LOAD) * scale + offset;                   \
-            x = x < low ? low : x;                                      \
-            x = x > high ? high : x;                                    \
-            out_f[i] = x;                                               \
-        }                                                               \
+/* The mapping both kernels apply to each stored value. */
+static inline float map_value(float value, float scale, float offset, float low, float high) {
+    float m = value * scale + offset;
+    m = m < low ? low : m;
+    return m > high ? high : m;
+}
+
+/* A layout the kernels read: 1 or 2 bytes, swapped only if 2, 1..8*itemsize bits. */
+static int layout_ok(int itemsize, int swap, int bits_stored) {
+    return (itemsize == 1 || itemsize == 2) && !(swap && itemsize != 2) && bits_stored >= 1 &&
+           bits_stored <= 8 * itemsize;
+}
+
+#define MAP_LOOP(TYPE, LOAD)                                                    \
+    do {                                                                        \
+        const TYPE *in = (const TYPE *)src.buf;                                 \
+        for (Py_ssize_t i = 0; i < n; i++) {                                    \
+            TYPE v = in[i];                                                     \
+            out_f[i] = map_value((float)(LOAD), scale, offset, low, high);      \
+        }                                                                       \
     } while (0)
 
 #define SWAP16(v) ((uint16_t)(((uint16_t)(v) >> 8) | ((uint16_t)(v) << 8)))
@@ -65,8 +75,7 @@ static PyObject *affine_to_float32(PyObject *self, PyObject *args) {
                           &bits_stored, &scale, &offset, &low, &high))
         return NULL;
     PyObject *result = NULL;
-    if ((itemsize != 1 && itemsize != 2) || (swap && itemsize != 2) || bits_stored < 1 ||
-        bits_stored > 8 * itemsize) {
+    if (!layout_ok(itemsize, swap, bits_stored)) {
         PyErr_SetString(PyExc_ValueError, "unsupported stored pixel layout");
         goto done;
     }
@@ -102,9 +111,7 @@ done:
                 /* Two simple loops the compiler vectorizes: map, then sum. */    \
                 for (Py_ssize_t x = 0; x < cols; x++) {                           \
                     TYPE v = in[x];                                               \
-                    float m = (float)(LOAD) * scale + offset;                     \
-                    m = m < low ? low : m;                                        \
-                    row[x] = m > high ? high : m;                                 \
+                    row[x] = map_value((float)(LOAD), scale, offset, low, high);  \
                 }                                                                 \
                 for (Py_ssize_t x = 0; x < cols; x++)                             \
                     column_sums[x] += row[x];                                     \
@@ -131,8 +138,7 @@ static PyObject *affine_reduce_to_float32(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     float *column_sums = NULL;
     float *row = NULL;
-    if ((itemsize != 1 && itemsize != 2) || (swap && itemsize != 2) || bits_stored < 1 ||
-        bits_stored > 8 * itemsize || rows < 1 || cols < 1 || factor < 1) {
+    if (!layout_ok(itemsize, swap, bits_stored) || rows < 1 || cols < 1 || factor < 1) {
         PyErr_SetString(PyExc_ValueError, "unsupported stored pixel layout");
         goto done;
     }
