@@ -305,10 +305,7 @@ def ensure_archive(
             rows = pool.map(_write_image, tasks, chunksize=max(1, images // (workers * 8)))
     else:
         rows = [_write_image(task) for task in tasks]
-    with (root / "metadata.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_metadata(root / "metadata.csv", rows)
     description = {
         "params": params,
         "bytes": sum(p.stat().st_size for p in (root / "raw").rglob("*.dcm")),
@@ -346,11 +343,15 @@ def repeated_metadata(archive: dict[str, Any], repeat: int) -> str:
                 }
             )
     metadata = root / f"metadata_x{repeat}.csv"
-    with metadata.open("w", newline="", encoding="utf-8") as handle:
+    _write_metadata(metadata, [*rows, *copies])
+    return str(metadata)
+
+
+def _write_metadata(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows([*rows, *copies])
-    return str(metadata)
+        writer.writerows(rows)
 
 
 # --------------------------------------------------------------------------
