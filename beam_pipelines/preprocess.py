@@ -22,13 +22,13 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 from apache_beam import pvalue
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_pipelines import dicom, malloc_tuning, schema, sharding, splits, tfrecord
-from beam_pipelines.files import read_bytes, remove_matching, write_text
+from beam_pipelines import dicom, malloc_tuning, schema, sharding, splits, staging, tfrecord
+from beam_pipelines.files import remove_matching, write_text
 from beam_pipelines.options import (
     add_decode_arguments,
     add_input_arguments,
@@ -111,12 +111,22 @@ def shard_count(records: int, num_shards: int) -> int:
     return sharding.shard_count(records, num_shards, RECORDS_PER_SHARD)
 
 
-class DecodeAndStageFn(beam.DoFn):
-    """Decodes one row, stages its serialized record on disk, emits a small summary.
+def pixel_sums(stored: np.ndarray) -> tuple[int, int, int]:
+    """Exact (sum, sum of squares, count) of stored 16-bit pixel values.
 
-    Only the summary (row, split, shard, staged path, label, pixel sums)
-    travels on: images never cross a stage boundary, so no runner has to hold
-    them in memory, whatever the archive's size.
+    The squares' sum stays below 2**53 for any image of fewer than 2**21
+    pixels, so float64 arithmetic is exact here and ~7x faster than uint64.
+    """
+    values = stored.astype(np.float64).ravel()
+    return int(stored.sum(dtype=np.uint64)), int(values @ values), values.size
+
+
+class DecodeAndStageFn(beam.DoFn):
+    """Decodes one row, stages its compressed record, emits a small summary.
+
+    Only the summary (row, split, shard, staged chunk's reference, label,
+    pixel sums) travels on: images never cross a stage boundary, so no runner
+    has to hold them in memory, whatever the archive's size.
     """
 
     def __init__(
@@ -136,6 +146,13 @@ class DecodeAndStageFn(beam.DoFn):
     def setup(self) -> None:
         malloc_tuning.keep_freed_buffers()
         self._progress = Progress("decoded and staged images")
+        self._stager = staging.BundleStager(self._staging_dir)
+
+    def finish_bundle(self) -> None:
+        self._stager.close()
+
+    def teardown(self) -> None:
+        self._stager.close()
 
     def process(
         self, row: ValidRow, assignment: dict[str, str], sizes: dict[str, int]
@@ -165,14 +182,11 @@ class DecodeAndStageFn(beam.DoFn):
         split = assignment[row.patient_id]
         shards = shard_count(sizes[split], self._num_shards)
         shard = sharding.shard_of(row.dicom_path, shards)
-        staged = f"{self._staging_dir}/{split}/{shard:05d}/{row.row:010d}.chunk"
-        with FileSystems.create(staged, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            # Compressed here, in parallel: the shard writer only concatenates.
-            handle.write(tfrecord.compress_record(schema.serialize(record)))
-        total = squares = pixels = 0
-        if split == "train":
-            values = schema.quantize(record["image"]).astype("uint64")
-            total, squares, pixels = int(values.sum()), int((values * values).sum()), values.size
+        # Quantized once: the record stores these values and the statistics sum them.
+        record["image"] = schema.quantize(record["image"])
+        # Compressed here, in parallel: the shard writer only concatenates.
+        staged = self._stager.append(tfrecord.compress_record(schema.serialize(record)))
+        sums = pixel_sums(record["image"]) if split == "train" else (0, 0, 0)
         yield (
             KEPT,
             {
@@ -181,7 +195,7 @@ class DecodeAndStageFn(beam.DoFn):
                 "label": record["label"],
                 "shard": (split, shard, shards),
                 "staged": staged,
-                "pixel_sums": (total, squares, pixels),
+                "pixel_sums": sums,
             },
         )
 
@@ -193,15 +207,18 @@ class WriteShards(beam.PTransform):
     row inside it, so the files do not depend on the runner or on bundle
     order; each file appears atomically (temporary name, then rename). Every
     shard of a non-empty split is written, even one that hashing left empty.
-    Only (row, staged path) pairs are grouped; the writer streams the staged
-    records (already compressed by the decode stage) into the shard and
-    deletes them.
+    Only (row, staged chunk reference) pairs are grouped; the writer streams
+    the staged records (already compressed by the decode stage) into the
+    shard. The staging files are removed once every shard is written.
     """
 
-    def __init__(self, out: str, num_shards: int, sizes: beam.PCollection) -> None:
+    def __init__(
+        self, out: str, num_shards: int, sizes: beam.PCollection, staging_dir: str
+    ) -> None:
         """sizes: a one-element {split: rows} dict, the counts the decoder sharded by."""
         super().__init__()
         self._out, self._num_shards, self._sizes = out, num_shards, sizes
+        self._staging_dir = staging_dir
 
     def expand(self, summaries: beam.PCollection) -> beam.PCollection:
         num_shards = self._num_shards
@@ -221,12 +238,22 @@ class WriteShards(beam.PTransform):
                 pvalue.AsSingleton(self._sizes),
             )
         )
-        return (
+        written = (
             (keyed, every_shard)
             | "WithEmptyShards" >> beam.Flatten()
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(_WriteShardFn(self._out))
         )
+        staging_dir = self._staging_dir
+        # After the last shard (its paths are a side input): staged chunks are
+        # shared by many shards, so no single writer may delete them.
+        _ = (
+            summaries.pipeline
+            | "StagingDir" >> beam.Create([staging_dir])
+            | "RemoveStaging"
+            >> beam.Map(lambda folder, _: remove_matching([f"{folder}/*"]), pvalue.AsList(written))
+        )
+        return written
 
 
 class _WriteShardFn(beam.DoFn):
@@ -235,11 +262,9 @@ class _WriteShardFn(beam.DoFn):
 
     def process(self, element: tuple[tuple[str, int, int], Iterable[Any]]) -> Iterator[str]:
         (split, shard, shards), values = element
-        staged = [path for _, path in sorted(v for v in values if v is not None)]
+        staged = [ref for _, ref in sorted(v for v in values if v is not None)]
         path = f"{self._out}/{split}/part-{shard:05d}-of-{shards:05d}.tfrecord.gz"
-        written = tfrecord.write_compressed_gz(path, (read_bytes(p) for p in staged))
-        if staged:
-            FileSystems.delete(staged)
+        written = tfrecord.write_compressed_gz(path, staging.read_chunks(staged))
         Metrics.counter(self.__class__, f"written_{split}").inc(written)
         yield path
 
@@ -314,7 +339,7 @@ def _remove_previous_outputs(out: str) -> None:
     # The temporary files of atomic writes a killed run left (shards' and
     # rejects' are matched above).
     patterns += [f"{out}/splits.csv.tmp-*", f"{out}/manifest.json.tmp-*"]
-    patterns += [f"{out}/.staging/*/*/*"]
+    patterns += [f"{out}/.staging/*"]
     stale = remove_matching(patterns)
     if stale:
         logger.info("Replaced %d files of an earlier run in %s", len(stale), out)
@@ -426,20 +451,22 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             | "CountPerSplit" >> beam.combiners.Count.PerElement()
             | "SizesDict" >> beam.combiners.ToDict()
         )
-        staging = f"{out}/.staging"
+        staging_dir = f"{out}/.staging"
         summaries, undecodable = (
             unique
             | "DecodeDicom"
             >> beam.ParDo(
                 DecodeAndStageFn(
-                    decoding, args.resize_policy, staging, args.num_shards, pseudonymizer
+                    decoding, args.resize_policy, staging_dir, args.num_shards, pseudonymizer
                 ),
                 pvalue.AsSingleton(assignment),
                 pvalue.AsSingleton(sizes),
             )
             | "RouteDecoded" >> SplitOutcomes()
         )
-        shard_paths = summaries | "WriteShards" >> WriteShards(out, args.num_shards, sizes)
+        shard_paths = summaries | "WriteShards" >> WriteShards(
+            out, args.num_shards, sizes, staging_dir
+        )
         rejects = (invalid, duplicates, undecodable) | "AllRejects" >> beam.Flatten()
         rejects_path = rejects | "WriteRejects" >> WriteRejects(f"{out}/rejects/rejects.jsonl")
         splits_path = assignment | "WriteSplits" >> beam.Map(
@@ -497,7 +524,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             pvalue.AsSingleton(splits_path),
         )
     if FileSystems.exists(f"{out}/.staging"):
-        FileSystems.delete([f"{out}/.staging"])  # only empty folders are left by now
+        FileSystems.delete([f"{out}/.staging"])  # empty by now
     with FileSystems.open(f"{out}/manifest.json") as handle:
         manifest = json.loads(handle.read().decode("utf-8"))
     logger.info(

@@ -66,7 +66,8 @@ def serialize(record: dict[str, Any]) -> bytes:
     """Serializes one image record to a ``tf.train.Example``.
 
     Args:
-        record: ``image`` (float [0,1], shape ``IMAGE_SHAPE`` or 224x224),
+        record: ``image`` (float [0,1], or the stored ``uint16`` values from
+            :func:`quantize`; shape ``IMAGE_SHAPE`` or 224x224),
             ``label`` (0/1 or bool), ``patient_id``, ``study_id``,
             ``dicom_path``, ``view_position``, ``sex`` (str, may be empty),
             ``age`` (int or None), ``original_rows``, ``original_columns``,
@@ -83,7 +84,9 @@ def serialize(record: dict[str, Any]) -> bytes:
     if image.shape not in (IMAGE_SHAPE, IMAGE_SHAPE[:2]):
         raise ValueError(f"image must be {IMAGE_SHAPE}, got {image.shape}")
     features: dict[str, Any] = {
-        IMAGE: _bytes_feature(quantize(image).tobytes()),
+        IMAGE: _bytes_feature(
+            (image if image.dtype == np.uint16 else quantize(image)).astype("<u2").tobytes()
+        ),
     }
     strings = {
         PATIENT_ID: record["patient_id"],

@@ -107,7 +107,8 @@ def test_decode_makes_records_and_rejects(tmp_path: Path) -> None:
             equal_to([(2, "decode", "not_dicom"), (3, "decode", "missing_file")]),
             label="rejected",
         )
-    (staged,) = staging.rglob("*.chunk")
+    # One bundle, one staging file holding the one kept record's chunk.
+    (staged,) = staging.rglob("*.chunks")
     # The staged chunk is already compressed: the shard writer only concatenates.
     shard = str(tmp_path / "one.tfrecord.gz")
     assert tfrecord.write_compressed_gz(shard, [staged.read_bytes()]) == 1
@@ -135,3 +136,13 @@ def test_progress_logs_now_and_then(caplog) -> None:
         for _ in range(100):
             quiet.tick()
     assert not caplog.text
+
+
+def test_pixel_sums_are_exact_at_the_largest_values() -> None:
+    from beam_pipelines.preprocess import pixel_sums
+
+    stored = np.full(schema.IMAGE_SHAPE, 65535, np.uint16)
+    stored[0, 0, 0] = 1
+    pixels = stored.size
+    exact = (65535 * (pixels - 1) + 1, 65535**2 * (pixels - 1) + 1, pixels)
+    assert pixel_sums(stored) == exact

@@ -53,6 +53,14 @@ def test_serialization_is_deterministic() -> None:
     assert schema.serialize(_record()) == schema.serialize(_record())
 
 
+def test_stored_values_serialize_like_the_float_image() -> None:
+    # The decode stage quantizes once and passes the uint16 values on.
+    record = _record()
+    stored = _record(image=schema.quantize(record["image"]))
+    assert stored["image"].dtype == np.uint16
+    assert schema.serialize(stored) == schema.serialize(record)
+
+
 def test_wrong_image_shape_is_an_error() -> None:
     with pytest.raises(ValueError):
         schema.serialize(_record(image=np.zeros((100, 100), np.float32)))
