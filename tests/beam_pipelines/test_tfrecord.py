@@ -90,3 +90,21 @@ def test_a_chunk_that_is_not_one_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a compressed record chunk"):
         write_compressed_gz(str(tmp_path / "x.tfrecord.gz"), [b"\xff" * 40])
     assert list(tmp_path.iterdir()) == []  # nothing half-written left
+
+
+def test_crc32_combine_agrees_with_one_pass_over_both_parts() -> None:
+    import zlib
+
+    from beam_pipelines import tfrecord
+
+    rng = np.random.default_rng(7)
+    for first_size, second_size in ((0, 0), (1, 0), (0, 5), (1000, 100_003), (3, 2_000_000)):
+        first = rng.bytes(first_size)
+        second = rng.bytes(second_size)
+        expected = zlib.crc32(first + second)
+        crcs = (zlib.crc32(first), zlib.crc32(second), second_size)
+        assert tfrecord._crc32_combine(*crcs) == expected
+        # The pure-Python method the job falls back to without zlib's C function.
+        assert tfrecord._crc32_combine_zeros(*crcs) == expected
+    # This machine's zlib has crc32_combine64, so the fast path is the one tested.
+    assert tfrecord._load_zlib_combine() is not tfrecord._crc32_combine_zeros
