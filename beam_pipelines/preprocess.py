@@ -269,16 +269,41 @@ class _WriteShardFn(beam.DoFn):
         yield path
 
 
-def _patient_stats(row: ValidRow) -> tuple[str, bool]:
-    return row.patient_id, bool(row.abnormal)
+def _patient_rows(row: ValidRow) -> tuple[str, tuple[bool, int]]:
+    return row.patient_id, (bool(row.abnormal), 1)
+
+
+def _any_abnormal_and_rows(values: Iterable[tuple[bool, int]]) -> tuple[bool, int]:
+    """Combines (abnormal, rows) pairs of one patient; associative, so partials combine too."""
+    abnormal, rows = False, 0
+    for value_abnormal, value_rows in values:
+        abnormal, rows = abnormal or value_abnormal, rows + value_rows
+    return abnormal, rows
+
+
+def _plan_splits(
+    patients: list[tuple[str, tuple[bool, int]]],
+    ratios: tuple[float, float, float],
+    seed: int,
+    pinned: dict[str, str],
+) -> dict[str, dict[str, Any]]:
+    assignment = splits.assign_splits(
+        ((patient, abnormal) for patient, (abnormal, _) in patients), ratios, seed, pinned
+    )
+    rows: dict[str, int] = {}
+    for patient, (_, count) in patients:
+        rows[assignment[patient]] = rows.get(assignment[patient], 0) + count
+    return {"assignment": assignment, "rows": rows}
 
 
 class AssignSplits(beam.PTransform):
-    """Computes PatientID -> split from one (PatientID, abnormal) record per patient.
+    """Computes PatientID -> split, and the rows each split gets, from one record per patient.
 
     Works on the validated rows, before decoding, so the assignment is ready
     when images are decoded; a patient whose every image later fails to
-    decode still has a place in splits.csv.
+    decode still has a place in splits.csv. Yields one dict:
+    ``{"assignment": {PatientID: split}, "rows": {split: rows}}`` (the row
+    counts fix each split's shard count before any image is decoded).
     """
 
     def __init__(self, ratios: tuple[float, float, float], seed: int, pinned: dict[str, str]):
@@ -289,43 +314,52 @@ class AssignSplits(beam.PTransform):
         ratios, seed, pinned = self._ratios, self._seed, self._pinned
         return (
             records
-            | "PatientLabel" >> beam.Map(_patient_stats)
-            | "AnyAbnormal" >> beam.CombinePerKey(any)
+            | "PatientRows" >> beam.Map(_patient_rows)
+            | "PerPatient" >> beam.CombinePerKey(_any_abnormal_and_rows)
             | "AllPatients" >> beam.combiners.ToList()
-            | "Assign"
-            >> beam.Map(lambda patients: splits.assign_splits(patients, ratios, seed, pinned))
+            | "Assign" >> beam.Map(_plan_splits, ratios, seed, pinned)
         )
 
 
-class _PixelStats(beam.CombineFn):
-    """Mean and standard deviation of the stored training pixels.
+class _KeptStats(beam.CombineFn):
+    """Kept records per split x label, and mean/std of the stored training pixels.
 
-    Sums are exact integers over the 16-bit stored values, so the result does
-    not depend on how a runner splits and merges the work.
+    Pixel sums are exact integers over the 16-bit stored values, so the
+    result does not depend on how a runner splits and merges the work.
     """
 
-    def create_accumulator(self) -> tuple[int, int, int]:
-        return 0, 0, 0
+    def create_accumulator(self) -> tuple[dict[str, int], int, int, int]:
+        return {}, 0, 0, 0
 
     def add_input(
-        self, acc: tuple[int, int, int], sums: tuple[int, int, int]
-    ) -> tuple[int, int, int]:
-        return acc[0] + sums[0], acc[1] + sums[1], acc[2] + sums[2]
+        self, acc: tuple[dict[str, int], int, int, int], summary: dict[str, Any]
+    ) -> tuple[dict[str, int], int, int, int]:
+        counts, total, squares, pixels = acc
+        key = f"{summary['split']}/{'abnormal' if summary['label'] else 'normal'}"
+        counts[key] = counts.get(key, 0) + 1
+        add_total, add_squares, add_pixels = summary["pixel_sums"]
+        return counts, total + add_total, squares + add_squares, pixels + add_pixels
 
-    def merge_accumulators(self, accs: Iterable[tuple[int, int, int]]) -> tuple[int, int, int]:
-        total, squares, count = 0, 0, 0
-        for a, b, c in accs:
-            total, squares, count = total + a, squares + b, count + c
-        return total, squares, count
+    def merge_accumulators(
+        self, accs: Iterable[tuple[dict[str, int], int, int, int]]
+    ) -> tuple[dict[str, int], int, int, int]:
+        merged: dict[str, int] = {}
+        total = squares = pixels = 0
+        for counts, add_total, add_squares, add_pixels in accs:
+            for key, count in counts.items():
+                merged[key] = merged.get(key, 0) + count
+            total, squares, pixels = total + add_total, squares + add_squares, pixels + add_pixels
+        return merged, total, squares, pixels
 
-    def extract_output(self, acc: tuple[int, int, int]) -> dict[str, Any]:
-        total, squares, count = acc
-        if count == 0:
-            return {"mean": None, "std": None, "pixels": 0}
+    def extract_output(self, acc: tuple[dict[str, int], int, int, int]) -> dict[str, Any]:
+        counts, total, squares, pixels = acc
+        if pixels == 0:
+            return {"counts": counts, "pixels": {"mean": None, "std": None, "pixels": 0}}
         scale = float(2**schema.IMAGE_BITS - 1)
-        mean = total / count
-        variance = max(squares / count - mean * mean, 0.0)
-        return {"mean": mean / scale, "std": variance**0.5 / scale, "pixels": count}
+        mean = total / pixels
+        variance = max(squares / pixels - mean * mean, 0.0)
+        stats = {"mean": mean / scale, "std": variance**0.5 / scale, "pixels": pixels}
+        return {"counts": counts, "pixels": stats}
 
 
 def _remove_previous_outputs(out: str) -> None:
@@ -444,13 +478,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             | "RejectDuplicatePaths" >> RejectDuplicatePaths()
             | "RouteUnique" >> SplitOutcomes()
         )
-        assignment = unique | "AssignSplits" >> AssignSplits(ratios, args.seed, pinned)
-        sizes = (
-            unique
-            | "RowSplit" >> beam.Map(lambda r, a: a[r.patient_id], pvalue.AsSingleton(assignment))
-            | "CountPerSplit" >> beam.combiners.Count.PerElement()
-            | "SizesDict" >> beam.combiners.ToDict()
-        )
+        plan = unique | "AssignSplits" >> AssignSplits(ratios, args.seed, pinned)
+        assignment = plan | "Assignment" >> beam.Map(lambda p: p["assignment"])
+        sizes = plan | "RowsPerSplit" >> beam.Map(lambda p: p["rows"])
         staging_dir = f"{out}/.staging"
         summaries, undecodable = (
             unique
@@ -473,13 +503,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             lambda a: write_text(f"{out}/splits.csv", splits.format_splits_csv(a))
         )
 
-        kept_counts = (
-            summaries
-            | "SplitLabel"
-            >> beam.Map(lambda r: f"{r['split']}/{'abnormal' if r['label'] else 'normal'}")
-            | "CountKept" >> beam.combiners.Count.PerElement()
-            | "KeptDict" >> beam.combiners.ToDict()
-        )
+        kept_stats = summaries | "KeptStats" >> beam.CombineGlobally(_KeptStats())
         reject_counts = (
             rejects
             | "Reason" >> beam.Map(lambda r: r["reason"])
@@ -487,11 +511,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             | "RejectDict" >> beam.combiners.ToDict()
         )
         input_rows = rows | "CountInput" >> beam.combiners.Count.Globally()
-        pixel_stats = (
-            summaries
-            | "TrainPixelSums" >> beam.Map(lambda s: s["pixel_sums"])
-            | "PixelStats" >> beam.CombineGlobally(_PixelStats())
-        )
         settings = {
             "metadata": args.metadata,
             "archive_root": archive_root,
@@ -516,9 +535,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             _build_manifest,
             settings,
             out,
-            pvalue.AsSingleton(kept_counts),
+            pvalue.AsSingleton(kept_stats),
             pvalue.AsSingleton(reject_counts),
-            pvalue.AsSingleton(pixel_stats),
             pvalue.AsList(shard_paths),
             pvalue.AsSingleton(rejects_path),
             pvalue.AsSingleton(splits_path),
@@ -541,15 +559,15 @@ def _build_manifest(
     input_rows: int,
     settings: dict[str, Any],
     out: str,
-    kept: dict[str, int],
+    kept_stats: dict[str, Any],
     rejected: dict[str, int],
-    pixel_stats: dict[str, Any],
     shard_paths: list[str],
     rejects_path: str,
     splits_path: str,
 ) -> str:
     from importlib.metadata import version
 
+    kept = kept_stats["counts"]
     per_split = {
         name: {label: kept.get(f"{name}/{label}", 0) for label in ("normal", "abnormal")}
         for name in splits.SPLITS
@@ -571,7 +589,7 @@ def _build_manifest(
             "rejects": posixpath.relpath(rejects_path, out),
             "splits": posixpath.relpath(splits_path, out),
         },
-        "train_pixel_stats": pixel_stats,
+        "train_pixel_stats": kept_stats["pixels"],
         "options": settings,
         "versions": {
             "python": platform.python_version(),

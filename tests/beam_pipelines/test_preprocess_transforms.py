@@ -146,3 +146,31 @@ def test_pixel_sums_are_exact_at_the_largest_values() -> None:
     pixels = stored.size
     exact = (65535 * (pixels - 1) + 1, 65535**2 * (pixels - 1) + 1, pixels)
     assert pixel_sums(stored) == exact
+
+
+def test_assign_splits_counts_each_splits_rows() -> None:
+    import dataclasses
+
+    from beam_pipelines.preprocess import AssignSplits
+
+    # 12 patients, 1-3 rows each; a patient is abnormal if any of its rows is.
+    rows = [
+        dataclasses.replace(
+            _valid(n, f"{n}.dcm"), patient_id=f"P{n % 12}", abnormal=(n % 12 < 4 and n > 12)
+        )
+        for n in range(1, 31)
+    ]
+    per_patient = {f"P{k}": sum(1 for r in rows if r.patient_id == f"P{k}") for k in range(12)}
+
+    def check(plans: list) -> None:
+        [plan] = plans
+        assignment, counted = plan["assignment"], plan["rows"]
+        assert sorted(assignment) == sorted(per_patient)
+        expected: dict[str, int] = {}
+        for patient, split in assignment.items():
+            expected[split] = expected.get(split, 0) + per_patient[patient]
+        assert counted == expected and sum(counted.values()) == len(rows)
+
+    with TestPipeline() as pipeline:
+        plan = pipeline | beam.Create(rows) | AssignSplits((0.5, 0.25, 0.25), 0, {})
+        assert_that(plan, check)
