@@ -148,6 +148,9 @@ class DecodeAndStageFn(beam.DoFn):
         self._progress = Progress("decoded and staged images")
         self._stager = staging.BundleStager(self._staging_dir)
 
+    def start_bundle(self) -> None:
+        self._stager.close()  # a bundle that failed before finish_bundle left its file open
+
     def finish_bundle(self) -> None:
         self._stager.close()
 
