@@ -104,8 +104,15 @@ COLOR = (
 # Channels of a "grayscale saved as colour" image differ by at most this
 # fraction of full scale on average (lossy YBR round trips add a little).
 _GRAY_TOLERANCE = 0.01
-# Redacts quoted values from library messages: they may be header values.
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+# What library messages may carry of a header's values (PHI): anything
+# quoted, person names (DICOM PN: Family^Given), UIDs and other long numbers
+# (IDs, dates). Short numbers (sizes, tags, bit depths) stay readable.
+_PHI_LIKE = re.compile(r"'[^']*'|\"[^\"]*\"|\S*\^\S*|\b\d+(?:\.\d+){3,}\b|\b\d{6,}\b")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with quoted values, person names, UIDs and long numbers blanked."""
+    return _PHI_LIKE.sub("…", text)
 
 
 class _QuietPluginErrors(logging.Filter):
@@ -128,18 +135,18 @@ _quiet = _QuietPluginErrors()
 logging.getLogger("pydicom.pixels.decoders.base").addFilter(_quiet)
 
 
-class _RedactQuotedValues(logging.Filter):
-    """Blanks quoted values in pydicom's log messages: they quote header values (PHI).
+class _RedactValues(logging.Filter):
+    """Blanks header values in pydicom's log messages (:func:`redact_text`): they are PHI.
 
-    E.g. "Invalid value for VR AS: '<the value>'" becomes "... VR AS: '…'".
+    E.g. "Invalid value for VR AS: '<the value>'" becomes "... VR AS: …".
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = _QUOTED.sub("'…'", record.getMessage()), None
+        record.msg, record.args = redact_text(record.getMessage()), None
         return True
 
 
-_redact = _RedactQuotedValues()
+_redact = _RedactValues()
 for _name in ("pydicom", "pydicom.pixels.utils", "pydicom.pixels.decoders.base"):
     logging.getLogger(_name).addFilter(_redact)
 # pydicom sends each warning both to its (now redacted) logger and through
@@ -1243,9 +1250,8 @@ def _floats(ds: Dataset, keyword: str) -> list[float]:
 
 
 def redact(exc: BaseException, limit: int = 200) -> str:
-    """An exception message without quoted values (they may be PHI), shortened."""
-    text = _QUOTED.sub("'…'", str(exc)).replace("\n", " ")
-    return text[:limit]
+    """An exception message without header values (:func:`redact_text`), shortened."""
+    return redact_text(str(exc)).replace("\n", " ")[:limit]
 
 
 # --------------------------------------------------------------------------

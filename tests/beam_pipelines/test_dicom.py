@@ -401,6 +401,20 @@ pydicom.valuerep.validate_value("AS", "SECRETAGE", pydicom.config.WARN)
 """
 
 
+def test_redaction_blanks_what_may_be_header_values_and_keeps_the_rest() -> None:
+    from beam_pipelines.dicom import redact, redact_text
+
+    message = (
+        "bad 'quoted' and \"double\" values, Doe^Jane^M, UID 1.2.840.113619.2.55.3, "
+        "ID 0012345678, born 19500101; expected 2500 x 2048 at (0028,0010), 16 bits"
+    )
+    redacted = redact_text(message)
+    for secret in ("quoted", "double", "Doe", "Jane", "113619", "0012345678", "19500101"):
+        assert secret not in redacted
+    assert "expected 2500 x 2048 at (0028,0010), 16 bits" in redacted
+    assert redact(ValueError(message + "\nsecond line")) == redact_text(message + " second line")
+
+
 def test_pydicom_messages_about_header_values_do_not_leak_them(tmp_path: Path) -> None:
     """pydicom's validation warnings quote the offending value: a name or ID is PHI.
 
@@ -418,5 +432,5 @@ def test_pydicom_messages_about_header_values_do_not_leak_them(tmp_path: Path) -
     )
     stderr = done.stderr.decode()
     assert "exceeds the maximum length" in stderr  # pydicom did complain
-    assert "Invalid value for VR AS: '…'" in stderr  # ... with the value blanked
+    assert "Invalid value for VR AS: …" in stderr  # ... with the value blanked
     assert "SECRET" not in stderr and "SECRET" not in done.stdout.decode()
