@@ -52,6 +52,7 @@ from beam_pipelines.outcomes import (
     Progress,
     SplitOutcomes,
     WriteRejects,
+    block_parts,
     internal_error_detail,
 )
 from beam_pipelines.pseudonym import add_pseudonymize_arguments, pseudonymizer_from_args
@@ -353,7 +354,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         logger.warning("DaskRunner: scoring image by image (Beam's Dask batching loses data)")
     # Also the temporary files of atomic writes a killed run left behind.
     outputs = [f"{prefix}-*-of-*.parquet", rejects_path, summary_path]
-    stale = remove_matching([*outputs, *(f"{p}.tmp-*" for p in outputs)])
+    stale = remove_matching([*outputs, *(f"{p}.tmp-*" for p in outputs), block_parts(rejects_path)])
     if stale:
         logger.info("Replaced %d files of an earlier run", len(stale))
 

@@ -1,0 +1,38 @@
+"""beam_pipelines.outcomes: the rejects file is sorted, whole and written block by block."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import apache_beam as beam
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from beam_pipelines.outcomes import WriteRejects
+from beam_pipelines.rows import reject
+
+
+def _write(tmp_path: Path, records: list[dict], block_rows: int) -> list[dict]:
+    target = tmp_path / "rejects" / "rejects.jsonl"
+    with TestPipeline() as pipeline:
+        _ = pipeline | beam.Create(records) | WriteRejects(str(target), block_rows=block_rows)
+    # Only the file is left: the per-block parts are deleted.
+    assert [p.name for p in target.parent.iterdir()] == ["rejects.jsonl"]
+    return [json.loads(line) for line in target.read_text().splitlines()]
+
+
+def test_rejects_are_sorted_by_row_then_path_across_blocks(tmp_path: Path) -> None:
+    records = [reject(row, f"p{row % 3}.dcm", "decode", "missing_file", "") for row in range(1, 60)]
+    records += [reject(7, "a-second-row-7.dcm", "validate", "duplicate_path", "")]
+    records += [reject(None, "no-row.dcm", "read", "ragged_row", "")]
+    random.Random(0).shuffle(records)
+    # Blocks of 10 rows: 7 blocks, each sorted on its own, then concatenated in order.
+    written = _write(tmp_path, records, block_rows=10)
+    keys = [(r["row"] is None, r["row"] or 0, r["dicom_path"]) for r in written]
+    assert keys == sorted(keys) and len(written) == len(records)
+    assert written[-1]["dicom_path"] == "no-row.dcm"
+
+
+def test_no_rejects_still_writes_an_empty_file(tmp_path: Path) -> None:
+    assert _write(tmp_path, [], block_rows=10) == []
