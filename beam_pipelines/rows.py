@@ -564,13 +564,28 @@ class ValidateRowFn(beam.DoFn):
             yield REJECTED, result
 
 
+def file_identity(resolved: str) -> str:
+    """The file a resolved path names: symlinks followed for local paths, URIs as given.
+
+    Two DicomPaths that reach one file through symlinks (a link farm by date
+    beside one by patient) are one image: counted twice it could even land
+    in two splits. Hard links are separate files here.
+    """
+    if _URI.match(resolved):
+        return resolved
+    try:
+        return _real_path(resolved)
+    except (OSError, ValueError):
+        return resolved
+
+
 class RejectDuplicatePaths(beam.PTransform):
-    """Keeps the first row of each resolved path; later rows are rejected."""
+    """Keeps the first row of each file (:func:`file_identity`); later rows are rejected."""
 
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         return (
             rows
-            | "KeyByPath" >> beam.Map(lambda r: (r.resolved_path, r))
+            | "KeyByPath" >> beam.Map(lambda r: (file_identity(r.resolved_path), r))
             | "GroupByPath" >> beam.GroupByKey()
             | "KeepFirst" >> beam.ParDo(_KeepFirstFn())
         )

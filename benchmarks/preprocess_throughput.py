@@ -40,7 +40,7 @@ explicit VR little endian) and reports both peaks and their ratio: "flat"
 means a ratio close to 1.
 
 ``--repeat K`` lists every archive image K times as distinct patients
-(symlinked copies of ``raw/``), for runs long enough that start-up no longer
+(hard-linked copies of ``raw/``), for runs long enough that start-up no longer
 matters without generating K times as many images; the files then come
 from the page cache, as they do for the bare loop.
 
@@ -198,7 +198,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--repeat",
         type=int,
         default=1,
-        help="list every archive image this many times, as distinct patients (symlinked "
+        help="list every archive image this many times, as distinct patients (hard-linked "
         "copies of raw/): long runs without generating more images",
     )
     parser.add_argument(
@@ -330,9 +330,10 @@ def ensure_archive(
 def repeated_metadata(archive: dict[str, Any], repeat: int) -> str:
     """A metadata.csv listing every image ``repeat`` times, as distinct patients.
 
-    Copy k > 1 reads the same files through ``copies/c<k>``, a symlink to
-    ``raw/`` inside the archive root, so every row is a distinct path and
-    patient (nothing is rejected as a duplicate) and is decoded in full.
+    Copy k > 1 reads the same bytes through ``copies/c<k>/``, a tree of hard
+    links to ``raw/`` inside the archive root: every row is a distinct file
+    and patient (symlinks would be one file, rejected as duplicates) and is
+    decoded in full, without k times the disk space.
     """
     if repeat == 1:
         return str(archive["metadata"])
@@ -341,16 +342,20 @@ def repeated_metadata(archive: dict[str, Any], repeat: int) -> str:
         rows = list(csv.DictReader(handle))
     copies = []
     for k in range(2, repeat + 1):
-        link = root / "copies" / f"c{k}"
-        link.parent.mkdir(exist_ok=True)
-        if not link.is_symlink():
-            link.symlink_to(Path("..", "raw"), target_is_directory=True)
+        copy = root / "copies" / f"c{k}"
+        if copy.is_symlink():  # the layout before hard links
+            copy.unlink()
         for row in rows:
+            source = root / row[DICOM_PATH]
+            target = copy / source.relative_to(root / "raw")
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.link(source, target)
             copies.append(
                 {
                     **row,
                     PATIENT_ID: f"{row[PATIENT_ID]}.c{k}",
-                    DICOM_PATH: f"copies/c{k}/" + row[DICOM_PATH].removeprefix("raw/"),
+                    DICOM_PATH: target.relative_to(root).as_posix(),
                 }
             )
     metadata = root / f"metadata_x{repeat}.csv"

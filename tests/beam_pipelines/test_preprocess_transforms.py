@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import apache_beam as beam
@@ -64,6 +65,26 @@ def test_duplicate_paths_keep_the_first_row() -> None:
                     (9, "duplicate_path", "same file as row 2"),
                 ]
             ),
+            label="rejected",
+        )
+
+
+def test_symlinks_to_one_file_are_duplicates(tmp_path: Path) -> None:
+    (tmp_path / "by_patient").mkdir()
+    (tmp_path / "by_patient" / "img.dcm").write_bytes(b"x")
+    (tmp_path / "by_date").symlink_to("by_patient", target_is_directory=True)
+    (tmp_path / "link.dcm").symlink_to("by_patient/img.dcm")
+    os.link(tmp_path / "by_patient" / "img.dcm", tmp_path / "hard.dcm")
+    root = str(tmp_path)
+    paths = ["by_date/img.dcm", "by_patient/img.dcm", "link.dcm", "hard.dcm"]
+    rows = [_valid(n, path, root) for n, path in enumerate(paths, start=1)]
+    with TestPipeline() as pipeline:
+        kept, rejected = pipeline | beam.Create(rows) | RejectDuplicatePaths() | SplitOutcomes()
+        # A hard link is another file (same bytes, like any copy): kept.
+        assert_that(kept | "Rows" >> beam.Map(lambda r: r.row), equal_to([1, 4]), label="kept")
+        assert_that(
+            rejected | beam.Map(lambda r: (r["row"], r["detail"])),
+            equal_to([(2, "same file as row 1"), (3, "same file as row 1")]),
             label="rejected",
         )
 

@@ -61,7 +61,7 @@ def test_main_prints_one_json_report(
     assert "speedup_vs_full" not in result
     assert result["archive"]["params"]["images"] == 4
     assert result["archive"]["generated"] is True
-    # --repeat 2: every image listed twice, as another patient through a symlink.
+    # --repeat 2: every image listed twice, as another patient through a hard link.
     assert report["settings"]["repeat"] == 2
     for key in ("bare_loop", "pipeline"):
         assert result[key]["images"] == 8
