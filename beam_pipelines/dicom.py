@@ -105,14 +105,27 @@ COLOR = (
 # fraction of full scale on average (lossy YBR round trips add a little).
 _GRAY_TOLERANCE = 0.01
 # What library messages may carry of a header's values (PHI): anything
-# quoted, person names (DICOM PN: Family^Given), UIDs and other long numbers
-# (IDs, dates). Short numbers (sizes, tags, bit depths) stay readable.
-_PHI_LIKE = re.compile(r"'[^']*'|\"[^\"]*\"|\S*\^\S*|\b\d+(?:\.\d+){3,}\b|\b\d{6,}\b")
+# quoted, person names (DICOM PN: Family^Given, with the words before it),
+# dates, UIDs and other long numbers (IDs). Short numbers (sizes, tags, bit
+# depths), byte counts and the standard's own UIDs (1.2.840.10008.*:
+# transfer syntaxes, SOP classes) stay readable.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_UNQUOTED_PHI = re.compile(
+    r"(?:[A-Z][\w-]* )*\S*\^\S*"
+    r"|\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b"
+    r"|(?<![\d.])(?!1\.2\.840\.10008\.)\d+(?:\.\d+){3,}\b"
+    r"|\b\d{6,}\b(?!(?:\s*(?:of|vs\.?|/|,|and)\s*\d+)*\s*bytes)"
+)
+# An apostrophe inside a word ("Patient's Age", a name as pydicom quotes it)
+# would pair with the next quote and leave the quoted value in the clear.
+_IN_WORD_APOSTROPHE = re.compile(r"(?<=\w)'(?=\w)")
 
 
 def redact_text(text: str) -> str:
-    """``text`` with quoted values, person names, UIDs and long numbers blanked."""
-    return _PHI_LIKE.sub("…", text)
+    """``text`` with quoted values, person names, dates, UIDs and long IDs blanked."""
+    # Quotes first: a quoted name must not take the word before it along.
+    unquoted = _QUOTED.sub("…", _IN_WORD_APOSTROPHE.sub("\u2019", text))
+    return _UNQUOTED_PHI.sub("…", unquoted)
 
 
 class _QuietPluginErrors(logging.Filter):

@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines.files import atomic_create, read_bytes, write_text
 
@@ -91,9 +90,11 @@ class WriteRejects(beam.PTransform):
     One sorted file is both deterministic and the easiest to audit. Rejects
     are grouped and sorted by blocks of :data:`REJECT_BLOCK_ROWS` rows, each
     block written to a part file; one step then streams the parts, in block
-    order, into the file (atomically) and deletes them. So a worker holds at
-    most one block of rejects, not all of them (an archive of 10^7 files with
-    a fifth of non-image objects has 2 x 10^6). Yields the file's path.
+    order, into the file (atomically). So a worker holds at most one block of
+    rejects, not all of them (an archive of 10^7 files with a fifth of
+    non-image objects has 2 x 10^6). Yields the file's path. The job removes
+    the parts (:func:`block_parts`) after the run: deleting them in the step
+    would make a retried step fail.
     """
 
     def __init__(self, path: str, block_rows: int = REJECT_BLOCK_ROWS) -> None:
@@ -113,8 +114,6 @@ class WriteRejects(beam.PTransform):
             with atomic_create(target) as handle:
                 for part in ordered:
                     handle.write(read_bytes(part))
-            if ordered:
-                FileSystems.delete(ordered)
             return target
 
         parts = (

@@ -14,6 +14,7 @@ would first try to download the Prism runner binary).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import platform
@@ -43,6 +44,7 @@ from beam_pipelines.outcomes import (
     Progress,
     SplitOutcomes,
     WriteRejects,
+    block_parts,
     internal_error_detail,
 )
 from beam_pipelines.pseudonym import (
@@ -149,7 +151,12 @@ class DecodeAndStageFn(beam.DoFn):
         self._stager = staging.BundleStager(self._staging_dir)
 
     def start_bundle(self) -> None:
-        self._stager.close()  # a bundle that failed before finish_bundle left its file open
+        # A bundle that failed before finish_bundle left its file open; its
+        # chunks are referenced by nothing, so failing to close it is no error.
+        try:
+            self._stager.close()
+        except OSError as exc:
+            logger.warning("could not close an abandoned staging file: %s", exc)
 
     def finish_bundle(self) -> None:
         self._stager.close()
@@ -212,16 +219,14 @@ class WriteShards(beam.PTransform):
     shard of a non-empty split is written, even one that hashing left empty.
     Only (row, staged chunk reference) pairs are grouped; the writer streams
     the staged records (already compressed by the decode stage) into the
-    shard. The staging files are removed once every shard is written.
+    shard. Staged files are shared by many shards and a runner may retry or
+    recompute a writer, so the job removes them after the run, not here.
     """
 
-    def __init__(
-        self, out: str, num_shards: int, sizes: beam.PCollection, staging_dir: str
-    ) -> None:
+    def __init__(self, out: str, num_shards: int, sizes: beam.PCollection) -> None:
         """sizes: a one-element {split: rows} dict, the counts the decoder sharded by."""
         super().__init__()
         self._out, self._num_shards, self._sizes = out, num_shards, sizes
-        self._staging_dir = staging_dir
 
     def expand(self, summaries: beam.PCollection) -> beam.PCollection:
         num_shards = self._num_shards
@@ -247,15 +252,6 @@ class WriteShards(beam.PTransform):
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(_WriteShardFn(self._out))
         )
-        staging_dir = self._staging_dir
-        # After the last shard (its paths are a side input): staged chunks are
-        # shared by many shards, so no single writer may delete them.
-        _ = (
-            summaries.pipeline
-            | "StagingDir" >> beam.Create([staging_dir])
-            | "RemoveStaging"
-            >> beam.Map(lambda folder, _: remove_matching([f"{folder}/*"]), pvalue.AsList(written))
-        )
         return written
 
 
@@ -267,7 +263,8 @@ class _WriteShardFn(beam.DoFn):
         (split, shard, shards), values = element
         staged = [ref for _, ref in sorted(v for v in values if v is not None)]
         path = f"{self._out}/{split}/part-{shard:05d}-of-{shards:05d}.tfrecord.gz"
-        written = tfrecord.write_compressed_gz(path, staging.read_chunks(staged))
+        with contextlib.closing(staging.read_chunks(staged)) as chunks:
+            written = tfrecord.write_compressed_gz(path, chunks)
         Metrics.counter(self.__class__, f"written_{split}").inc(written)
         yield path
 
@@ -497,9 +494,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             )
             | "RouteDecoded" >> SplitOutcomes()
         )
-        shard_paths = summaries | "WriteShards" >> WriteShards(
-            out, args.num_shards, sizes, staging_dir
-        )
+        shard_paths = summaries | "WriteShards" >> WriteShards(out, args.num_shards, sizes)
         rejects = (invalid, duplicates, undecodable) | "AllRejects" >> beam.Flatten()
         rejects_path = rejects | "WriteRejects" >> WriteRejects(f"{out}/rejects/rejects.jsonl")
         splits_path = assignment | "WriteSplits" >> beam.Map(
@@ -544,8 +539,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             pvalue.AsSingleton(rejects_path),
             pvalue.AsSingleton(splits_path),
         )
-    if FileSystems.exists(f"{out}/.staging"):
-        FileSystems.delete([f"{out}/.staging"])  # empty by now
+    # Not inside the pipeline: staged chunks feed every shard writer, which a
+    # runner may retry or recompute, and on Dask only the manifest's branch runs.
+    remove_matching([f"{staging_dir}/*", block_parts(f"{out}/rejects/rejects.jsonl")])
+    if FileSystems.exists(staging_dir):  # a local folder (object stores have none)
+        FileSystems.delete([staging_dir])
     with FileSystems.open(f"{out}/manifest.json") as handle:
         manifest = json.loads(handle.read().decode("utf-8"))
     logger.info(

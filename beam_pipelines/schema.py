@@ -85,7 +85,9 @@ def serialize(record: dict[str, Any]) -> bytes:
         raise ValueError(f"image must be {IMAGE_SHAPE}, got {image.shape}")
     features: dict[str, Any] = {
         IMAGE: _bytes_feature(
-            (image if image.dtype == np.uint16 else quantize(image)).astype("<u2").tobytes()
+            (image if image.dtype.kind == "u" and image.dtype.itemsize == 2 else quantize(image))
+            .astype("<u2")
+            .tobytes()
         ),
     }
     strings = {

@@ -442,6 +442,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             pvalue.AsList(files),
             pvalue.AsSingleton(rejects_file),
         )
+    remove_matching([block_parts(rejects_path)])  # after the run: see WriteRejects
     with FileSystems.open(summary_path) as handle:
         summary = json.loads(handle.read())
     logger.info(

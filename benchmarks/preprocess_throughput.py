@@ -635,9 +635,10 @@ def _throughput(
         )
         for k in range(args.rounds)
     ]
-    median = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
+    # The lower middle for an even count: never the flattering one.
+    median = sorted(rounds, key=lambda r: r["ratio"])[(len(rounds) - 1) // 2]
     marginals = [r["ratio_marginal"] for r in rounds if r["ratio_marginal"] is not None]
-    ratio_marginal = statistics.median(marginals) if marginals else None
+    ratio_marginal = statistics.median_low(marginals) if marginals else None
     return {
         "encoding": encoding,
         "decode": decode,

@@ -413,6 +413,18 @@ def test_redaction_blanks_what_may_be_header_values_and_keeps_the_rest() -> None
         assert secret not in redacted
     assert "expected 2500 x 2048 at (0028,0010), 16 bits" in redacted
     assert redact(ValueError(message + "\nsecond line")) == redact_text(message + " second line")
+    # pydicom quotes element names that hold an apostrophe themselves.
+    pydicom_message = (
+        "Invalid buffer for (0010,0030) 'Patient's Birth Date': could not convert "
+        "'1970-01-01' to date; born 1970-01-01, Van Der Berg^Jan, 'Patient's Age' '45 years'"
+    )
+    redacted = redact_text(pydicom_message)
+    for secret in ("1970", "Van", "Der", "Berg", "Jan", "45 years"):
+        assert secret not in redacted, redacted
+    assert redacted.startswith("Invalid buffer for (0010,0030)")
+    # What is not a header value stays: byte counts, the standard's own UIDs.
+    diagnostic = "got 2097152 of 8388608 bytes for 1.2.840.10008.1.2.4.90"
+    assert redact_text(diagnostic) == diagnostic
 
 
 def test_pydicom_messages_about_header_values_do_not_leak_them(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from beam_pipelines.outcomes import WriteRejects
+from beam_pipelines.files import remove_matching
+from beam_pipelines.outcomes import WriteRejects, block_parts
 from beam_pipelines.rows import reject
 
 
@@ -17,7 +18,9 @@ def _write(tmp_path: Path, records: list[dict], block_rows: int) -> list[dict]:
     target = tmp_path / "rejects" / "rejects.jsonl"
     with TestPipeline() as pipeline:
         _ = pipeline | beam.Create(records) | WriteRejects(str(target), block_rows=block_rows)
-    # Only the file is left: the per-block parts are deleted.
+    # The per-block parts stay for the job to remove after the run (a retried
+    # step must find them); block_parts names them all.
+    assert remove_matching([block_parts(str(target))]) or not records
     assert [p.name for p in target.parent.iterdir()] == ["rejects.jsonl"]
     return [json.loads(line) for line in target.read_text().splitlines()]
 

@@ -195,3 +195,29 @@ def test_assign_splits_counts_each_splits_rows() -> None:
     with TestPipeline() as pipeline:
         plan = pipeline | beam.Create(rows) | AssignSplits((0.5, 0.25, 0.25), 0, {})
         assert_that(plan, check)
+
+
+def test_kept_stats_merged_from_parts_equal_one_pass() -> None:
+    from beam_pipelines.preprocess import _KeptStats
+
+    stats = _KeptStats()
+    summaries = [
+        {
+            "split": split,
+            "label": n % 2,
+            "pixel_sums": (n, n * n, 10) if split == "train" else (0, 0, 0),
+        }
+        for n, split in enumerate(["train", "validation", "test", "train"] * 5)
+    ]
+
+    def fold(items: list) -> tuple:
+        acc = stats.create_accumulator()
+        for item in items:
+            acc = stats.add_input(acc, item)
+        return acc
+
+    whole = stats.extract_output(fold(summaries))
+    parts = [fold(summaries[k::3]) for k in range(3)] + [stats.create_accumulator()]
+    assert stats.extract_output(stats.merge_accumulators(parts)) == whole
+    assert sum(whole["counts"].values()) == len(summaries)
+    assert whole["counts"]["train/abnormal"] == 5 and whole["pixels"]["pixels"] == 100

@@ -50,3 +50,18 @@ def test_a_cut_short_staging_file_is_an_error(tmp_path: Path) -> None:
     Path(ref[0]).write_bytes(b"x" * 60)
     with pytest.raises(OSError, match="cut short"):
         list(read_chunks([ref]))
+
+
+def test_object_stores_get_one_object_per_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from beam_pipelines import staging
+
+    assert staging._is_object_store("gs://bucket/out/.staging")
+    assert not staging._is_object_store("/data/out/.staging")
+    # Their readers fetch a large window per seek: no shared bundle files there.
+    monkeypatch.setattr(staging, "_is_object_store", lambda path: True)
+    refs = _stage(tmp_path, [b"one", b"two", b"three"])
+    assert len(list(tmp_path.iterdir())) == 3
+    assert [(offset, length) for _, offset, length in refs] == [(0, 3), (0, 3), (0, 5)]
+    assert list(read_chunks(refs[::-1])) == [b"three", b"two", b"one"]
