@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from typing import BinaryIO
 
 from apache_beam.io.filesystem import CompressionTypes
@@ -98,7 +98,7 @@ class _OpenFiles:
             handle.close()
 
 
-def read_chunks(refs: Iterable[ChunkRef], open_files: int = 16) -> Iterator[bytes]:
+def read_chunks(refs: Iterable[ChunkRef], open_files: int = 16) -> Generator[bytes, None, None]:
     """Yields the referenced chunks in the given order, keeping a few files open."""
     files = _OpenFiles(open_files)
     try:
