@@ -246,13 +246,12 @@ class WriteShards(beam.PTransform):
                 pvalue.AsSingleton(self._sizes),
             )
         )
-        written = (
+        return (
             (keyed, every_shard)
             | "WithEmptyShards" >> beam.Flatten()
             | "GroupByShard" >> beam.GroupByKey()
             | "WriteShard" >> beam.ParDo(_WriteShardFn(self._out))
         )
-        return written
 
 
 class _WriteShardFn(beam.DoFn):
@@ -455,6 +454,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     out = args.output_dir.rstrip("/")
     options = pipeline_options(beam_args)
     _remove_previous_outputs(out)
+    rejects_file = f"{out}/rejects/rejects.jsonl"
 
     with beam.Pipeline(options=options) as pipeline:
         rows = (
@@ -496,7 +496,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
         shard_paths = summaries | "WriteShards" >> WriteShards(out, args.num_shards, sizes)
         rejects = (invalid, duplicates, undecodable) | "AllRejects" >> beam.Flatten()
-        rejects_path = rejects | "WriteRejects" >> WriteRejects(f"{out}/rejects/rejects.jsonl")
+        rejects_path = rejects | "WriteRejects" >> WriteRejects(rejects_file)
         splits_path = assignment | "WriteSplits" >> beam.Map(
             lambda a: write_text(f"{out}/splits.csv", splits.format_splits_csv(a))
         )
@@ -541,7 +541,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
     # Not inside the pipeline: staged chunks feed every shard writer, which a
     # runner may retry or recompute, and on Dask only the manifest's branch runs.
-    remove_matching([f"{staging_dir}/*", block_parts(f"{out}/rejects/rejects.jsonl")])
+    remove_matching([f"{staging_dir}/*", block_parts(rejects_file)])
     if FileSystems.exists(staging_dir):  # a local folder (object stores have none)
         FileSystems.delete([staging_dir])
     with FileSystems.open(f"{out}/manifest.json") as handle:

@@ -27,12 +27,14 @@ from typing import BinaryIO
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from beam_pipelines.rows import uri_scheme
+
 # (staging file, byte offset, length) of one chunk.
 ChunkRef = tuple[str, int, int]
 
 
 def _is_object_store(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+    return uri_scheme(path) not in (None, "file")
 
 
 class BundleStager:
