@@ -6,6 +6,10 @@ target, which is renamed into place once complete.
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,8 +50,64 @@ def read_bytes(path: str) -> bytes:
         return handle.read()
 
 
+def is_local(path: str) -> bool:
+    """True for a path on a local or mounted (POSIX) filesystem, not an object store."""
+    return "://" not in path or path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    """The OS path of a local path or ``file://`` URI."""
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def files_below(root: str) -> list[str]:
+    """Every file below root, relative to it, sorted (empty when root does not exist)."""
+    if is_local(root):
+        base = local_path(root)
+        found = []
+        for folder, _, names in os.walk(base):
+            found += [os.path.relpath(os.path.join(folder, name), base) for name in names]
+        return sorted(found)
+    prefix = root.rstrip("/") + "/"
+    matched = FileSystems.match([f"{glob.escape(prefix)}**"])[0].metadata_list
+    return sorted(m.path[len(prefix) :] for m in matched)
+
+
+def remove_tree(root: str) -> None:
+    """Deletes a folder (or an object-store prefix) and everything below it."""
+    if is_local(root):
+        shutil.rmtree(local_path(root), ignore_errors=True)
+        return
+    found = [f"{root.rstrip('/')}/{name}" for name in files_below(root)]
+    if found:
+        FileSystems.delete(found)
+
+
+def input_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be read as an input file, or None when it can."""
+    if not is_local(path):
+        return None if FileSystems.exists(path) else "not found"
+    try:
+        mode = os.stat(local_path(path)).st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file"
+    if not os.access(local_path(path), os.R_OK):
+        return "is not readable (permission denied)"
+    return None
+
+
 def remove_matching(patterns: list[str]) -> list[str]:
-    """Deletes every file matching the glob patterns; returns what was deleted."""
+    """Deletes every file matching the glob patterns; returns what was deleted.
+
+    Callers escape the literal parts (``glob.escape``): a ``?`` or ``[`` in a
+    user's folder name must never match a neighbour.
+    """
     found = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
     if found:
         FileSystems.delete(found)

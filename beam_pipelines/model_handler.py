@@ -30,6 +30,37 @@ logger = logging.getLogger(__name__)
 KERAS_FILE = "model.keras"
 
 
+def model_file_problem(model_dir: str) -> str | None:
+    """Why ``model_dir`` holds no loadable ``model.keras``, or None (no TensorFlow needed).
+
+    Checks what Keras needs to load the file: a whole zip archive (every
+    member's CRC) holding a parseable ``config.json`` and the weights.
+    """
+    import io
+    import json
+    import zipfile
+
+    from beam_pipelines.files import input_file_problem, read_bytes
+
+    path = f"{model_dir.rstrip('/')}/{KERAS_FILE}"
+    problem = input_file_problem(path)
+    if problem:
+        return f"{path} {problem} (is --model RESULTS/model?)"
+    try:
+        with zipfile.ZipFile(io.BytesIO(read_bytes(path))) as archive:
+            damaged = archive.testzip()
+            names = set(archive.namelist())
+            if damaged is None and "config.json" in names:
+                json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        return f"{path} is not a readable Keras model file ({type(exc).__name__}: {exc})"
+    if damaged is not None:
+        return f"{path} is damaged (member {damaged} fails its CRC check)"
+    if "config.json" not in names or "model.weights.h5" not in names:
+        return f"{path} is not a Keras model file (no config.json or model.weights.h5 inside)"
+    return None
+
+
 class InferenceError:
     """Stands in a PredictionResult's ``inference`` when scoring an input failed."""
 

@@ -7,6 +7,7 @@ tagged outputs into one collection, and the jobs must run there unchanged.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 from collections.abc import Iterable
@@ -81,7 +82,7 @@ def _block(record: dict[str, Any], block_rows: int) -> int:
 
 def block_parts(path: str) -> str:
     """Glob of the per-block temporary files :class:`WriteRejects` makes beside ``path``."""
-    return f"{path}.part-*"
+    return f"{glob.escape(path)}.part-*"
 
 
 class WriteRejects(beam.PTransform):

@@ -29,7 +29,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_pipelines import dicom, malloc_tuning, schema, sharding, splits, staging, tfrecord
-from beam_pipelines.files import remove_matching, write_text
+from beam_pipelines.cli import EmptyRun
+from beam_pipelines.cli import main as cli_main
+from beam_pipelines.committer import open_output
+from beam_pipelines.files import input_file_problem, remove_matching, remove_tree, write_text
 from beam_pipelines.options import (
     add_decode_arguments,
     add_input_arguments,
@@ -361,23 +364,6 @@ class _KeptStats(beam.CombineFn):
         return {"counts": counts, "pixels": stats}
 
 
-def _remove_previous_outputs(out: str) -> None:
-    """Deletes the files an earlier run wrote here, so no stale shard survives.
-
-    Only this job's own outputs are touched (shards, rejects, splits.csv,
-    manifest.json, staging); ``--pin_splits`` has been read before this runs.
-    """
-    patterns = [f"{out}/{name}/part-*" for name in splits.SPLITS]
-    patterns += [f"{out}/rejects/rejects*", f"{out}/splits.csv", f"{out}/manifest.json"]
-    # The temporary files of atomic writes a killed run left (shards' and
-    # rejects' are matched above).
-    patterns += [f"{out}/splits.csv.tmp-*", f"{out}/manifest.json.tmp-*"]
-    patterns += [f"{out}/.staging/*"]
-    stale = remove_matching(patterns)
-    if stale:
-        logger.info("Replaced %d files of an earlier run in %s", len(stale), out)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The job's own flags; everything else goes to Beam's PipelineOptions."""
     parser = argparse.ArgumentParser(
@@ -412,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_decode_arguments(parser)
     add_pseudonymize_arguments(parser)
+    parser.add_argument(
+        "--verbose", action="store_true", help="On failure, show the full traceback."
+    )
     return parser
 
 
@@ -427,8 +416,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         ratios = splits.parse_ratios(args.split)
     except ValueError as exc:
         parser.error(str(exc))
-    if not FileSystems.exists(args.metadata):
-        parser.error(f"--metadata not found: {args.metadata}")
+    for flag, given in (("--metadata", args.metadata), ("--pin_splits", args.pin_splits)):
+        problem = given and input_file_problem(given)
+        if problem:
+            parser.error(f"{flag} {given}: {problem}")
     archive_root = archive_root_for(args.metadata, args.archive_root)
     pinned: dict[str, str] = {}
     if args.pin_splits:
@@ -451,11 +442,59 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"pseudonymization: {exc}")
 
     decoding = decode_options(args)
-    out = args.output_dir.rstrip("/")
     options = pipeline_options(beam_args)
-    _remove_previous_outputs(out)
-    rejects_file = f"{out}/rejects/rejects.jsonl"
+    # Locked and checked before any work; everything is written to a private
+    # work folder that replaces the previous output only once complete.
+    output = open_output(
+        parser,
+        "--output_dir",
+        args.output_dir,
+        "xray-preprocess",
+        inputs=(args.metadata, archive_root),
+    )
+    with output:
+        manifest = _run_pipeline(
+            args,
+            options,
+            output.job_path,
+            archive_root,
+            ratios,
+            pinned,
+            schemes,
+            pseudonymizer,
+            decoding,
+        )
+        if manifest["kept"] == 0:
+            work = output.keep_work()
+            raise EmptyRun(
+                f"no row was kept: {manifest['input_rows']} rows, rejected "
+                f"{json.dumps(manifest['rejected_by_reason'])}; nothing committed, "
+                f"{args.output_dir} is unchanged; this run's rejects: {work}/rejects/rejects.jsonl"
+            )
+        output.commit(last="manifest.json")
+    logger.info(
+        "Preprocessed %d rows: %d kept, %d rejected -> %s",
+        manifest["input_rows"],
+        manifest["kept"],
+        manifest["rejected"],
+        args.output_dir,
+    )
+    return manifest
 
+
+def _run_pipeline(
+    args: argparse.Namespace,
+    options: Any,
+    out: str,
+    archive_root: str,
+    ratios: tuple[float, float, float],
+    pinned: dict[str, str],
+    schemes: Any,
+    pseudonymizer: Pseudonymizer | None,
+    decoding: dicom.DecodeOptions,
+) -> dict[str, Any]:
+    """Runs the Beam pipeline into ``out`` (the work folder); returns the manifest."""
+    rejects_file = f"{out}/rejects/rejects.jsonl"
     with beam.Pipeline(options=options) as pipeline:
         rows = (
             pipeline
@@ -541,19 +580,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
     # Not inside the pipeline: staged chunks feed every shard writer, which a
     # runner may retry or recompute, and on Dask only the manifest's branch runs.
-    remove_matching([f"{staging_dir}/*", block_parts(rejects_file)])
-    if FileSystems.exists(staging_dir):  # a local folder (object stores have none)
-        FileSystems.delete([staging_dir])
+    remove_tree(staging_dir)
+    remove_matching([block_parts(rejects_file)])
     with FileSystems.open(f"{out}/manifest.json") as handle:
-        manifest = json.loads(handle.read().decode("utf-8"))
-    logger.info(
-        "Preprocessed %d rows: %d kept, %d rejected -> %s",
-        manifest["input_rows"],
-        manifest["kept"],
-        manifest["rejected"],
-        out,
-    )
-    return manifest
+        return json.loads(handle.read().decode("utf-8"))
 
 
 def _build_manifest(
@@ -607,17 +637,17 @@ def _build_manifest(
     return write_text(f"{out}/manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def main() -> None:
-    """Console entry point: ``xray-preprocess``."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
-    )
-    manifest = run()
-    print(
+def _describe(manifest: dict[str, Any]) -> str:
+    return (
         f"xray-preprocess: {manifest['input_rows']} rows -> {manifest['kept']} kept "
         f"{json.dumps(manifest['counts'])}, {manifest['rejected']} rejected "
         f"{json.dumps(manifest['rejected_by_reason'])}"
     )
+
+
+def main() -> None:
+    """Console entry point: ``xray-preprocess``."""
+    cli_main("xray-preprocess", run, _describe)
 
 
 if __name__ == "__main__":

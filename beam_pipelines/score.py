@@ -36,8 +36,11 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import StandardOptions
 
 from beam_pipelines import dicom, malloc_tuning, schema, tfrecord
-from beam_pipelines.files import atomic_create, remove_matching, write_text
-from beam_pipelines.model_handler import InferenceError, KerasModelHandler
+from beam_pipelines.cli import EmptyRun
+from beam_pipelines.cli import main as cli_main
+from beam_pipelines.committer import open_output
+from beam_pipelines.files import atomic_create, input_file_problem, remove_matching, write_text
+from beam_pipelines.model_handler import InferenceError, KerasModelHandler, model_file_problem
 from beam_pipelines.options import (
     add_decode_arguments,
     add_input_arguments,
@@ -281,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_id", help="Recorded in every row (default: the model card's).")
     add_decode_arguments(parser)
     add_pseudonymize_arguments(parser)
+    parser.add_argument(
+        "--verbose", action="store_true", help="On failure, show the full traceback."
+    )
     return parser
 
 
@@ -310,10 +316,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args, beam_args = parser.parse_known_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
-    if not FileSystems.exists(f"{args.model.rstrip('/')}/model.keras"):
-        parser.error(f"--model {args.model} has no model.keras (is it RESULTS/model?)")
-    if args.metadata and not FileSystems.exists(args.metadata):
-        parser.error(f"--metadata not found: {args.metadata}")
+    problem = model_file_problem(args.model)
+    if problem:
+        parser.error(f"--model {args.model}: {problem}")
+    problem = args.metadata and input_file_problem(args.metadata)
+    if problem:
+        parser.error(f"--metadata {args.metadata}: {problem}")
     archive_root = archive_root_for(args.metadata or "", args.archive_root)
     try:
         schemes = allowed_schemes(args, archive_root, args.metadata or "")
@@ -331,10 +339,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         and not FileSystems.match([f"{args.data_dir}/*/part-*.tfrecord.gz"])[0].metadata_list
     ):
         parser.error(f"--data_dir {args.data_dir} holds no shards")
-    prefix = args.output
-    name = posixpath.basename(prefix)
-    rejects_path = f"{posixpath.dirname(prefix) or '.'}/rejects/{name}.jsonl"
-    summary_path = f"{prefix}.summary.json"
     try:
         pseudonymizer = pseudonymizer_from_args(args)
     except ValueError as exc:
@@ -352,12 +356,62 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     on_dask = "DaskRunner" in str(beam_options.view_as(StandardOptions).runner)
     if on_dask:
         logger.warning("DaskRunner: scoring image by image (Beam's Dask batching loses data)")
-    # Also the temporary files of atomic writes a killed run left behind.
-    outputs = [f"{prefix}-*-of-*.parquet", rejects_path, summary_path]
-    stale = remove_matching([*outputs, *(f"{p}.tmp-*" for p in outputs), block_parts(rejects_path)])
-    if stale:
-        logger.info("Replaced %d files of an earlier run", len(stale))
+    # Locked and checked before any work; the files are written to a private
+    # work folder and renamed into place, summary last, once complete.
+    output = open_output(
+        parser, "--output", args.output, "xray-score", folder=False, inputs=(args.metadata or "",)
+    )
+    name = output.target.name
+    with output:
+        summary = _run_pipeline(
+            args,
+            beam_options,
+            output.work,
+            name,
+            archive_root,
+            schemes,
+            options,
+            pseudonymizer,
+            pseudonymized,
+            model_id,
+            on_dask,
+        )
+        if summary["scored"] == 0:
+            work = output.keep_work()
+            raise EmptyRun(
+                f"nothing was scored: {summary['inputs']} inputs, rejected "
+                f"{json.dumps(summary['rejected_by_reason'])}; nothing committed, the previous "
+                f"output of {args.output} is unchanged; this run's rejects: "
+                f"{work}/{summary['rejects_file']}"
+            )
+        output.commit(last=f"{name}.summary.json")
+    logger.info(
+        "Scored %d of %d inputs (%d rejected) -> %s",
+        summary["scored"],
+        summary["inputs"],
+        summary["rejected"],
+        args.output,
+    )
+    return summary
 
+
+def _run_pipeline(
+    args: argparse.Namespace,
+    beam_options: Any,
+    work: str,
+    name: str,
+    archive_root: str,
+    schemes: Any,
+    options: dicom.DecodeOptions,
+    pseudonymizer: Any,
+    pseudonymized: str | None,
+    model_id: str,
+    on_dask: bool,
+) -> dict[str, Any]:
+    """Runs the Beam pipeline into the work folder; returns the summary."""
+    prefix = f"{work}/{name}"
+    rejects_path = f"{work}/rejects/{name}.jsonl"
+    summary_path = f"{prefix}.summary.json"
     with beam.Pipeline(options=beam_options) as pipeline:
         rejects: list[beam.PCollection] = []
         if args.data_dir:
@@ -435,6 +489,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         _ = input_count | "WriteSummary" >> beam.Map(
             _write_summary,
             summary_path,
+            work,
             model_id,
             pseudonymized,
             pvalue.AsSingleton(scored),
@@ -444,20 +499,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
     remove_matching([block_parts(rejects_path)])  # after the run: see WriteRejects
     with FileSystems.open(summary_path) as handle:
-        summary = json.loads(handle.read())
-    logger.info(
-        "Scored %d of %d inputs (%d rejected) -> %s",
-        summary["scored"],
-        summary["inputs"],
-        summary["rejected"],
-        prefix,
-    )
-    return summary
+        return json.loads(handle.read())
 
 
 def _write_summary(
     inputs: int,
     path: str,
+    root: str,
     model_id: str,
     pseudonymized: str | None,
     scored: int,
@@ -472,8 +520,9 @@ def _write_summary(
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "model_id": model_id,
         "pseudonymized": pseudonymized,
-        "files": sorted(files),
-        "rejects_file": rejects_file,
+        # Relative to the folder of --output: the files are written elsewhere first.
+        "files": sorted(posixpath.relpath(f, root) for f in files),
+        "rejects_file": posixpath.relpath(rejects_file, root),
     }
     if summary["scored"] + summary["rejected"] != inputs:
         raise RuntimeError(
@@ -482,16 +531,16 @@ def _write_summary(
     return write_text(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
-def main() -> None:
-    """Console entry point: ``xray-score``."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
-    )
-    summary = run()
-    print(
+def _describe(summary: dict[str, Any]) -> str:
+    return (
         f"xray-score: {summary['inputs']} inputs -> {summary['scored']} scored, "
         f"{summary['rejected']} rejected {json.dumps(summary['rejected_by_reason'])}"
     )
+
+
+def main() -> None:
+    """Console entry point: ``xray-score``."""
+    cli_main("xray-score", run, _describe)
 
 
 if __name__ == "__main__":

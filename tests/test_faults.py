@@ -1,10 +1,11 @@
 """Faults: jobs killed mid-run and run again, and a bug on one input.
 
-A killed preprocessing or scoring job, run again with the same command into
-the same output, must leave exactly the files an uninterrupted run writes,
-byte for byte: no partial or temporary file, no staging folder, no
+A preprocessing or scoring job killed while it writes must leave the previous
+output exactly as it was (it writes into a private work folder), and the same
+command run again must leave exactly the files an uninterrupted run writes,
+byte for byte: no partial or temporary file, no work or staging folder, no
 duplicate. The kills are SIGKILLs of the whole process group (the local
-runner's worker processes too) once some output exists. An unexpected
+runner's worker processes too) once some of the new output exists. An unexpected
 exception on one input (a decoder bug, not a bad file) must reject that input
 as ``internal_error``, without header values, and let the job finish.
 """
@@ -42,8 +43,16 @@ PHI = "DOE^JANE"
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    """Every file below root (hidden ones too), by relative path."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    """Every file below root (hidden ones too), by relative path; not lock files.
+
+    A lock file names its last holder (host, pid, start time), so it differs
+    between runs by design.
+    """
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.endswith(".lock")
+    }
 
 
 def _assert_same_files(got: dict[str, bytes], expected: dict[str, bytes]) -> None:
@@ -52,9 +61,7 @@ def _assert_same_files(got: dict[str, bytes], expected: dict[str, bytes]) -> Non
         assert got[name] == data, f"{name} differs from the uninterrupted run's"
 
 
-def _kill_once_written(
-    command: list[str], written: Callable[[], bool], finished: Callable[[], bool], log: Path
-) -> None:
+def _kill_once_written(command: list[str], written: Callable[[], bool], log: Path) -> None:
     """Starts the job and SIGKILLs its process group as soon as written() holds.
 
     Tries again (up to 3 times) if the job finished before the kill landed.
@@ -69,8 +76,7 @@ def _kill_once_written(
             time.sleep(0.002)
         with contextlib.suppress(ProcessLookupError):  # it may have finished
             os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        if not finished():
+        if process.wait() != 0:  # killed, not finished
             assert written(), f"killed before any output: {log.read_text()[-3000:]}"
             return
     raise AssertionError("the job finished every time before it could be killed")
@@ -82,43 +88,42 @@ def _rerun(command: list[str], log: Path) -> None:
     assert done.returncode == 0, log.read_text()[-4000:]
 
 
-def test_killed_preprocessing_rerun_writes_what_an_uninterrupted_run_writes(
+def test_killed_preprocessing_keeps_the_last_output_and_a_rerun_writes_it_again(
     synthetic_archive: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
+    work = tmp_path / ".out.work"
     args = ["--metadata", str(synthetic_archive / "metadata.csv"), "--output_dir", str(out)]
     preprocess.run([*args, *LOCAL_RUNNER])  # uninterrupted (output is runner-independent)
     uninterrupted = _files(out)
-    for path in out.rglob("*"):
-        if path.is_file():
-            path.unlink()
 
     command = [sys.executable, "-m", "beam_pipelines.preprocess", *args, *MULTI_PROCESS]
     _kill_once_written(
         command,
-        written=lambda: any(out.glob("*/part-*.tfrecord.gz")),
-        finished=lambda: (out / "manifest.json").exists(),
+        written=lambda: any(work.glob("*/part-*.tfrecord.gz")),
         log=tmp_path / "killed.log",
     )
-    left = _files(out)
-    assert "manifest.json" not in left
-    # Readers never see a partial shard: whatever matches their glob is whole.
-    for shard in out.glob("*/part-*.tfrecord.gz"):
-        assert list(tfrecord.read_tfrecord_gz(str(shard)))
-    # A kill inside an atomic write leaves its temporary file (the kill above
-    # may have fallen between writes): one more to clean up.
-    (out / "manifest.json.tmp-0123456789abcdef").write_text("{")
+    _assert_same_files(_files(out), uninterrupted)  # the last good output, untouched
+    assert work.is_dir()
+    # A kill inside an atomic write leaves its temporary file: one more to clean up.
+    (work / "manifest.json.tmp-0123456789abcdef").write_text("{")
 
     _rerun(command, tmp_path / "rerun.log")
     _assert_same_files(_files(out), uninterrupted)
-    assert not (out / ".staging").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".out.lock",
+        "killed.log",
+        "out",
+        "rerun.log",
+    ]
 
 
-def test_killed_scoring_rerun_writes_what_an_uninterrupted_run_writes(
+def test_killed_scoring_keeps_the_last_output_and_a_rerun_writes_it_again(
     synthetic_archive: Path, trained_model: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "scores"
     prefix = out / "archive"
+    work = out / ".archive.work"
     args = [
         "--model",
         str(trained_model / "model"),
@@ -132,22 +137,17 @@ def test_killed_scoring_rerun_writes_what_an_uninterrupted_run_writes(
     score.run([*args, *LOCAL_RUNNER])  # uninterrupted
     uninterrupted = _files(out)
     assert len([n for n in uninterrupted if n.endswith(".parquet")]) == 3
-    for path in out.rglob("*"):
-        if path.is_file():
-            path.unlink()
 
     command = [sys.executable, "-m", "beam_pipelines.score", *args, *MULTI_PROCESS]
     _kill_once_written(
         command,
-        written=lambda: any(p.is_file() for p in out.rglob("*")),
-        finished=lambda: Path(f"{prefix}.summary.json").exists(),
+        written=lambda: any(p.suffix == ".parquet" for p in work.rglob("*")),
         log=tmp_path / "killed.log",
     )
-    for parquet in out.glob("*.parquet"):  # readers' glob: only whole files
-        import pyarrow.parquet as pq
-
-        assert pq.read_table(parquet).num_rows
-    (out / "archive-00001-of-00003.parquet.tmp-0123456789abcdef").write_bytes(b"PAR1")
+    assert {k: v for k, v in _files(out).items() if not k.startswith(".archive.work")} == (
+        uninterrupted
+    )
+    (work / "archive-00001-of-00003.parquet.tmp-0123456789abcdef").write_bytes(b"PAR1")
 
     _rerun(command, tmp_path / "rerun.log")
     _assert_same_files(_files(out), uninterrupted)

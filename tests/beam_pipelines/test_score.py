@@ -187,7 +187,8 @@ def test_a_corrupt_shard_is_one_reject_and_the_rest_is_scored(
     assert summary["scored"] == good_records + readable
     assert summary["inputs"] == summary["scored"] + 1
     assert len(_scores(prefix)) == good_records + readable
-    (line,) = Path(summary["rejects_file"]).read_text().splitlines()
+    assert summary["rejects_file"] == "rejects/shards.jsonl"  # relative to the prefix's folder
+    (line,) = (prefix.parent / summary["rejects_file"]).read_text().splitlines()
     record = json.loads(line)
     assert (record["dicom_path"], record["stage"]) == (str(bad), "read_shard")
     assert f"{readable} records read before it" in record["detail"]

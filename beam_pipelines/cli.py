@@ -1,0 +1,61 @@
+"""What every console entry point does around its job's ``run``: logging, exit codes, errors.
+
+Exit codes (documented in the README):
+
+- 0: the job succeeded and committed its output;
+- 1: the job failed (one line on stderr; ``--verbose`` shows the traceback);
+- 2: refused before any work (bad flags, unusable input or output location);
+- 3: the job ran, but nothing was kept or scored (:class:`EmptyRun`); the
+  previous output is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+EXIT_FAILED = 1
+EXIT_EMPTY = 3
+
+
+class EmptyRun(RuntimeError):
+    """A run that kept or scored nothing: not committed, reported, exit code 3."""
+
+
+def wants_traceback(argv: list[str]) -> bool:
+    """True when the command line asks for ``--verbose`` (any value)."""
+    return any(arg == "--verbose" or arg.startswith("--verbose=") for arg in argv)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its type and first line, the innermost Beam wrapper removed."""
+    # Beam re-raises a worker's error inside its own wrappers; the cause is what the user needs.
+    while exc.__cause__ is not None and type(exc).__module__.startswith(("apache_beam", "grpc")):
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    first = text[-1] if text and "Traceback" in text[0] else (text[0] if text else "")
+    return f"{type(exc).__name__}: {first[:500]}"
+
+
+def main(prog: str, run: Callable[[], Any], describe: Callable[[Any], str]) -> NoReturn:
+    """Runs a job from its console script and exits with a documented code."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
+    )
+    verbose = wants_traceback(sys.argv[1:])
+    try:
+        result = run()
+    except EmptyRun as exc:
+        print(f"{prog}: warning: {exc}", file=sys.stderr)
+        sys.exit(EXIT_EMPTY)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if verbose:
+            raise
+        print(f"{prog}: error: {one_line(exc)} (--verbose shows the traceback)", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    print(describe(result))
+    sys.exit(0)

@@ -1,0 +1,496 @@
+"""Transactional job outputs: work in private, commit in one step, delete only what was listed.
+
+Every job (preprocess, score, train, analyze) writes through an
+:class:`OutputTransaction` (the output-committer idea of Hadoop and Spark, for
+a whole job):
+
+- The run holds the output's lock (:mod:`beam_pipelines.output_lock`) from
+  before any work until after the commit.
+- It writes everything into its own work folder ``<parent>/.<name>.work``,
+  never into the output itself.
+- On success the work folder gets a commit record, ``commit.json`` (the job
+  and every file it wrote), and replaces the output. A folder output on a
+  local or POSIX filesystem is swapped in one step (``renameat2`` with
+  ``RENAME_EXCHANGE``; where the kernel or filesystem lacks it, two renames
+  with the previous output parked at ``<parent>/.<name>.previous``, restored
+  by the next run if a kill falls between them). Then the files the previous
+  output's own record lists are deleted, and nothing else.
+- Files of a prefix output (scoring's ``PREFIX-*.parquet``) and outputs on
+  object stores are committed file by file: each file is renamed into place,
+  the job's summary and the record last, then the previous record's files
+  that the new run did not rewrite are deleted. A kill during these renames
+  is completed by the next run (the record in the work folder says what the
+  commit was), so readers never keep a mix.
+
+A run that fails leaves the previous output as it was and removes its work
+folder; a killed run's work folder is removed by the next run. An output
+location that holds files no run of the job listed (an archive, someone's
+notes), or that lies inside another job's output, is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import posixpath
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from beam_pipelines.files import files_below, is_local, local_path, remove_tree
+from beam_pipelines.output_lock import OutputLock, OutputLocked
+
+logger = logging.getLogger(__name__)
+
+#: The commit record's file name (a folder output) or suffix (a prefix output).
+RECORD = "commit.json"
+_MARKER = ".work.json"
+
+
+class OutputRefused(ValueError):
+    """The output location cannot be used; the message says why (one line)."""
+
+
+def _join(root: str, relative: str) -> str:
+    return f"{root.rstrip('/')}/{relative}" if root else relative
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Where a job's output goes: a folder, or the files of a prefix inside a folder."""
+
+    parent: str
+    name: str
+    folder: bool
+
+    @classmethod
+    def at(cls, path: str, folder: bool) -> OutputTarget:
+        """The target for ``--output_dir`` (folder=True) or a ``--output`` prefix."""
+        stripped = path.rstrip("/")
+        if not stripped or stripped in (".", ".."):
+            raise OutputRefused(f"{path!r} cannot be an output: name a folder of its own")
+        parent, name = posixpath.split(stripped)
+        if name in (".", ".."):
+            raise OutputRefused(f"{path!r} cannot be an output: name a folder of its own")
+        return cls(parent or ".", name, folder)
+
+    @property
+    def path(self) -> str:
+        return _join(self.parent, self.name)
+
+    @property
+    def root(self) -> str:
+        """The folder the committed files are relative to."""
+        return self.path if self.folder else self.parent
+
+    @property
+    def work(self) -> str:
+        return _join(self.parent, f".{self.name}.work")
+
+    @property
+    def previous(self) -> str:
+        return _join(self.parent, f".{self.name}.previous")
+
+    @property
+    def lock(self) -> str:
+        return _join(self.parent, f".{self.name}.lock")
+
+    @property
+    def record_name(self) -> str:
+        return RECORD if self.folder else f"{self.name}.{RECORD}"
+
+    def job_path(self) -> str:
+        """What the job writes to: the work folder, or the prefix inside it."""
+        return self.work if self.folder else _join(self.work, self.name)
+
+
+# --------------------------------------------------------------------------
+# Filesystem operations: the OS for local paths, Beam's FileSystems otherwise.
+
+
+def _exists(path: str) -> bool:
+    if is_local(path):
+        return os.path.lexists(local_path(path))
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.exists(path)
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    if not _exists(path):
+        return None
+    from beam_pipelines.files import read_bytes
+
+    try:
+        value = json.loads(read_bytes(path))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _write_json(path: str, value: dict[str, Any]) -> None:
+    from beam_pipelines.files import write_text
+
+    write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _move(source: str, target: str) -> None:
+    """Renames one file into place (replacing a file of that name)."""
+    if is_local(source):
+        os.makedirs(os.path.dirname(local_path(target)) or ".", exist_ok=True)
+        os.replace(local_path(source), local_path(target))
+        return
+    from apache_beam.io.filesystems import FileSystems
+
+    if FileSystems.exists(target):
+        FileSystems.delete([target])
+    FileSystems.rename([source], [target])
+
+
+def _delete(paths: list[str]) -> None:
+    existing = [p for p in paths if _exists(p)]
+    if not existing:
+        return
+    if is_local(existing[0]):
+        for path in existing:
+            os.remove(local_path(path))
+        return
+    from apache_beam.io.filesystems import FileSystems
+
+    FileSystems.delete(existing)
+
+
+def _remove_empty_folders(root: str) -> None:
+    """Removes root and the folders below it that hold no file (local only)."""
+    base = local_path(root)
+    for folder, _, _ in sorted(os.walk(base), key=lambda entry: -len(entry[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Swaps two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), second)
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    """The folders that contain path, nearest first."""
+    if is_local(path):
+        current = os.path.abspath(local_path(path))
+        while True:
+            parent = os.path.dirname(current)
+            if parent == current:
+                return
+            yield parent
+            current = parent
+    scheme, rest = path.split("://", 1)
+    parts = rest.rstrip("/").split("/")
+    for end in range(len(parts) - 1, 0, -1):
+        yield f"{scheme}://{'/'.join(parts[:end])}"
+
+
+def _inside(path: str, folder: str) -> bool:
+    if is_local(path) and is_local(folder):
+        real, base = os.path.realpath(local_path(path)), os.path.realpath(local_path(folder))
+        return real == base or real.startswith(base.rstrip("/") + "/")
+    return path.rstrip("/").startswith(folder.rstrip("/") + "/")
+
+
+# --------------------------------------------------------------------------
+
+
+class OutputTransaction:
+    """One run's output: locked, written in private, committed in one step.
+
+    Use as a context manager around the job::
+
+        with OutputTransaction(OutputTarget.at(out, folder=True), "xray-preprocess") as tx:
+            write everything below tx.job_path
+            tx.commit()
+
+    Leaving the block without :meth:`commit` (an error, an empty run) removes
+    the work folder (or keeps it readable with ``keep_work()``) and leaves
+    the previous output untouched.
+    """
+
+    def __init__(
+        self,
+        target: OutputTarget,
+        job: str,
+        *,
+        inputs: tuple[str, ...] = (),
+        resume: bool = False,
+        atomic_swap: bool = True,
+    ) -> None:
+        """
+        Args:
+            target: the output location.
+            job: the job's name, recorded and checked (one job per output).
+            inputs: files the job reads (metadata, models): refused inside the output.
+            resume: keep a killed run's work folder for the job to resume from.
+            atomic_swap: swap folder outputs in one rename where supported
+                (False forces the file-by-file commit, as on object stores).
+        """
+        self.target = target
+        self.job = job
+        self._inputs = inputs
+        self._resume = resume
+        self._file_by_file = not (target.folder and is_local(target.parent) and atomic_swap)
+        self._lock = OutputLock(target.lock)
+        self._opened = False
+        self._committed = False
+        self._keep_work = False
+
+    @property
+    def job_path(self) -> str:
+        """Where the job writes: the work folder (folder output) or the prefix inside it."""
+        return self.target.job_path()
+
+    @property
+    def work(self) -> str:
+        return self.target.work
+
+    def __enter__(self) -> OutputTransaction:
+        if not self._opened:
+            self.open()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            if not self._committed and not self._keep_work:
+                remove_tree(self.work)
+        finally:
+            self._lock.release()
+
+    def open(self) -> None:
+        """Checks the location, takes the lock, clears leftovers, creates the work folder.
+
+        Raises:
+            OutputRefused: the location cannot be used (one-line reason).
+            OutputLocked: another run holds the lock.
+        """
+        self._check_location()
+        parent = self.target.parent
+        if is_local(parent):
+            try:
+                os.makedirs(local_path(parent), exist_ok=True)
+            except OSError as exc:
+                raise OutputRefused(f"cannot create {parent}: {exc.strerror}") from exc
+        try:
+            self._lock.acquire()
+        except OutputLocked:
+            raise
+        except OSError as exc:
+            raise OutputRefused(
+                f"cannot write in {parent} (the output's lock and work folder go there): "
+                f"{exc.strerror or exc}"
+            ) from exc
+        try:
+            self._recover()
+            self._check_current()
+            self._start_work()
+        except BaseException:
+            self._lock.release()
+            raise
+        self._opened = True
+
+    def keep_work(self) -> str:
+        """Keeps the uncommitted work folder for the user to read (until the next run)."""
+        self._keep_work = True
+        return self.work
+
+    def commit(self, last: str | None = None) -> list[str]:
+        """Replaces the previous output with the work folder's files.
+
+        Args:
+            last: a file (relative to the output root) to move just before the
+                record on a file-by-file commit: the job's manifest or summary.
+
+        Returns:
+            The committed files, relative to the output root.
+        """
+        files = [f for f in files_below(self.work) if f not in (_MARKER, self.target.record_name)]
+        if last is not None and last in files:
+            files = [f for f in files if f != last] + [last]
+        _write_json(_join(self.work, self.target.record_name), {"job": self.job, "files": files})
+        _delete([_join(self.work, _MARKER)])
+        if self._file_by_file:
+            self._roll_forward()
+        else:
+            self._swap()
+        self._committed = True
+        return files
+
+    # ---------------------------------------------------------------- checks
+
+    def _check_location(self) -> None:
+        target = self.target
+        if target.folder and is_local(target.path) and os.path.isfile(local_path(target.path)):
+            raise OutputRefused(f"{target.path} is a file, not a folder")
+        for given in self._inputs if target.folder else ():
+            if given and _inside(given, target.path):
+                raise OutputRefused(f"{given} lies inside the output {target.path}: choose another")
+        start = target.path if target.folder else _join(target.parent, "x")
+        for folder in _ancestors(start):
+            record = _read_json(_join(folder, RECORD))
+            if record is not None and "job" in record:
+                raise OutputRefused(
+                    f"{target.path} lies inside {folder}, an output of {record['job']}: "
+                    "choose a location outside it"
+                )
+
+    def _check_current(self) -> None:
+        """Refuses an existing output this job did not write (or that grew foreign files)."""
+        target = self.target
+        record = _read_json(_join(target.root, target.record_name))
+        if record is not None and record.get("job") != self.job:
+            raise OutputRefused(
+                f"{target.path} is an output of {record.get('job')}, not of {self.job}"
+            )
+        if not target.folder:
+            return  # a prefix's neighbours are not its files; see _roll_forward
+        found = files_below(target.path)
+        listed = set(record["files"]) | {RECORD} if record else set()
+        foreign = [f for f in found if f not in listed]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (
+                f" and {len(foreign) - 3} more" if foreign[3:] else ""
+            )
+            what = "files no run of" if record is None else "files its last run of"
+            raise OutputRefused(
+                f"{target.path} holds {what} {self.job} wrote ({shown}); they are never "
+                "deleted: move them away or choose a new or empty folder"
+            )
+
+    # -------------------------------------------------------------- recovery
+
+    def _recover(self) -> None:
+        """Finishes or removes what a killed run left."""
+        target = self.target
+        if _exists(target.previous):  # a kill fell between the two renames of a swap
+            if _exists(target.path):
+                self._discard(target.previous)
+            else:
+                os.rename(local_path(target.previous), local_path(target.path))
+                logger.warning("Restored the previous output of %s", target.path)
+        if not _exists(target.work):
+            return
+        if _exists(_join(target.work, target.record_name)):
+            if self._file_by_file:
+                logger.warning("Completing the commit a killed run began in %s", target.path)
+                self._roll_forward()
+            else:
+                self._discard(target.work)
+        elif _exists(_join(target.work, _MARKER)):
+            if not self._resume:
+                logger.info("Removing what a killed run left in %s", target.work)
+                remove_tree(target.work)
+        elif files_below(target.work):
+            raise OutputRefused(
+                f"{target.work} is in the way: it is not a work folder of {self.job}"
+            )
+        else:
+            remove_tree(target.work)
+
+    def _start_work(self) -> None:
+        marker = _join(self.work, _MARKER)
+        if _exists(marker):  # resuming
+            return
+        if is_local(self.work):
+            os.makedirs(local_path(self.work), exist_ok=True)
+        _write_json(marker, {"job": self.job, "pid": os.getpid(), "started": time.time()})
+
+    # ---------------------------------------------------------------- commit
+
+    def _swap(self) -> None:
+        target = self.target
+        work, out = local_path(target.work), local_path(target.path)
+        if not os.path.lexists(out):
+            os.rename(work, out)
+        elif _exchange(work, out):
+            self._discard(target.work)
+        else:
+            os.rename(out, local_path(target.previous))
+            os.rename(work, out)
+            self._discard(target.previous)
+
+    def _discard(self, folder: str) -> None:
+        """Deletes a replaced output's listed files; keeps (and names) anything else."""
+        record = _read_json(_join(folder, RECORD)) or {"files": []}
+        _delete([_join(folder, f) for f in [*record.get("files", []), RECORD, _MARKER]])
+        _remove_empty_folders(folder)
+        if os.path.lexists(local_path(folder)):
+            kept = _join(
+                self.target.parent, f".{self.target.name}.kept-{time.strftime('%Y%m%d-%H%M%S')}"
+            )
+            os.rename(local_path(folder), local_path(kept))
+            logger.warning("Files the previous output did not list were kept in %s", kept)
+
+    def _roll_forward(self) -> None:
+        """Moves the work folder's files into place, record last; then the old files go."""
+        target = self.target
+        record_path = _join(target.work, target.record_name)
+        record = _read_json(record_path)
+        if record is None:
+            raise OutputRefused(f"{record_path} is unreadable: remove {target.work} by hand")
+        files: list[str] = list(record["files"])
+        previous = _read_json(_join(target.root, target.record_name))
+        previous_files = set(previous["files"]) if previous else set()
+        pending = [f for f in files if _exists(_join(target.work, f))]
+        foreign = [f for f in pending if f not in previous_files and _exists(_join(target.root, f))]
+        if foreign:
+            raise OutputRefused(
+                f"{_join(target.root, foreign[0])} exists and no run of {self.job} wrote it: "
+                "it is never replaced; move it away or choose another output"
+            )
+        for name in [*pending, target.record_name]:
+            _move(_join(target.work, name), _join(target.root, name))
+        _delete([_join(target.root, f) for f in sorted(previous_files - set(files))])
+        remove_tree(target.work)
+        if is_local(target.root):
+            for name in previous_files - set(files):  # folders the old files leave empty
+                folder = os.path.dirname(local_path(_join(target.root, name)))
+                while folder and folder != local_path(target.root).rstrip("/"):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(folder)
+                    folder = os.path.dirname(folder)
+
+
+def read_record(target: OutputTarget) -> dict[str, Any] | None:
+    """The committed output's record (job, files), or None when there is none."""
+    return _read_json(_join(target.root, target.record_name))
+
+
+def open_output(
+    parser: Any, flag: str, path: str, job: str, *, folder: bool = True, **options: Any
+) -> OutputTransaction:
+    """Opens a job's output transaction; a refused or locked output is a parser error (exit 2)."""
+    try:
+        transaction = OutputTransaction(OutputTarget.at(path, folder), job, **options)
+        transaction.open()
+    except (OutputRefused, OutputLocked) as exc:
+        parser.error(f"{flag} {path}: {exc}")
+    return transaction
