@@ -34,10 +34,16 @@ import pandas as pd
 
 from analysis import metrics as m
 from analysis import plots, predictions, report
+from beam_pipelines.cli import main as cli_main
+from beam_pipelines.cli import refuse
+from beam_pipelines.committer import open_output
+from beam_pipelines.files import input_file_problem
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+#: Below this many evaluated patients the report warns that its CIs mean little.
+MIN_PATIENTS_FOR_CI = 10
 _COLUMNS = [
     "dicom_path",
     "patient_id",
@@ -97,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Patient-level bootstrap resamples for 95%% CIs (0: none).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Bootstrap seed.")
+    parser.add_argument(
+        "--verbose", action="store_true", help="On failure, show the full traceback."
+    )
     return parser
 
 
@@ -107,6 +116,10 @@ def load(patterns: list[str]) -> tuple[pd.DataFrame, list[str]]:
     )
     if not files:
         raise FileNotFoundError(f"no prediction files match {patterns}")
+    for path in files:
+        problem = predictions.file_problem(path) or predictions.score_problem(path)
+        if problem:
+            raise ValueError(f"{path} {problem}")
     table = predictions.read(files, columns=_COLUMNS, extra=predictions.extra_columns(files))
     return table.to_pandas(), files
 
@@ -119,10 +132,31 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         rule = m.parse_threshold_rule(args.threshold)
     except ValueError as exc:
         parser.error(str(exc))
+    for flag, given in (("--history", args.history), ("--manifest", args.manifest)):
+        problem = given and input_file_problem(given)
+        if problem:
+            refuse(parser.prog, f"{flag} {given}: {problem}")
     try:
         frame, files = load(args.predictions)
-    except FileNotFoundError as exc:
-        parser.error(str(exc))
+    except (FileNotFoundError, ValueError) as exc:
+        refuse(parser.prog, str(exc))
+    output = open_output("--output_dir", args.output_dir, "xray-analyze", inputs=tuple(files))
+    with output:
+        document = _analyze(parser, args, rule, frame, files, output.work)
+        output.commit(last="metrics.json")
+    logger.info("Analysis written to %s", args.output_dir)
+    return document
+
+
+def _analyze(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    rule: tuple[str, float | None],
+    frame: pd.DataFrame,
+    files: list[str],
+    out: str,
+) -> dict[str, Any]:
+    """Computes the metrics and writes metrics.json, plots/ and report.html into ``out``."""
     warnings: list[str] = []
     leak = m.leakage(frame)
     if leak["patients_in_several_splits"]:
@@ -145,6 +179,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             evaluated = labelled
     if evaluated.empty or evaluated["label"].nunique() < 2:
         parser.error(f"split {args.split!r} has no labelled rows of both classes to evaluate")
+    patients = evaluated["patient_id"].nunique(dropna=True)
+    if patients < MIN_PATIENTS_FOR_CI:
+        message = (
+            f"only {patients} patients in the evaluated split: the 95% confidence intervals "
+            f"(patient bootstrap) mean little below {MIN_PATIENTS_FOR_CI}"
+        )
+        logger.warning(message)
+        warnings.append(message)
     evaluated = m.aggregate(evaluated, args.level, args.aggregate)
     validation = m.aggregate(
         labelled[labelled["split"] == "validation"], args.level, args.aggregate
@@ -190,14 +232,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "warnings": warnings,
     }
-    out = args.output_dir
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
     plot_files = _plots(document, evaluated, args.history, os.path.join(out, "plots"))
     with open(os.path.join(out, "metrics.json"), "w") as handle:
         json.dump(document, handle, indent=2, sort_keys=True, allow_nan=False)
         handle.write("\n")
     report.write(os.path.join(out, "report.html"), document, plot_files)
-    logger.info("Analysis written to %s", out)
     return document
 
 
@@ -244,20 +284,20 @@ def _plots(
     return {name: path for name, path in files.items() if path}
 
 
-def main() -> None:
-    """Console entry point: ``xray-analyze``."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
-    )
-    document = run()
+def _describe(document: dict[str, Any]) -> str:
     headline = document["metrics"]
     ci = headline["ci95"].get("auc")
     shown = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
-    print(
+    return (
         f"xray-analyze: {document['split']} AUC {headline['roc_auc']:.3f}{shown}, "
         f"sensitivity {headline['sensitivity']:.3f}, specificity {headline['specificity']:.3f} "
         f"at threshold {headline['threshold']:.3f}"
     )
+
+
+def main() -> None:
+    """Console entry point: ``xray-analyze``."""
+    cli_main("xray-analyze", run, _describe)
 
 
 if __name__ == "__main__":

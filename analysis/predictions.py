@@ -87,3 +87,41 @@ def extra_columns(paths: Sequence[str]) -> list[str]:
             if name not in COLUMNS and name not in names and not name.startswith("__"):
                 names.append(name)
     return names
+
+
+def file_problem(path: str) -> str | None:
+    """Why ``path`` is not a readable predictions file, or None (reads the footer only)."""
+    import os
+
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    if size == 0:
+        return "is empty (0 bytes): not a Parquet file (was its writer killed?)"
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as exc:
+        return f"is not a readable Parquet file ({exc})"
+    missing = [name for name in ("dicom_path", "score") if name not in names]
+    if missing:
+        return f"is not a predictions file (no {', '.join(missing)} column)"
+    return None
+
+
+def score_problem(path: str) -> str | None:
+    """Names the rows of ``path`` whose score is not a probability (NaN, Inf, outside [0, 1])."""
+    import numpy as np
+
+    scores = pq.read_table(path, columns=["score"]).column("score").to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(~((scores >= 0) & (scores <= 1)))  # NaN fails both tests
+    if bad.size == 0:
+        return None
+    shown = ", ".join(str(i + 1) for i in bad[:5]) + (
+        f" and {bad.size - 5} more" if bad.size > 5 else ""
+    )
+    example = scores[bad[0]]
+    return (
+        f"has {bad.size} scores that are not probabilities in [0, 1] (e.g. {example}) "
+        f"in rows {shown} (counted from 1)"
+    )

@@ -17,11 +17,18 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 EXIT_FAILED = 1
+EXIT_REFUSED = 2
 EXIT_EMPTY = 3
 
 
 class EmptyRun(RuntimeError):
     """A run that kept or scored nothing: not committed, reported, exit code 3."""
+
+
+def refuse(prog: str, message: str) -> NoReturn:
+    """Stops before any work: one line on stderr, exit code 2 (argparse's, without the usage)."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_REFUSED)
 
 
 def wants_traceback(argv: list[str]) -> bool:

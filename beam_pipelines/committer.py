@@ -135,9 +135,16 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:
+    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    if is_local(path):  # without Beam: the trainer and the analysis commit too
+        temporary = f"{local_path(path)}.tmp-{os.getpid()}"
+        with open(temporary, "w") as handle:
+            handle.write(text)
+        os.replace(temporary, local_path(path))
+        return
     from beam_pipelines.files import write_text
 
-    write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+    write_text(path, text)
 
 
 def _move(source: str, target: str) -> None:
@@ -485,12 +492,14 @@ def read_record(target: OutputTarget) -> dict[str, Any] | None:
 
 
 def open_output(
-    parser: Any, flag: str, path: str, job: str, *, folder: bool = True, **options: Any
+    flag: str, path: str, job: str, *, folder: bool = True, **options: Any
 ) -> OutputTransaction:
-    """Opens a job's output transaction; a refused or locked output is a parser error (exit 2)."""
+    """Opens a job's output transaction; a refused or locked output stops the job (exit 2)."""
+    from beam_pipelines.cli import refuse
+
     try:
         transaction = OutputTransaction(OutputTarget.at(path, folder), job, **options)
         transaction.open()
     except (OutputRefused, OutputLocked) as exc:
-        parser.error(f"{flag} {path}: {exc}")
+        refuse(job, f"{flag} {path}: {exc}")
     return transaction

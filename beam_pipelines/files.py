@@ -1,7 +1,9 @@
-"""Atomic file writes on any Beam filesystem (local, gs://, …).
+"""Files on any Beam filesystem (local, gs://, …): atomic writes, listing, input checks.
 
 A reader never sees a partial file: bytes go to a temporary name beside the
-target, which is renamed into place once complete.
+target, which is renamed into place once complete. Beam's FileSystems is
+imported only where a function needs it, so the trainer and the analysis
+(local paths) never load the Beam SDK through this module.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-
 
 @contextmanager
 def atomic_create(path: str) -> Iterator[BinaryIO]:
     """Yields a binary handle; on success the data appears at ``path`` at once."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
         with FileSystems.create(
@@ -46,6 +48,12 @@ def write_text(path: str, text: str) -> str:
 
 def read_bytes(path: str) -> bytes:
     """Reads a whole file (no decompression, whatever its name)."""
+    if is_local(path):
+        with open(local_path(path), "rb") as local:
+            return local.read()
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
         return handle.read()
 
@@ -68,6 +76,8 @@ def files_below(root: str) -> list[str]:
         for folder, _, names in os.walk(base):
             found += [os.path.relpath(os.path.join(folder, name), base) for name in names]
         return sorted(found)
+    from apache_beam.io.filesystems import FileSystems
+
     prefix = root.rstrip("/") + "/"
     matched = FileSystems.match([f"{glob.escape(prefix)}**"])[0].metadata_list
     return sorted(m.path[len(prefix) :] for m in matched)
@@ -78,6 +88,8 @@ def remove_tree(root: str) -> None:
     if is_local(root):
         shutil.rmtree(local_path(root), ignore_errors=True)
         return
+    from apache_beam.io.filesystems import FileSystems
+
     found = [f"{root.rstrip('/')}/{name}" for name in files_below(root)]
     if found:
         FileSystems.delete(found)
@@ -86,6 +98,8 @@ def remove_tree(root: str) -> None:
 def input_file_problem(path: str) -> str | None:
     """Why ``path`` cannot be read as an input file, or None when it can."""
     if not is_local(path):
+        from apache_beam.io.filesystems import FileSystems
+
         return None if FileSystems.exists(path) else "not found"
     try:
         mode = os.stat(local_path(path)).st_mode
@@ -108,6 +122,8 @@ def remove_matching(patterns: list[str]) -> list[str]:
     Callers escape the literal parts (``glob.escape``): a ``?`` or ``[`` in a
     user's folder name must never match a neighbour.
     """
+    from apache_beam.io.filesystems import FileSystems
+
     found = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
     if found:
         FileSystems.delete(found)

@@ -29,7 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_pipelines import dicom, malloc_tuning, schema, sharding, splits, staging, tfrecord
-from beam_pipelines.cli import EmptyRun
+from beam_pipelines.cli import EmptyRun, refuse
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.committer import open_output
 from beam_pipelines.files import input_file_problem, remove_matching, remove_tree, write_text
@@ -419,7 +419,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     for flag, given in (("--metadata", args.metadata), ("--pin_splits", args.pin_splits)):
         problem = given and input_file_problem(given)
         if problem:
-            parser.error(f"{flag} {given}: {problem}")
+            refuse(parser.prog, f"{flag} {given}: {problem}")
     archive_root = archive_root_for(args.metadata, args.archive_root)
     pinned: dict[str, str] = {}
     if args.pin_splits:
@@ -446,7 +446,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     # Locked and checked before any work; everything is written to a private
     # work folder that replaces the previous output only once complete.
     output = open_output(
-        parser,
         "--output_dir",
         args.output_dir,
         "xray-preprocess",

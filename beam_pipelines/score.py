@@ -36,7 +36,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import StandardOptions
 
 from beam_pipelines import dicom, malloc_tuning, schema, tfrecord
-from beam_pipelines.cli import EmptyRun
+from beam_pipelines.cli import EmptyRun, refuse
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.committer import open_output
 from beam_pipelines.files import atomic_create, input_file_problem, remove_matching, write_text
@@ -318,10 +318,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--batch_size must be >= 1")
     problem = model_file_problem(args.model)
     if problem:
-        parser.error(f"--model {args.model}: {problem}")
+        refuse(parser.prog, f"--model {args.model}: {problem}")
     problem = args.metadata and input_file_problem(args.metadata)
     if problem:
-        parser.error(f"--metadata {args.metadata}: {problem}")
+        refuse(parser.prog, f"--metadata {args.metadata}: {problem}")
     archive_root = archive_root_for(args.metadata or "", args.archive_root)
     try:
         schemes = allowed_schemes(args, archive_root, args.metadata or "")
@@ -359,7 +359,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     # Locked and checked before any work; the files are written to a private
     # work folder and renamed into place, summary last, once complete.
     output = open_output(
-        parser, "--output", args.output, "xray-score", folder=False, inputs=(args.metadata or "",)
+        "--output", args.output, "xray-score", folder=False, inputs=(args.metadata or "",)
     )
     name = output.target.name
     with output:

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from beam_pipelines import dicom, preprocess, score, tfrecord
+from beam_pipelines import dicom, preprocess, score
 from tests.conftest import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,9 @@ weights, resumes a killed run from its backup, and writes to ``RESULTS/``:
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,10 +24,14 @@ import math
 import os
 import platform
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
+from beam_pipelines.cli import main as cli_main
+from beam_pipelines.cli import refuse
+from beam_pipelines.committer import open_output
 from trainer.config import TrainConfig, load_config
 
 logger = logging.getLogger(__name__)
@@ -33,15 +39,72 @@ logger = logging.getLogger(__name__)
 SPLITS_TO_PREDICT = ("validation", "test")
 
 
+class TrainingDataError(RuntimeError):
+    """The preprocessed data cannot be trained on (a damaged shard, …); the message says why."""
+
+
 def _read_manifest(data_dir: str) -> tuple[dict[str, Any], bytes]:
+    """The manifest (parsed, raw); ValueError with a one-line reason when unusable."""
     import tensorflow as tf
 
     path = f"{data_dir.rstrip('/')}/manifest.json"
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path} not found: is --data_dir a preprocessed output?")
+        raise ValueError(f"{path} not found: is --data_dir a preprocessed output?")
     with tf.io.gfile.GFile(path, "rb") as handle:
         raw = handle.read()
-    return json.loads(raw), raw
+    try:
+        manifest = json.loads(raw)
+        manifest["counts"]["train"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a preprocessing manifest ({exc})") from exc
+    return manifest, raw
+
+
+def check_training_data(data_dir: str, manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """The shard files of train and validation, checked against the manifest before any work.
+
+    Raises:
+        ValueError: a split has no images or no shards, or its shards are not
+            the ones the manifest lists (a folder mixed by hand).
+    """
+    from trainer import data
+
+    listed = set(manifest.get("files", {}).get("shards", []))
+    files: dict[str, list[str]] = {}
+    for split in ("train", "validation"):
+        images = sum(manifest["counts"].get(split, {}).values())
+        if images == 0:
+            raise ValueError(
+                f"the {split} split of {data_dir} has no images (manifest counts): "
+                "preprocess with more patients or a larger --split ratio for it"
+            )
+        try:
+            files[split] = data.shard_files(data_dir, split)
+        except FileNotFoundError as exc:
+            raise ValueError(str(exc)) from exc
+        if listed:
+            found = {f"{split}/{os.path.basename(f)}" for f in files[split]}
+            expected = {f for f in listed if f.startswith(f"{split}/")}
+            if found != expected:
+                odd = sorted(found ^ expected)
+                raise ValueError(
+                    f"the {split} shards in {data_dir} are not the ones its manifest lists "
+                    f"({', '.join(odd[:3])}): re-run xray-preprocess into it"
+                )
+    return files
+
+
+def _find_damaged_shard(files: list[str]) -> str | None:
+    """The first shard that does not read to its end, with the reason, or None."""
+    import tensorflow as tf
+
+    for path in files:
+        try:
+            for _ in tf.data.TFRecordDataset(path, compression_type="GZIP"):
+                pass
+        except tf.errors.OpError as exc:
+            return f"{path} ({exc.message.splitlines()[0][:200]})"
+    return None
 
 
 def class_weights(manifest: dict[str, Any]) -> dict[int, float] | None:
@@ -368,8 +431,47 @@ def predict_split(model: Any, config: TrainConfig, split: str, model_id: str) ->
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
-    """Runs training; returns the model card."""
+    """Runs training; returns the model card.
+
+    Preflight (exit 2, one line): the manifest, the train and validation
+    shards, the output location and its lock. The run writes into the
+    output's work folder (where a killed run's backup is resumed from) and
+    replaces the previous results only once the model card is written.
+    """
     config = load_config(argv)
+    try:
+        manifest, manifest_bytes = _read_manifest(config.data_dir)
+        shards = check_training_data(config.data_dir, manifest)
+    except ValueError as exc:
+        refuse("xray-train", f"--data_dir {config.data_dir}: {exc}")
+    output = open_output(
+        "--output_dir",
+        config.output_dir,
+        "xray-train",
+        resume=True,
+        inputs=(config.data_dir,),
+    )
+    with output:
+        card = _train(
+            config,
+            dataclasses.replace(config, output_dir=output.work),
+            manifest,
+            manifest_bytes,
+            shards,
+        )
+        output.commit(last="model_card.json")
+    logger.info("Model %s written to %s; AUC %s", card["model_id"], config.output_dir, card["auc"])
+    return card
+
+
+def _train(
+    config: TrainConfig,
+    work_config: TrainConfig,
+    manifest: dict[str, Any],
+    manifest_bytes: bytes,
+    shards: dict[str, list[str]],
+) -> dict[str, Any]:
+    """Trains into ``work_config.output_dir`` (the work folder); returns the model card."""
     from trainer.strategy import make_strategy
 
     # Logical devices must be configured before anything else touches TF.
@@ -388,17 +490,14 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
 
-    out = config.output_dir
-    os.makedirs(out, exist_ok=True)
-    manifest, manifest_bytes = _read_manifest(config.data_dir)
+    out = work_config.output_dir
     resume_epoch = _usable_backup(os.path.join(out, "backup"))
     resuming = resume_epoch is not None
     _trim_history(out, resume_epoch or 0)  # a fresh run starts a fresh history
     with open(os.path.join(out, "config.json"), "w") as handle:
         handle.write(config.to_json())
 
-    train_files = data.shard_files(config.data_dir, "train")
-    validation_files = data.shard_files(config.data_dir, "validation")
+    train_files, validation_files = shards["train"], shards["validation"]
     train_count = sum(manifest["counts"]["train"].values())
     steps_per_epoch = config.steps_per_epoch or max(
         1, math.ceil(train_count / config.global_batch_size)
@@ -442,19 +541,20 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         logger.warning(
             "No random-generator state for epoch %s: dropout masks restart", resume_epoch
         )
-    model.fit(
-        # The batches the finished epochs trained on are skipped, so a resumed
-        # run sees the very batches an uninterrupted one would.
-        data.training_dataset(config, train_files, (resume_epoch or 0) * steps_per_epoch),
-        validation_data=data.evaluation_dataset(
-            config, validation_files, pad=strategy.num_replicas_in_sync > 1
-        ),
-        epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
-        class_weight=weights,
-        callbacks=_callbacks(config, steps_per_epoch, _history(out) if resuming else []),
-        verbose=config.verbose,
-    )
+    with _naming_damaged_shards([*train_files, *validation_files]):
+        model.fit(
+            # The batches the finished epochs trained on are skipped, so a resumed
+            # run sees the very batches an uninterrupted one would.
+            data.training_dataset(config, train_files, (resume_epoch or 0) * steps_per_epoch),
+            validation_data=data.evaluation_dataset(
+                config, validation_files, pad=strategy.num_replicas_in_sync > 1
+            ),
+            epochs=config.epochs,
+            steps_per_epoch=steps_per_epoch,
+            class_weight=weights,
+            callbacks=_callbacks(work_config, steps_per_epoch, _history(out) if resuming else []),
+            verbose=config.verbose,
+        )
     best = os.path.join(out, "checkpoints", "best.weights.h5")
     if os.path.exists(best):
         model.load_weights(best)
@@ -469,10 +569,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     os.makedirs(os.path.join(out, "predictions"), exist_ok=True)
     for split in SPLITS_TO_PREDICT:
         try:
-            columns = predict_split(model, config, split, model_id)
+            split_files = data.shard_files(config.data_dir, split)
         except FileNotFoundError:
             logger.warning("No %s shards: no %s predictions", split, split)
             continue
+        with _naming_damaged_shards(split_files):
+            columns = predict_split(model, config, split, model_id)
         predictions.write(os.path.join(out, "predictions", f"{split}.parquet"), columns)
         metrics[split] = _auc(columns["label"], columns["score"])
     epochs = _history(out)
@@ -498,8 +600,27 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     with open(os.path.join(out, "model_card.json"), "w") as handle:
         json.dump(card, handle, indent=2, sort_keys=True)
         handle.write("\n")
-    logger.info("Model %s written to %s; AUC %s", model_id, model_dir, metrics)
     return card
+
+
+@contextlib.contextmanager
+def _naming_damaged_shards(files: list[str]) -> Iterator[None]:
+    """Turns TensorFlow's anonymous read error on a damaged shard into one naming it.
+
+    No record is ever skipped: a damaged shard stops the run, and the user
+    re-runs preprocessing (or removes the shard knowingly).
+    """
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as exc:
+        damaged = _find_damaged_shard(files)
+        if damaged is None:
+            raise
+        raise TrainingDataError(
+            f"shard {damaged} is damaged; no record was skipped: re-run xray-preprocess"
+        ) from exc
 
 
 def _auc(labels: list[int], scores: list[float]) -> float | None:
@@ -510,15 +631,15 @@ def _auc(labels: list[int], scores: list[float]) -> float | None:
     return float(roc_auc_score(labels, scores))
 
 
+def _describe(card: dict[str, Any]) -> str:
+    best = card["best_val_auc"]
+    shown = "n/a" if best is None else f"{best:.3f}"
+    return f"xray-train: {card['model_id']} best val AUC {shown}, AUC {card['auc']}"
+
+
 def main() -> None:
-    """Console entry point: ``xray-train``."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
-    )
-    card = run()
-    print(
-        f"xray-train: {card['model_id']} best val AUC {card['best_val_auc']:.3f}, AUC {card['auc']}"
-    )
+    """Console entry point: ``xray-train`` (``--verbose N`` also shows tracebacks)."""
+    cli_main("xray-train", run, _describe)
 
 
 if __name__ == "__main__":

@@ -145,17 +145,19 @@ def test_killed_run_resumes_from_backup_and_ends_as_an_uninterrupted_run(
         ]
 
     resumed, uninterrupted = tmp_path / "resumed", tmp_path / "uninterrupted"
+    work = tmp_path / ".resumed.work"  # where a run writes until it commits
     process = _train(*args(resumed), start_new_session=True)
     deadline = time.monotonic() + 300
     # Kill hard once the first epoch's backup is on disk, during the next epoch.
-    while not list((resumed / "backup").rglob("*.h5")) and time.monotonic() < deadline:
+    while not list((work / "backup").rglob("*.h5")) and time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[0][-3000:]
         time.sleep(0.1)
     time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    done = [int(r["epoch"]) for r in _history_rows(resumed)]
+    done = [int(r["epoch"]) for r in _history_rows(work)]
     assert done and done[-1] < 3, "the first run finished before it could be killed"
+    assert not resumed.exists()  # nothing committed
 
     reference = _train(*args(uninterrupted))  # side by side: same results, less wall time
     _finish(_train(*args(resumed)))
@@ -181,6 +183,7 @@ def test_killed_run_resumes_from_backup_and_ends_as_an_uninterrupted_run(
             scores.column("score").to_numpy(), reference.column("score").to_numpy(), atol=1e-5
         )
     assert not (resumed / "backup").exists()
+    assert not work.exists()
 
 
 def test_evaluation_padding_does_not_change_metrics(preprocessed: Path) -> None:
