@@ -46,12 +46,29 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first[:500]}"
 
 
+class _FirstLineOfBeamErrors(logging.Filter):
+    """Keeps the first line of the errors Beam logs with a worker's whole traceback.
+
+    The job's own one-line error says what failed; ``--verbose`` keeps everything.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("apache_beam") and record.levelno >= logging.ERROR:
+            record.msg = record.getMessage().split("\n", 1)[0]
+            record.args = ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def main(prog: str, run: Callable[[], Any], describe: Callable[[Any], str]) -> NoReturn:
     """Runs a job from its console script and exits with a documented code."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
     )
     verbose = wants_traceback(sys.argv[1:])
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_FirstLineOfBeamErrors())
     try:
         result = run()
     except EmptyRun as exc:
