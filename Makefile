@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/demo
 DEMO_PATIENTS ?= 200
 
-.PHONY: install test lint format demo clean
+.PHONY: install test test-fast lint format demo clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml setup.py beam_pipelines/_pixel_kernels.c
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The edit loop: everything but the end-to-end runs (marked slow).
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .
