@@ -46,15 +46,20 @@ import io
 import logging
 import os
 import re
+import stat
 import threading
+import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, NamedTuple
 
 import numpy as np
 import pydicom
 import pydicom.encaps
+from pydicom import filereader
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
@@ -209,7 +214,11 @@ class DecodeOptions:
             agree and rejects real colour; ``"luminance"`` converts any colour
             image; ``"reject"`` rejects every colour encoding.
         max_pixels: largest Rows x Columns x Samples accepted (``too_large``).
-        max_file_bytes: largest file read into memory (``too_large``).
+        max_file_bytes: largest file read into memory (``too_large``); for
+            the Deflated Explicit VR Little Endian syntax, also the largest
+            data set it inflates to.
+        read_timeout_s: longest a remote (object store) file may take to
+            read, checked between its chunks (``unreadable``).
         reduced_resolution: let :func:`decode_model_input` decode JPEG 2000
             and 8-bit JPEG at a reduced resolution that is still at least the
             model input's size (see :mod:`beam_pipelines.reduced_decode`);
@@ -222,6 +231,7 @@ class DecodeOptions:
     max_pixels: int = 64_000_000
     max_file_bytes: int = 2 * 1024**3
     reduced_resolution: bool = True
+    read_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.multiframe not in ("first", "reject"):
@@ -232,6 +242,8 @@ class DecodeOptions:
             raise ValueError(f"voi_index must be >= 0 or None, not {self.voi_index}")
         if self.max_pixels < 1 or self.max_file_bytes < 1:
             raise ValueError("max_pixels and max_file_bytes must be positive")
+        if not self.read_timeout_s > 0:  # also refuses NaN
+            raise ValueError(f"read_timeout_s must be positive, not {self.read_timeout_s}")
 
 
 DEFAULT_OPTIONS = DecodeOptions()
@@ -304,8 +316,17 @@ DECODE_PATHS: tuple[str, ...] = ("full", "j2k_reduced", "jpeg_scaled")
 # Reading
 
 
-def read_bytes(source: Source, max_bytes: int = DEFAULT_OPTIONS.max_file_bytes) -> bytes:
+def read_bytes(
+    source: Source,
+    max_bytes: int = DEFAULT_OPTIONS.max_file_bytes,
+    read_timeout_s: float = DEFAULT_OPTIONS.read_timeout_s,
+) -> bytes:
     """Reads a file's bytes from a path/URI (Beam FileSystems), bytes or a file object.
+
+    A local path (no scheme, or ``file://``) must name a regular file (or a
+    symlink to one): a FIFO, socket, device or directory is refused before
+    any byte is read. A remote read, or a file object of unknown size, stops
+    after ``read_timeout_s`` seconds.
 
     Raises:
         DicomRejected: ``missing_file``, ``unreadable``, ``empty_file`` or
@@ -314,9 +335,9 @@ def read_bytes(source: Source, max_bytes: int = DEFAULT_OPTIONS.max_file_bytes) 
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
     elif isinstance(source, str):
-        data = _read_path(source, max_bytes)
+        data = _read_path(source, max_bytes, read_timeout_s)
     else:
-        data = _read_limited(source, max_bytes)
+        data = _read_limited(source, max_bytes, read_timeout_s)
     if not data:
         raise DicomRejected("empty_file", "the file has no bytes")
     if len(data) > max_bytes:
@@ -324,7 +345,11 @@ def read_bytes(source: Source, max_bytes: int = DEFAULT_OPTIONS.max_file_bytes) 
     return data
 
 
-def _read_path(path: str, max_bytes: int) -> bytes:
+def _read_path(path: str, max_bytes: int, timeout_s: float) -> bytes:
+    from beam_pipelines.files import is_local, local_path
+
+    if is_local(path):
+        return _read_local(local_path(path), max_bytes, timeout_s)
     # Imported lazily: Beam's FileSystems pulls in the whole SDK.
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
@@ -332,11 +357,9 @@ def _read_path(path: str, max_bytes: int) -> bytes:
     try:
         # UNCOMPRESSED: a DICOM named *.gz must not be silently gunzipped.
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            return _read_limited(handle, max_bytes)
+            return _read_limited(handle, max_bytes, timeout_s)
     except FileNotFoundError as exc:
         raise DicomRejected("missing_file", "no file at the given path") from exc
-    except IsADirectoryError as exc:
-        raise DicomRejected("unreadable", "the path is a directory") from exc
     except OSError as exc:
         # Beam wraps "not found" in BeamIOError (an OSError) on some filesystems.
         if not FileSystems.exists(path):
@@ -344,11 +367,67 @@ def _read_path(path: str, max_bytes: int) -> bytes:
         raise DicomRejected("unreadable", f"{type(exc).__name__}: {redact(exc)}") from exc
 
 
-def _read_limited(handle: BinaryIO, max_bytes: int) -> bytes:
+# Opening a FIFO blocks until a writer appears (forever, in an archive), and
+# a terminal would become the worker's controlling terminal.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+_FILE_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "FIFO"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def _not_regular(mode: int) -> DicomRejected | None:
+    """The reject for a file that is not a regular one (a FIFO, a device...), else None."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "special file")
+    return DicomRejected("unreadable", f"not a regular file ({kind})")
+
+
+def _read_local(path: str, max_bytes: int, timeout_s: float) -> bytes:
+    """Reads a local regular file; anything else is refused before a byte is read.
+
+    ``stat`` first, so a device is never even opened (opening one can have
+    effects: a tape rewinds, a watchdog arms); then ``fstat`` on the opened
+    descriptor, so a path swapped in between is caught too. /dev/zero would
+    otherwise be read up to the size limit and a FIFO would hang the job.
+    """
+    try:
+        rejected = _not_regular(os.stat(path).st_mode)
+        if rejected is not None:
+            raise rejected
+        fd = os.open(path, _OPEN_FLAGS)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise DicomRejected("missing_file", "no file at the given path") from exc
+    except OSError as exc:
+        raise DicomRejected("unreadable", f"{type(exc).__name__}: {redact(exc)}") from exc
+    try:
+        rejected = _not_regular(os.fstat(fd).st_mode)
+        if rejected is not None:
+            raise rejected
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)  # a FUSE mount (gcsfuse, s3fs) may honour it
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        with handle:
+            return _read_limited(handle, max_bytes, timeout_s)
+    except OSError as exc:
+        raise DicomRejected("unreadable", f"{type(exc).__name__}: {redact(exc)}") from exc
+
+
+def _read_limited(handle: BinaryIO, max_bytes: int, timeout_s: float) -> bytes:
     """Reads at most ``max_bytes + 1`` bytes without allocating that much up front.
 
     ``read(n)`` reserves n bytes first, which costs milliseconds for a
-    2 GiB limit; a local file's size is known, a remote one is read in chunks.
+    2 GiB limit; a local file's size is known, a remote one is read in
+    chunks, and given up on (``unreadable``) once that has taken longer than
+    ``timeout_s``: a stalled object store must not hold a worker forever.
     """
     try:
         size: int | None = os.fstat(handle.fileno()).st_size
@@ -359,7 +438,13 @@ def _read_limited(handle: BinaryIO, max_bytes: int) -> bytes:
             raise DicomRejected("too_large", f"file is larger than {max_bytes} bytes")
         return handle.read(size + 1)
     chunks, total = [], 0
+    started = time.monotonic()
     while total <= max_bytes:
+        if time.monotonic() - started > timeout_s:
+            raise DicomRejected(
+                "unreadable",
+                f"reading took longer than {timeout_s:g} s (stopped after {total} bytes)",
+            )
         chunk = handle.read(min(16 << 20, max_bytes + 1 - total))
         if not chunk:
             break
@@ -374,31 +459,44 @@ def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Da
     Part 10 files are read without ``force``. A file without the Part 10
     preamble is accepted only when it starts like a raw little-endian DICOM
     data set (a group 0x0008 tag); its transfer syntax is then inferred.
+    A deflated data set is inflated within the size its header declares
+    (:func:`_inflate_data_set`), then read like an uncompressed one; its
+    header still reports the deflated transfer syntax.
 
     Raises:
-        DicomRejected: for unreadable, empty, non-DICOM or truncated input.
+        DicomRejected: for unreadable, empty, non-DICOM, truncated or
+            (inflating past its declared size) too large input.
     """
-    data = read_bytes(source, options.max_file_bytes)
-    byte_order = _uncompressed_byte_order(data)
+    data = read_bytes(source, options.max_file_bytes, options.read_timeout_s)
+    meta = _file_meta(data)
+    deflated = meta.syntax == pydicom.uid.DeflatedExplicitVRLittleEndian
+    parsed = _inflate_data_set(data, meta, options) if deflated else data
+    byte_order = None
+    if data[128:132] == b"DICM":
+        # Inflated, a deflated data set is Explicit VR Little Endian.
+        byte_order = "<" if deflated else _UNCOMPRESSED_BYTE_ORDER.get(meta.syntax or "")
     ds: Dataset
     try:
         # Uncompressed pixel data stays unread (deferred): decode() views it
-        # in ``data`` directly instead of copying 10 MB twice.
-        ds = pydicom.dcmread(io.BytesIO(data), defer_size=_DEFER_BYTES if byte_order else None)
+        # in ``parsed`` directly instead of copying 10 MB twice.
+        ds = pydicom.dcmread(io.BytesIO(parsed), defer_size=_DEFER_BYTES if byte_order else None)
     except InvalidDicomError as exc:
-        if not _looks_like_raw_dataset(data):
+        if not _looks_like_raw_dataset(parsed):
             raise DicomRejected("not_dicom", "no DICM prefix and no DICOM data set") from exc
-        ds = _read_raw_dataset(data)
+        ds = _read_raw_dataset(parsed)
     except EOFError as exc:
         raise DicomRejected("truncated", "the file ends inside the header") from exc
     except Exception as exc:  # pydicom raises many types for malformed headers
         raise DicomRejected("not_dicom", f"header could not be parsed: {redact(exc)}") from exc
     _infer_transfer_syntax(ds)
-    if _ends_early(ds, len(data)):
+    if _ends_early(ds, len(parsed)):
         raise DicomRejected("truncated", "an element's declared length runs past the end of file")
-    ds.__dict__["_xray_file_size"] = len(data)
+    if deflated:
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.__dict__["_xray_file_size"] = len(data)  # on disk: the deflated size, if deflated
     if byte_order:
-        ds.__dict__["_xray_bytes"] = data
+        # What the elements' offsets (value_tell) point into: the inflated bytes.
+        ds.__dict__["_xray_bytes"] = parsed
         ds.__dict__["_xray_byte_order"] = byte_order
     return ds
 
@@ -411,55 +509,214 @@ _UNCOMPRESSED_BYTE_ORDER: dict[str, str] = {
 }
 
 
-def _uncompressed_byte_order(data: bytes) -> str | None:
-    """``"<"``/``">"`` when a Part 10 file's meta says uncompressed, else None (cheap peek)."""
-    if data[128:132] != b"DICM":
-        return None
-    return _UNCOMPRESSED_BYTE_ORDER.get(_meta_transfer_syntax(data) or "")
+class _FileMeta(NamedTuple):
+    """The file meta group (0002) as dcmread reads it (:func:`_file_meta`)."""
+
+    syntax: str | None  # (0002,0010) Transfer Syntax UID
+    syntax_value: tuple[int, int]  # (offset, length) of its value in the file
+    end: int  # offset of the first byte after the group: where the data set starts
 
 
-# File meta elements are always explicit VR little endian; these VRs have a
-# 4-byte length after 2 reserved bytes, the rest a 2-byte length.
-_LONG_VRS = frozenset(
-    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-)
+def _not_meta(tag: int, vr: str | None, length: int) -> bool:
+    return tag >> 16 != 0x0002
 
 
-def _meta_transfer_syntax(data: bytes) -> str | None:
-    """(0002,0010) read straight from the file meta bytes, or None.
+def _file_meta(data: bytes) -> _FileMeta:
+    """The file meta group, found where dcmread looks for it and read the way it does.
 
-    Not via dcmread: for a deflated file pydicom inflates the whole data set
-    even when asked for the meta alone, which doubled the cost of the read.
+    After the "DICM" prefix, or at the start of a raw data set (dcmread
+    with ``force``). Not via dcmread: for a deflated file it inflates the
+    whole data set, unbounded, before anything could check its size.
     """
-    at = 132
-    while at + 8 <= len(data) and data[at : at + 2] == b"\x02\x00":
-        element = int.from_bytes(data[at + 2 : at + 4], "little")
-        vr = data[at + 4 : at + 6]
-        if vr in _LONG_VRS:
-            length, value_at = int.from_bytes(data[at + 8 : at + 12], "little"), at + 12
-        else:
-            length, value_at = int.from_bytes(data[at + 6 : at + 8], "little"), at + 8
-        if element == 0x0010:
-            return data[value_at : value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        if length == 0xFFFFFFFF:
-            return None
-        at = value_at + length
-    return None
+    fp = io.BytesIO(data)
+    fp.seek(132 if data[128:132] == b"DICM" else 0)
+    start = fp.tell()
+    try:
+        meta = filereader.read_dataset(fp, False, True, stop_when=_not_meta)
+        syntax = meta.get_item(0x00020010)  # taken raw, before any element converts
+        try:
+            first = next(meta.elements(), None)
+            if first is not None:
+                meta[first.tag]
+        except NotImplementedError:
+            # pydicom re-reads a group whose first element has an unknown VR
+            # as implicit VR (its issue 503); so do we, to agree on the syntax.
+            fp.seek(start)
+            meta = filereader.read_dataset(fp, True, True, stop_when=_not_meta)
+            syntax = meta.get_item(0x00020010)
+    except Exception:  # dcmread fails on it the same way, and says why
+        return _FileMeta(None, (0, 0), start)
+    if not isinstance(syntax, RawDataElement) or not isinstance(syntax.value, bytes):
+        return _FileMeta(None, (0, 0), fp.tell())
+    # As pydicom decodes a UI value: Latin-1, trailing NULs and spaces dropped.
+    uid = syntax.value.decode("latin-1").rstrip("\0 ")
+    return _FileMeta(uid, (syntax.value_tell, len(syntax.value)), fp.tell())
+
+
+# Every element before the pixel data of a deflated data set must fit in the
+# first inflated bytes, which are inflated unchecked: a header takes a few
+# KB, a large private block a few hundred KB; icons and overlays fit too.
+_DEFLATE_HEADER_ALLOWANCE = 16 << 20
+# Elements after the pixel data (padding, signatures) may add this much to
+# what the header declares.
+_DEFLATE_TRAILER_ALLOWANCE = 1 << 20
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+# Headers have hundreds of top-level elements; 16 MiB of tiny ones (runs of
+# zeros read as elements) would take pydicom 8 s to read.
+_MAX_HEADER_ELEMENTS = 1 << 16
+
+
+def _inflate_data_set(data: bytes, meta: _FileMeta, options: DecodeOptions) -> bytes:
+    """A deflated file as Part 10 bytes in Explicit VR Little Endian, inflated within bounds.
+
+    pydicom would inflate the whole data set first: a 2 MB file that
+    inflates to 2 GiB took 4.3 GB of memory, or failed with whatever error
+    the machine's memory gave. Here the first
+    :data:`_DEFLATE_HEADER_ALLOWANCE` bytes are inflated as they come; a
+    longer data set must declare its size in them (:func:`_inflation_budget`)
+    and is never inflated past that. No data set inflates past
+    ``options.max_file_bytes``. The file meta is kept byte for byte but for
+    the Transfer Syntax UID, rewritten in place (NUL padded) to Explicit VR
+    Little Endian, so dcmread reads the result as an uncompressed file.
+
+    Raises:
+        DicomRejected: ``too_large`` past a bound, ``not_dicom`` for a
+            corrupt deflate stream.
+    """
+    at, length = meta.syntax_value
+    out = io.BytesIO()
+    out.write(data[:at])
+    out.write(pydicom.uid.ExplicitVRLittleEndian.encode("ascii").ljust(length, b"\0"))
+    out.write(data[at + length : meta.end])
+    start = out.tell()
+    inflater = _Inflater(memoryview(data)[meta.end :])
+    limit = min(_DEFLATE_HEADER_ALLOWANCE, options.max_file_bytes)
+    size = inflater.inflate_into(out, limit + 1)
+    if size > limit:
+        if limit == options.max_file_bytes:
+            raise DicomRejected(
+                "too_large", f"the deflated data set inflates past {limit} bytes (max_file_bytes)"
+            )
+        budget = _inflation_budget(out, start, options)
+        size += inflater.inflate_into(out, budget - size + 1)
+        if size > budget:
+            raise DicomRejected(
+                "too_large",
+                f"the deflated data set inflates past the {budget} bytes its header declares "
+                "(Rows x Columns x frames x bits + allowances)",
+            )
+    # A stream cut short is inflated as far as it goes: _ends_early then
+    # judges the inflated bytes as it does an uncompressed file.
+    return out.getvalue()  # the buffer itself, not a copy
+
+
+class _Inflater:
+    """A raw deflate stream, inflated on demand and never further than asked.
+
+    zlib's ``max_length`` bounds each step's output; the input goes in
+    1 MiB pieces, so the unconsumed input zlib hands back stays small.
+    """
+
+    _INPUT_PIECE = 1 << 20
+    _OUTPUT_STEP = 1 << 20
+
+    def __init__(self, deflated: memoryview) -> None:
+        self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._deflated = deflated
+        self._at = 0
+        self._pending: bytes | memoryview = b""
+
+    def inflate_into(self, out: BinaryIO, limit: int) -> int:
+        """Writes up to ``limit`` inflated bytes to ``out``, fewer only at the stream's end.
+
+        Returns:
+            The number of bytes written.
+
+        Raises:
+            DicomRejected: ``not_dicom`` for a corrupt stream.
+        """
+        written = 0
+        while written < limit and not self._zlib.eof:
+            if not self._pending and self._at < len(self._deflated):
+                self._pending = self._deflated[self._at : self._at + self._INPUT_PIECE]
+                self._at += len(self._pending)
+            try:
+                chunk = self._zlib.decompress(
+                    self._pending, min(limit - written, self._OUTPUT_STEP)
+                )
+            except zlib.error as exc:
+                raise DicomRejected(
+                    "not_dicom", f"the deflated data set is corrupt: {redact(exc)}"
+                ) from exc
+            self._pending = self._zlib.unconsumed_tail
+            if not chunk and not self._pending and self._at >= len(self._deflated):
+                break  # the input ran out before the end of the stream
+            out.write(chunk)
+            written += len(chunk)
+        return written
+
+
+def _inflation_budget(out: io.BytesIO, start: int, options: DecodeOptions) -> int:
+    """How many inflated bytes a deflated data set may hold, from its first inflated bytes.
+
+    The elements before the pixel data (``out`` from ``start``, up to the
+    first pixel data tag), the pixel data its header declares (Rows x
+    Columns x SamplesPerPixel, at most ``max_pixels`` since more is rejected
+    anyway, x NumberOfFrames x whole bytes of BitsAllocated) and
+    :data:`_DEFLATE_TRAILER_ALLOWANCE`.
+
+    Raises:
+        DicomRejected: ``too_large`` when the inflated bytes hold no pixel
+            data tag (the size cannot be bounded) or the budget is larger
+            than ``options.max_file_bytes``.
+    """
+    found, elements = False, 0
+
+    def at_pixels(tag: int, vr: str | None, length: int) -> bool:
+        nonlocal found, elements
+        found, elements = tag in _PIXEL_TAGS, elements + 1
+        return found or elements > _MAX_HEADER_ELEMENTS
+
+    out.seek(start)
+    try:
+        head = filereader.read_dataset(out, False, True, stop_when=at_pixels, defer_size=1024)
+        header_bytes = out.tell() - start
+    except Exception:  # a broken header; no pixel data found in it
+        found = False
+    finally:
+        out.seek(0, io.SEEK_END)
+    if not found:
+        raise DicomRejected(
+            "too_large",
+            f"the deflated data set has no pixel data in its first {out.tell() - start} bytes: "
+            "its size cannot be bounded",
+        )
+    rows, cols = max(0, _int(head, "Rows")), max(0, _int(head, "Columns"))
+    samples = max(0, _int(head, "SamplesPerPixel", 1))
+    frames = max(1, _int(head, "NumberOfFrames", 1))
+    sample_bytes = -(-max(0, _int(head, "BitsAllocated")) // 8)
+    pixels = min(rows * cols * samples, options.max_pixels)
+    budget = header_bytes + pixels * frames * sample_bytes + _DEFLATE_TRAILER_ALLOWANCE
+    if budget > options.max_file_bytes:
+        raise DicomRejected(
+            "too_large",
+            f"the deflated data set's header declares {budget} bytes, more than "
+            f"max_file_bytes ({options.max_file_bytes} bytes)",
+        )
+    return budget
 
 
 def _ends_early(ds: Dataset, file_size: int) -> bool:
     """True when a top-level element declares more bytes than the file holds.
 
     pydicom stops quietly at the end of a cut file; the declared lengths of
-    the still-raw elements show it. Offsets of a deflated data set count
-    inflated bytes, so that syntax is not checked here.
+    the still-raw elements show it. A deflated data set is checked against
+    its inflated bytes (``file_size`` is theirs).
     """
     meta_length = ds.file_meta.get("FileMetaInformationGroupLength")
     # Preamble (128) + "DICM" (4) + the group length element itself (12).
     if isinstance(meta_length, int) and 144 + meta_length > file_size:
         return True
-    if ds.file_meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
-        return False
     # Iterating a Dataset converts its elements; keys() keeps them raw.
     for tag in ds.keys():  # noqa: SIM118
         element = ds.get_item(tag, keep_deferred=True)
