@@ -316,9 +316,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args, beam_args = parser.parse_known_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
-    problem = model_file_problem(args.model)
-    if problem:
-        refuse(parser.prog, f"--model {args.model}: {problem}")
     problem = args.metadata and input_file_problem(args.metadata)
     if problem:
         refuse(parser.prog, f"--metadata {args.metadata}: {problem}")
@@ -350,6 +347,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     pseudonymized = already or (pseudonymizer.fingerprint if pseudonymizer else None)
     if already:
         pseudonymizer = None
+    # Last of the checks: it reads the whole model file.
+    problem = model_file_problem(args.model)
+    if problem:
+        refuse(parser.prog, f"--model {args.model}: {problem}")
     model_id = _model_id(args.model, args.model_id)
     options = decode_options(args)
     beam_options = pipeline_options(beam_args)
