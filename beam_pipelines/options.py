@@ -76,6 +76,13 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         help="Decode every pixel of JPEG 2000 / JPEG images instead of the reduced resolution "
         "(still >= the model input) their codecs can decode directly, ~10x faster for J2K.",
     )
+    parser.add_argument(
+        "--read_timeout_s",
+        type=float,
+        default=DecodeOptions.read_timeout_s,
+        help="Longest one remote (object store) file may take to read before it is rejected "
+        "as unreadable (default %(default)g s).",
+    )
 
 
 def decode_options(args: argparse.Namespace) -> DecodeOptions:
@@ -85,6 +92,7 @@ def decode_options(args: argparse.Namespace) -> DecodeOptions:
         multiframe=args.multiframe,
         color=args.color,
         reduced_resolution=not args.full_resolution_decode,
+        read_timeout_s=args.read_timeout_s,
     )
 
 
