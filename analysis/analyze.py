@@ -1,16 +1,18 @@
 """Analysis job: metrics, plots and a report from prediction files only.
 
 ``xray-analyze --predictions 'PATH/*.parquet' --output_dir DIR [--history RESULTS/history.csv]
-[--threshold youden|0.5|sens=0.9|spec=0.9] [--split test] [--level image|study|patient]
+[--threshold model|youden|0.5|sens=0.9|spec=0.9|ppv=0.8] [--split test] [--level image|study|patient]
 [--aggregate max|mean] [--bootstrap 1000] [--seed 0]`` (also ``python -m analysis.analyze``).
 
 Writes ``DIR/metrics.json`` (schema below), ``DIR/plots/*.png`` and
-``DIR/report.html``. The threshold is chosen on the validation split when the
-predictions have one, and applied to the evaluated split; it is never tuned
-on the split it is evaluated on unless there is no other (then it says so).
+``DIR/report.html``. By default the threshold is the model's operating point,
+which the prediction files carry in their footers (chosen on the validation
+split at training); a rule given with ``--threshold`` is chosen on the
+validation split. It is never tuned on the split it is evaluated on unless
+there is no other, and then the warnings say OPTIMISTIC.
 
 metrics.json: ``schema_version``, ``split``, ``level``, ``threshold``
-(rule, value, chosen_on), ``metrics`` (n, patients, positives, prevalence,
+(rule, value, chosen_on, model_operating_point), ``metrics`` (n, patients, positives, prevalence,
 roc_auc, average_precision, threshold, confusion_matrix, accuracy,
 sensitivity, specificity, ppv, npv, f1, calibration{brier, ece, bins,
 reliability[]}, ci95{auc, average_precision, sensitivity, specificity,
@@ -33,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import metrics as m
-from analysis import plots, predictions, report
+from analysis import operating_point, plots, predictions, report
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
 from beam_pipelines.committer import open_output
@@ -76,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--manifest", help="The preprocessing manifest.json, for provenance.")
     parser.add_argument(
         "--threshold",
-        default="youden",
-        help="youden (default), a fixed score like 0.5, sens=0.9 or spec=0.9.",
+        default="model",
+        help="model (default: the operating point the prediction files carry, chosen on the "
+        "validation split at training), or a rule chosen on the validation split: youden, "
+        "sens=0.9, spec=0.9, ppv=0.8, or a fixed score like 0.5.",
     )
     parser.add_argument(
         "--split",
@@ -129,7 +133,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        rule = m.parse_threshold_rule(args.threshold)
+        rule = None if args.threshold == "model" else m.parse_threshold_rule(args.threshold)
     except ValueError as exc:
         parser.error(str(exc))
     for flag, given in (("--history", args.history), ("--manifest", args.manifest)):
@@ -151,7 +155,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 def _analyze(
     parser: argparse.ArgumentParser,
     args: argparse.Namespace,
-    rule: tuple[str, float | None],
+    rule: tuple[str, float | None] | None,
     frame: pd.DataFrame,
     files: list[str],
     out: str,
@@ -191,20 +195,15 @@ def _analyze(
     validation = m.aggregate(
         labelled[labelled["split"] == "validation"], args.level, args.aggregate
     )
-    if rule[0] == "fixed":
-        chosen_on = "fixed"
-        threshold = m.choose_threshold(np.array([]), np.array([]), rule)
-    elif args.split != "validation" and validation["label"].nunique() == 2:
-        chosen_on = "validation"
-        threshold = m.choose_threshold(
-            validation["label"].to_numpy().astype(int), validation["score"].to_numpy(), rule
+    points = operating_point.from_footers(files)
+    if rule is None and len(points) > 1:
+        parser.error(
+            f"the prediction files carry {len(points)} different operating points (several "
+            "models?): choose one with --threshold"
         )
-    else:
-        chosen_on = f"{args.split} (no separate validation split)"
-        warnings.append("threshold chosen on the evaluated split itself: its rates are optimistic")
-        threshold = m.choose_threshold(
-            evaluated["label"].to_numpy().astype(int), evaluated["score"].to_numpy(), rule
-        )
+    threshold, chosen_on = _threshold(
+        rule, points[0] if points else None, args.split, validation, evaluated, warnings
+    )
 
     headline = m.summarize(evaluated, threshold, args.bootstrap, args.seed)
     # Subgroup intervals use fewer resamples: there are many subgroups.
@@ -215,7 +214,12 @@ def _analyze(
         "split": args.split,
         "level": args.level,
         "aggregate": args.aggregate if args.level != "image" else None,
-        "threshold": {"rule": args.threshold, "value": threshold, "chosen_on": chosen_on},
+        "threshold": {
+            "rule": args.threshold,
+            "value": threshold,
+            "chosen_on": chosen_on,
+            "model_operating_point": points[0] if len(points) == 1 else None,
+        },
         "metrics": headline,
         "subgroups": groups,
         "leakage": leak,
@@ -239,6 +243,44 @@ def _analyze(
         handle.write("\n")
     report.write(os.path.join(out, "report.html"), document, plot_files)
     return document
+
+
+def _threshold(
+    rule: tuple[str, float | None] | None,
+    point: dict[str, Any] | None,
+    split: str,
+    validation: pd.DataFrame,
+    evaluated: pd.DataFrame,
+    warnings: list[str],
+) -> tuple[float, str]:
+    """The threshold to evaluate at, and what it was chosen on.
+
+    ``rule`` None means the model's operating point: the one the files
+    carry, else Youden's J on the validation split. A rule is chosen on the
+    validation split; only without one on the evaluated data itself, with a
+    loud warning (its sensitivity and specificity are then optimistic).
+    """
+    if rule is None:
+        if point is not None:
+            return float(point["threshold"]), (
+                f"model operating point ({point['rule']}, chosen on {point['chosen_on']})"
+            )
+        rule = ("youden", None)
+    if rule[0] == "fixed":
+        return m.choose_threshold(np.array([]), np.array([]), rule), "fixed"
+    if split != "validation" and validation["label"].nunique() == 2:
+        labels = validation["label"].to_numpy().astype(int)
+        return m.choose_threshold(labels, validation["score"].to_numpy(), rule), "validation"
+    message = (
+        "OPTIMISTIC: the threshold was chosen on the evaluated predictions themselves (no "
+        "validation split and no model operating point): sensitivity, specificity and accuracy "
+        "are better than the model would do at a threshold fixed beforehand"
+    )
+    logger.warning(message)
+    warnings.append(message)
+    labels = evaluated["label"].to_numpy().astype(int)
+    threshold = m.choose_threshold(labels, evaluated["score"].to_numpy(), rule)
+    return threshold, f"{split} (no separate validation split)"
 
 
 def _digest(path: str | None) -> str | None:

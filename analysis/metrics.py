@@ -24,7 +24,7 @@ AGE_BANDS = (
 
 
 def parse_threshold_rule(text: str) -> tuple[str, float | None]:
-    """``youden`` | a number in [0,1] | ``sens=0.9`` | ``spec=0.9``.
+    """``youden`` | a number in [0,1] | ``sens=0.9`` | ``spec=0.9`` | ``ppv=0.8``.
 
     Raises:
         ValueError: for anything else.
@@ -32,7 +32,7 @@ def parse_threshold_rule(text: str) -> tuple[str, float | None]:
     text = text.strip().lower()
     if text == "youden":
         return "youden", None
-    match = re.fullmatch(r"(sens|spec)=(0?\.\d+|1(\.0*)?)", text)
+    match = re.fullmatch(r"(sens|spec|ppv)=(0?\.\d+|1(\.0*)?)", text)
     if match:
         return match.group(1), float(match.group(2))
     try:
@@ -41,7 +41,9 @@ def parse_threshold_rule(text: str) -> tuple[str, float | None]:
         value = -1.0
     if 0.0 <= value <= 1.0:
         return "fixed", value
-    raise ValueError(f"threshold must be youden, a number in [0,1], sens=X or spec=X; got {text!r}")
+    raise ValueError(
+        f"threshold must be youden, a number in [0,1], sens=X, spec=X or ppv=X; got {text!r}"
+    )
 
 
 def choose_threshold(
@@ -61,6 +63,12 @@ def choose_threshold(
     if kind == "sens":
         # Highest threshold that still reaches the sensitivity (best specificity).
         return float(thresholds[np.flatnonzero(tpr >= value)[0]])
+    if kind == "ppv":
+        # Lowest threshold whose positive predictive value reaches the target
+        # (best sensitivity); the highest score when none does.
+        precision, _, cuts = skm.precision_recall_curve(labels, scores)
+        reaching = np.flatnonzero(precision[:-1] >= value)
+        return float(cuts[reaching[0]] if reaching.size else cuts[-1])
     # spec: lowest threshold that keeps the specificity (best sensitivity).
     return float(thresholds[np.flatnonzero(1 - fpr >= value)[-1]])
 

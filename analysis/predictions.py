@@ -1,7 +1,9 @@
 """The predictions contract (trainer and scorer -> analysis).
 
 Parquet, one row per image. This module owns the columns and their types;
-writers and readers import it.
+writers and readers import it. ``predicted`` is the 0/1 finding at the
+model's operating point (null when the model has none); the operating point
+itself rides in each file's footer (:mod:`analysis.operating_point`).
 """
 
 from __future__ import annotations
@@ -23,14 +25,19 @@ SCHEMA = pa.schema(
         pa.field("split", pa.string()),
         pa.field("label", pa.int8()),
         pa.field("score", pa.float32(), nullable=False),
+        pa.field("predicted", pa.int8()),
         pa.field("model_id", pa.string(), nullable=False),
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
 
 
-def to_table(columns: Mapping[str, Sequence[Any]]) -> pa.Table:
+def to_table(
+    columns: Mapping[str, Sequence[Any]], operating_point: dict[str, Any] | None = None
+) -> pa.Table:
     """Builds a contract table from column lists (missing optional columns become null).
+
+    ``operating_point``, when given, goes into the table's (the file's) footer.
 
     Raises:
         ValueError: for unknown columns, missing required ones, or ragged lengths.
@@ -50,12 +57,16 @@ def to_table(columns: Mapping[str, Sequence[Any]]) -> pa.Table:
         pa.array(columns[f.name], type=f.type) if f.name in columns else pa.nulls(rows, f.type)
         for f in SCHEMA
     ]
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+    from analysis.operating_point import footer
+
+    return pa.Table.from_arrays(arrays, schema=SCHEMA.with_metadata(footer(operating_point)))
 
 
-def write(path: str, columns: Mapping[str, Sequence[Any]]) -> None:
-    """Writes one Parquet file of predictions."""
-    pq.write_table(to_table(columns), path)
+def write(
+    path: str, columns: Mapping[str, Sequence[Any]], operating_point: dict[str, Any] | None = None
+) -> None:
+    """Writes one Parquet file of predictions (with the operating point in its footer)."""
+    pq.write_table(to_table(columns, operating_point), path)
 
 
 def read(

@@ -201,8 +201,9 @@ class _ScoreOneByOneFn(beam.DoFn):
 
 
 class _ToPredictionFn(beam.DoFn):
-    def __init__(self, model_id: str) -> None:
+    def __init__(self, model_id: str, threshold: float | None) -> None:
         self._model_id = model_id
+        self._threshold = threshold
 
     def process(self, element: tuple[dict[str, Any], Any]) -> Iterator[Any]:
         meta, result = element
@@ -216,18 +217,24 @@ class _ToPredictionFn(beam.DoFn):
             return
         Metrics.counter(self.__class__, "scored").inc()
         prediction = {k: v for k, v in meta.items() if k != "row"}
-        yield KEPT, {**prediction, "score": float(score), "model_id": self._model_id}
+        value = float(score)
+        # The finding at the operating point: the same comparison the trainer makes.
+        finding = None if self._threshold is None else int(value >= self._threshold)
+        yield KEPT, {**prediction, "score": value, "predicted": finding, "model_id": self._model_id}
 
 
 class WritePredictions(beam.PTransform):
     """Writes ``PREFIX-SSSSS-of-NNNNN.parquet``: hashed shards, sorted rows, atomic files."""
 
-    def __init__(self, prefix: str, num_shards: int) -> None:
+    def __init__(
+        self, prefix: str, num_shards: int, operating_point: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self._prefix, self._num_shards = prefix, num_shards
+        self._operating_point = operating_point
 
     def expand(self, predictions: beam.PCollection) -> beam.PCollection:
-        prefix, fixed = self._prefix, self._num_shards
+        prefix, fixed, point = self._prefix, self._num_shards, self._operating_point
         total = predictions | "CountPredictions" >> beam.combiners.Count.Globally()
 
         def shards(count: int) -> int:
@@ -244,11 +251,13 @@ class WritePredictions(beam.PTransform):
             (keyed, every_shard)
             | "WithEmptyShards" >> beam.Flatten()
             | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShard" >> beam.Map(_write_shard, prefix)
+            | "WriteShard" >> beam.Map(_write_shard, prefix, point)
         )
 
 
-def _write_shard(element: tuple[tuple[int, int], Iterable[Any]], prefix: str) -> str:
+def _write_shard(
+    element: tuple[tuple[int, int], Iterable[Any]], prefix: str, point: dict[str, Any] | None
+) -> str:
     import pyarrow.parquet as pq
 
     from analysis import predictions as contract
@@ -258,7 +267,7 @@ def _write_shard(element: tuple[tuple[int, int], Iterable[Any]], prefix: str) ->
     columns = {name: [row.get(name) for row in rows] for name in contract.COLUMNS}
     path = f"{prefix}-{shard:05d}-of-{shards:05d}.parquet"
     with atomic_create(path) as handle:
-        pq.write_table(contract.to_table(columns), handle)
+        pq.write_table(contract.to_table(columns, point), handle)
     return path
 
 
@@ -282,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_shards", type=int, default=0, help=f"Output files (0: one per {ROWS_PER_SHARD})."
     )
     parser.add_argument("--model_id", help="Recorded in every row (default: the model card's).")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="Score at or above which 'predicted' is 1 (default: the model's operating point, "
+        "chosen on the validation split at training).",
+    )
     add_decode_arguments(parser)
     add_pseudonymize_arguments(parser)
     parser.add_argument(
@@ -298,6 +313,27 @@ def _shards_pseudonym_key(data_dir: str) -> str | None:
     with FileSystems.open(path) as handle:
         settings = json.loads(handle.read()).get("options", {})
     return settings.get("pseudonymized")
+
+
+def _operating_point(model_dir: str, threshold: float | None) -> dict[str, Any] | None:
+    """The threshold 'predicted' uses: --threshold, else the model's operating point, else None.
+
+    Raises:
+        ValueError: a --threshold outside [0, 1] or an unreadable operating point file.
+    """
+    from analysis import operating_point
+
+    if threshold is not None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"--threshold must be in [0, 1], not {threshold}")
+        return {"rule": "fixed", "threshold": threshold, "chosen_on": "--threshold"}
+    try:
+        point = operating_point.read(model_dir)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--model {model_dir}: unreadable {operating_point.FILE} ({exc})") from exc
+    if point is None:
+        logger.warning("The model has no operating point: 'predicted' stays empty (--threshold)")
+    return point
 
 
 def _model_id(model_dir: str, given: str | None) -> str:
@@ -352,6 +388,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if problem:
         refuse(parser.prog, f"--model {args.model}: {problem}")
     model_id = _model_id(args.model, args.model_id)
+    try:
+        point = _operating_point(args.model, args.threshold)
+    except ValueError as exc:
+        refuse(parser.prog, str(exc))
     options = decode_options(args)
     beam_options = pipeline_options(beam_args)
     on_dask = "DaskRunner" in str(beam_options.view_as(StandardOptions).runner)
@@ -375,6 +415,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             pseudonymizer,
             pseudonymized,
             model_id,
+            point,
             on_dask,
         )
         if summary["scored"] == 0:
@@ -407,6 +448,7 @@ def _run_pipeline(
     pseudonymizer: Any,
     pseudonymized: str | None,
     model_id: str,
+    point: dict[str, Any] | None,
     on_dask: bool,
 ) -> dict[str, Any]:
     """Runs the Beam pipeline into the work folder; returns the summary."""
@@ -469,7 +511,8 @@ def _run_pipeline(
         predictions, failed = (
             examples
             | "Score" >> ScoreImages(KerasModelHandler(args.model, args.batch_size), on_dask)
-            | "ToPrediction" >> beam.ParDo(_ToPredictionFn(model_id))
+            | "ToPrediction"
+            >> beam.ParDo(_ToPredictionFn(model_id, point["threshold"] if point else None))
             | "RouteScored" >> SplitOutcomes()
         )
         rejects.append(failed)
@@ -478,7 +521,7 @@ def _run_pipeline(
             # Decoding needed the real paths; nothing written keeps them.
             predictions = predictions | "PseudonymizePredictions" >> beam.Map(pseudonymizer.record)
             all_rejects = all_rejects | "PseudonymizeRejects" >> beam.Map(pseudonymizer.record)
-        files = predictions | "WritePredictions" >> WritePredictions(prefix, args.num_shards)
+        files = predictions | "WritePredictions" >> WritePredictions(prefix, args.num_shards, point)
         rejects_file = all_rejects | "WriteRejects" >> WriteRejects(rejects_path)
         scored = predictions | "CountScored" >> beam.combiners.Count.Globally()
         by_reason = (
@@ -492,6 +535,7 @@ def _run_pipeline(
             summary_path,
             work,
             model_id,
+            point,
             pseudonymized,
             pvalue.AsSingleton(scored),
             pvalue.AsSingleton(by_reason),
@@ -508,6 +552,7 @@ def _write_summary(
     path: str,
     root: str,
     model_id: str,
+    point: dict[str, Any] | None,
     pseudonymized: str | None,
     scored: int,
     by_reason: dict[str, int],
@@ -520,6 +565,7 @@ def _write_summary(
         "rejected": sum(by_reason.values()),
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "model_id": model_id,
+        "operating_point": point,
         "pseudonymized": pseudonymized,
         # Relative to the folder of --output: the files are written elsewhere first.
         "files": sorted(posixpath.relpath(f, root) for f in files),

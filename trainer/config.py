@@ -44,6 +44,7 @@ class TrainConfig:
     xla: bool = False
     seed: int = 0
     deterministic: bool = False
+    operating_point: str = "youden"
     verbose: int = 2
 
     def __post_init__(self) -> None:
@@ -60,6 +61,9 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.logical_cpus < 0:
             raise ValueError("logical_cpus must be >= 0")
+        from analysis.operating_point import check_rule
+
+        object.__setattr__(self, "operating_point", check_rule(self.operating_point))
 
     def to_json(self) -> str:
         """The resolved configuration as JSON."""
@@ -100,6 +104,8 @@ _HELP = {
     "xla": "Compile the model with XLA (jit_compile).",
     "seed": "Random seed for shuffling, augmentation and initialization.",
     "deterministic": "Deterministic ops (slower; same results for the same seed).",
+    "operating_point": "How the model's threshold is chosen on the validation split at the end "
+    "(youden | sens=0.90 | spec=0.90 | ppv=0.80); stored in model_card.json and the model folder.",
     "verbose": "Keras progress output: 0 silent, 1 bar, 2 one line per epoch.",
 }
 

@@ -480,7 +480,7 @@ def _train(
     import keras
     import tensorflow as tf
 
-    from analysis import predictions
+    from analysis import operating_point, predictions
     from trainer import data
     from trainer.models import build_model
 
@@ -567,6 +567,7 @@ def _train(
     model_id = _model_id(config, manifest_bytes)
     metrics: dict[str, Any] = {}
     os.makedirs(os.path.join(out, "predictions"), exist_ok=True)
+    predicted: dict[str, dict[str, list]] = {}
     for split in SPLITS_TO_PREDICT:
         try:
             split_files = data.shard_files(config.data_dir, split)
@@ -574,9 +575,14 @@ def _train(
             logger.warning("No %s shards: no %s predictions", split, split)
             continue
         with _naming_damaged_shards(split_files):
-            columns = predict_split(model, config, split, model_id)
-        predictions.write(os.path.join(out, "predictions", f"{split}.parquet"), columns)
-        metrics[split] = _auc(columns["label"], columns["score"])
+            predicted[split] = predict_split(model, config, split, model_id)
+        metrics[split] = _auc(predicted[split]["label"], predicted[split]["score"])
+    point = _operating_point(predicted["validation"], config.operating_point)
+    if point is not None:
+        operating_point.write(model_dir, point)
+    for split, columns in predicted.items():
+        columns["predicted"] = operating_point.predicted(columns["score"], point)
+        predictions.write(os.path.join(out, "predictions", f"{split}.parquet"), columns, point)
     epochs = _history(out)
     card = {
         "model_id": model_id,
@@ -590,6 +596,7 @@ def _train(
         "epochs_run": len(epochs),
         "best_val_auc": _best(epochs),
         "auc": metrics,
+        "operating_point": point,
         "replicas": strategy.num_replicas_in_sync,
         "versions": {
             "python": platform.python_version(),
@@ -621,6 +628,17 @@ def _naming_damaged_shards(files: list[str]) -> Iterator[None]:
         raise TrainingDataError(
             f"shard {damaged} is damaged; no record was skipped: re-run xray-preprocess"
         ) from exc
+
+
+def _operating_point(validation: dict[str, list], rule: str) -> dict[str, Any] | None:
+    """The threshold chosen on the validation predictions, or None when they hold one class."""
+    from analysis import operating_point
+
+    try:
+        return operating_point.choose(validation["label"], validation["score"], rule)
+    except ValueError as exc:
+        logger.warning("No operating point (%s): predictions carry no 'predicted' value", exc)
+        return None
 
 
 def _auc(labels: list[int], scores: list[float]) -> float | None:
