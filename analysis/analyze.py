@@ -1,8 +1,9 @@
 """Analysis job: metrics, plots and a report from prediction files only.
 
 ``xray-analyze --predictions 'PATH/*.parquet' --output_dir DIR [--history RESULTS/history.csv]
-[--threshold model|youden|0.5|sens=0.9|spec=0.9|ppv=0.8] [--split test] [--level image|study|patient]
-[--aggregate max|mean] [--bootstrap 1000] [--seed 0]`` (also ``python -m analysis.analyze``).
+[--threshold model|youden|0.5|sens=0.9|spec=0.9|ppv=0.8] [--split test]
+[--level image|study|patient] [--aggregate max|mean] [--bootstrap 1000] [--seed 0]``
+(also ``python -m analysis.analyze``).
 
 Writes ``DIR/metrics.json`` (schema below), ``DIR/plots/*.png`` and
 ``DIR/report.html``. By default the threshold is the model's operating point,
