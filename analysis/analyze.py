@@ -40,7 +40,7 @@ from analysis import operating_point, plots, predictions, report
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
 from beam_pipelines.committer import open_output
-from beam_pipelines.files import input_file_problem
+from beam_pipelines.files import flagged_input_problem
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +137,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         rule = None if args.threshold == "model" else m.parse_threshold_rule(args.threshold)
     except ValueError as exc:
         parser.error(str(exc))
-    for flag, given in (("--history", args.history), ("--manifest", args.manifest)):
-        problem = given and input_file_problem(given)
-        if problem:
-            refuse(parser.prog, f"{flag} {given}: {problem}")
+    problem = flagged_input_problem([("--history", args.history), ("--manifest", args.manifest)])
+    if problem:
+        refuse(parser.prog, problem)
     try:
         frame, files = load(args.predictions)
     except (FileNotFoundError, ValueError) as exc:

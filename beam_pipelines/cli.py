@@ -6,7 +6,8 @@ Exit codes (documented in the README):
 - 1: the job failed (one line on stderr; ``--verbose`` shows the traceback);
 - 2: refused before any work (bad flags, unusable input or output location);
 - 3: the job ran, but nothing was kept or scored (:class:`EmptyRun`); the
-  previous output is unchanged.
+  previous output is unchanged;
+- 130: interrupted (Ctrl-C); the previous output is unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, NoReturn
 EXIT_FAILED = 1
 EXIT_REFUSED = 2
 EXIT_EMPTY = 3
+EXIT_INTERRUPTED = 130
 
 
 class EmptyRun(RuntimeError):
@@ -74,7 +76,12 @@ def main(prog: str, run: Callable[[], Any], describe: Callable[[Any], str]) -> N
     except EmptyRun as exc:
         print(f"{prog}: warning: {exc}", file=sys.stderr)
         sys.exit(EXIT_EMPTY)
-    except (SystemExit, KeyboardInterrupt):
+    except KeyboardInterrupt:
+        if verbose:
+            raise
+        print(f"{prog}: interrupted; the previous output is unchanged", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit:
         raise
     except Exception as exc:
         if verbose:

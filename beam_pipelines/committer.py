@@ -75,6 +75,15 @@ class OutputTarget:
         stripped = path.rstrip("/")
         if not stripped or stripped in (".", ".."):
             raise OutputRefused(f"{path!r} cannot be an output: name a folder of its own")
+        if is_local(stripped):
+            # One spelling per output, so one lock: a symlinked folder is its target.
+            local = local_path(stripped)
+            head, tail = os.path.split(local)
+            stripped = (
+                os.path.realpath(local)
+                if folder
+                else os.path.join(os.path.realpath(head or "."), tail)
+            )
         parent, name = posixpath.split(stripped)
         if name in (".", ".."):
             raise OutputRefused(f"{path!r} cannot be an output: name a folder of its own")
@@ -263,6 +272,7 @@ class OutputTransaction:
         self._file_by_file = not (target.folder and is_local(target.parent) and atomic_swap)
         self._lock = OutputLock(target.lock)
         self._opened = False
+        self._commit_started = False  # the record is written: only the next run may clean up
         self._committed = False
         self._keep_work = False
 
@@ -286,8 +296,12 @@ class OutputTransaction:
         value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        # A resumable job (training) keeps its work folder on any failure: the
+        # next run resumes from its backup. Once the record is written, the
+        # work folder is the commit's redo log: the next run completes it.
+        keep = self._committed or self._keep_work or self._commit_started or self._resume
         try:
-            if not self._committed and not self._keep_work:
+            if not keep:
                 remove_tree(self.work)
         finally:
             self._lock.release()
@@ -319,6 +333,9 @@ class OutputTransaction:
             self._recover()
             self._check_current()
             self._start_work()
+        except OSError as exc:
+            self._lock.release()
+            raise OutputRefused(f"cannot prepare the output: {exc}") from exc
         except BaseException:
             self._lock.release()
             raise
@@ -343,20 +360,32 @@ class OutputTransaction:
         if last is not None and last in files:
             files = [f for f in files if f != last] + [last]
         _write_json(_join(self.work, self.target.record_name), {"job": self.job, "files": files})
+        self._commit_started = True
         _delete([_join(self.work, _MARKER)])
         if self._file_by_file:
             self._roll_forward()
+            self._committed = True
         else:
-            self._swap()
-        self._committed = True
+            self._swap()  # sets _committed at the rename itself
         return files
 
     # ---------------------------------------------------------------- checks
 
     def _check_location(self) -> None:
         target = self.target
-        if target.folder and is_local(target.path) and os.path.isfile(local_path(target.path)):
-            raise OutputRefused(f"{target.path} is a file, not a folder")
+        if target.folder and is_local(target.path) and os.path.lexists(local_path(target.path)):
+            out = local_path(target.path)
+            if not os.path.isdir(out):
+                raise OutputRefused(f"{target.path} is a file, not a folder")
+            if (
+                os.path.ismount(out)
+                or os.stat(out).st_dev != os.stat(local_path(target.parent)).st_dev
+            ):
+                # Its work folder would live on the parent's filesystem: no rename between them.
+                raise OutputRefused(
+                    f"{target.path} is a mount point (or on another filesystem than its parent "
+                    "folder): use a folder inside it"
+                )
         for given in self._inputs if target.folder else ():
             if given and _inside(given, target.path):
                 raise OutputRefused(f"{given} lies inside the output {target.path}: choose another")
@@ -377,20 +406,32 @@ class OutputTransaction:
             raise OutputRefused(
                 f"{target.path} is an output of {record.get('job')}, not of {self.job}"
             )
-        if not target.folder:
-            return  # a prefix's neighbours are not its files; see _roll_forward
-        found = files_below(target.path)
-        listed = set(record["files"]) | {RECORD} if record else set()
+        listed = set(record["files"]) | {target.record_name} if record else set()
+        if target.folder:
+            found = files_below(target.path)
+        else:  # a prefix's neighbours are not its files: only names this job writes
+            found = [f for f in files_below(target.parent) if self._prefix_owns(f)]
         foreign = [f for f in found if f not in listed]
         if foreign:
             shown = ", ".join(foreign[:3]) + (
                 f" and {len(foreign) - 3} more" if foreign[3:] else ""
             )
-            what = "files no run of" if record is None else "files its last run of"
             raise OutputRefused(
-                f"{target.path} holds {what} {self.job} wrote ({shown}); they are never "
-                "deleted: move them away or choose a new or empty folder"
+                f"{target.path} holds files no run of {self.job} listed ({shown}); they are "
+                "never deleted or replaced: move them away or choose another output"
             )
+
+    def _prefix_owns(self, relative: str) -> bool:
+        """True for the names a prefix output's files take (``name-…-of-….parquet``, …)."""
+        name = self.target.name
+        folder, base = posixpath.split(relative)
+        if folder == "rejects":
+            return base == f"{name}.jsonl"
+        if folder:
+            return False
+        return base in (f"{name}.summary.json", self.target.record_name) or (
+            base.startswith(f"{name}-") and base.endswith(".parquet") and "-of-" in base
+        )
 
     # -------------------------------------------------------------- recovery
 
@@ -405,13 +446,17 @@ class OutputTransaction:
                 logger.warning("Restored the previous output of %s", target.path)
         if not _exists(target.work):
             return
+        if is_local(target.work) and not os.path.isdir(local_path(target.work)):
+            raise OutputRefused(
+                f"{target.work} is in the way: it is not a work folder of {self.job}"
+            )
         if _exists(_join(target.work, target.record_name)):
             if self._file_by_file:
                 logger.warning("Completing the commit a killed run began in %s", target.path)
                 self._roll_forward()
             else:
                 self._discard(target.work)
-        elif _exists(_join(target.work, _MARKER)):
+        elif any(f == _MARKER or f.startswith(f"{_MARKER}.tmp-") for f in files_below(target.work)):
             if not self._resume:
                 logger.info("Removing what a killed run left in %s", target.work)
                 remove_tree(target.work)
@@ -433,16 +478,30 @@ class OutputTransaction:
     # ---------------------------------------------------------------- commit
 
     def _swap(self) -> None:
+        """Puts the work folder in the output's place; the commit point is the rename itself."""
         target = self.target
         work, out = local_path(target.work), local_path(target.path)
         if not os.path.lexists(out):
             os.rename(work, out)
-        elif _exchange(work, out):
-            self._discard(target.work)
+            self._committed = True
+            return
+        if _exchange(work, out):
+            self._committed = True
+            replaced = target.work
         else:
-            os.rename(out, local_path(target.previous))
-            os.rename(work, out)
-            self._discard(target.previous)
+            previous = local_path(target.previous)
+            os.rename(out, previous)
+            try:
+                os.rename(work, out)
+            except BaseException:
+                os.rename(previous, out)  # the previous output is never left missing
+                raise
+            self._committed = True
+            replaced = target.previous
+        try:
+            self._discard(replaced)
+        except OSError as exc:  # committed: what is left is the next run's to remove
+            logger.warning("Could not remove the replaced output in %s: %s", replaced, exc)
 
     def _discard(self, folder: str) -> None:
         """Deletes a replaced output's listed files; keeps (and names) anything else."""
@@ -450,9 +509,8 @@ class OutputTransaction:
         _delete([_join(folder, f) for f in [*record.get("files", []), RECORD, _MARKER]])
         _remove_empty_folders(folder)
         if os.path.lexists(local_path(folder)):
-            kept = _join(
-                self.target.parent, f".{self.target.name}.kept-{time.strftime('%Y%m%d-%H%M%S')}"
-            )
+            stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            kept = _join(self.target.parent, f".{self.target.name}.kept-{stamp}")
             os.rename(local_path(folder), local_path(kept))
             logger.warning("Files the previous output did not list were kept in %s", kept)
 
@@ -466,24 +524,42 @@ class OutputTransaction:
         files: list[str] = list(record["files"])
         previous = _read_json(_join(target.root, target.record_name))
         previous_files = set(previous["files"]) if previous else set()
-        pending = [f for f in files if _exists(_join(target.work, f))]
-        foreign = [f for f in pending if f not in previous_files and _exists(_join(target.root, f))]
+        pending = [f for f in [*files, target.record_name] if _exists(_join(target.work, f))]
+        foreign = [
+            f
+            for f in pending
+            if f != target.record_name
+            and f not in previous_files
+            and _exists(_join(target.root, f))
+        ]
         if foreign:
             raise OutputRefused(
                 f"{_join(target.root, foreign[0])} exists and no run of {self.job} wrote it: "
                 "it is never replaced; move it away or choose another output"
             )
-        for name in [*pending, target.record_name]:
-            _move(_join(target.work, name), _join(target.root, name))
-        _delete([_join(target.root, f) for f in sorted(previous_files - set(files))])
+        for name in pending:
+            if name != target.record_name:
+                _move(_join(target.work, name), _join(target.root, name))
+        # Before the record moves in: a kill here is completed by the next run,
+        # which still finds the old record and so still knows what it replaces.
+        superseded = sorted(previous_files - set(files))
+        _delete([_join(target.root, f) for f in superseded])
+        _move(_join(target.work, target.record_name), _join(target.root, target.record_name))
         remove_tree(target.work)
         if is_local(target.root):
-            for name in previous_files - set(files):  # folders the old files leave empty
-                folder = os.path.dirname(local_path(_join(target.root, name)))
-                while folder and folder != local_path(target.root).rstrip("/"):
-                    with contextlib.suppress(OSError):
-                        os.rmdir(folder)
-                    folder = os.path.dirname(folder)
+            for name in superseded:  # folders the old files leave empty
+                _remove_empty_parents(local_path(_join(target.root, name)), local_path(target.root))
+
+
+def _remove_empty_parents(path: str, root: str) -> None:
+    """Removes the empty folders between a deleted file and root (root excluded)."""
+    folder, stop = os.path.dirname(path), os.path.normpath(root)
+    while folder and os.path.normpath(folder) != stop and folder != os.path.dirname(folder):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        folder = os.path.dirname(folder)
 
 
 def read_record(target: OutputTarget) -> dict[str, Any] | None:

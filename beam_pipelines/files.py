@@ -116,6 +116,15 @@ def input_file_problem(path: str) -> str | None:
     return None
 
 
+def flagged_input_problem(inputs: list[tuple[str, str | None]]) -> str | None:
+    """The first ``"--flag path: problem"`` among (flag, path) inputs, or None; unset flags pass."""
+    for flag, path in inputs:
+        problem = path and input_file_problem(path)
+        if problem:
+            return f"{flag} {path}: {problem}"
+    return None
+
+
 def remove_matching(patterns: list[str]) -> list[str]:
     """Deletes every file matching the glob patterns; returns what was deleted.
 

@@ -32,7 +32,7 @@ from beam_pipelines import dicom, malloc_tuning, schema, sharding, splits, stagi
 from beam_pipelines.cli import EmptyRun, refuse
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.committer import open_output
-from beam_pipelines.files import input_file_problem, remove_matching, remove_tree, write_text
+from beam_pipelines.files import flagged_input_problem, remove_matching, remove_tree, write_text
 from beam_pipelines.options import (
     add_decode_arguments,
     add_input_arguments,
@@ -416,10 +416,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         ratios = splits.parse_ratios(args.split)
     except ValueError as exc:
         parser.error(str(exc))
-    for flag, given in (("--metadata", args.metadata), ("--pin_splits", args.pin_splits)):
-        problem = given and input_file_problem(given)
-        if problem:
-            refuse(parser.prog, f"{flag} {given}: {problem}")
+    problem = flagged_input_problem(
+        [("--metadata", args.metadata), ("--pin_splits", args.pin_splits)]
+    )
+    if problem:
+        refuse(parser.prog, problem)
     archive_root = archive_root_for(args.metadata, args.archive_root)
     pinned: dict[str, str] = {}
     if args.pin_splits:

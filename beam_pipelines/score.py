@@ -39,7 +39,7 @@ from beam_pipelines import dicom, malloc_tuning, schema, tfrecord
 from beam_pipelines.cli import EmptyRun, refuse
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.committer import open_output
-from beam_pipelines.files import atomic_create, input_file_problem, remove_matching, write_text
+from beam_pipelines.files import atomic_create, flagged_input_problem, remove_matching, write_text
 from beam_pipelines.model_handler import InferenceError, KerasModelHandler, model_file_problem
 from beam_pipelines.options import (
     add_decode_arguments,
@@ -305,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shard_pattern(data_dir: str) -> str:
+    """Every split's shards under data_dir (its name literal: 'run?' never matches 'runA')."""
+    import glob
+
+    return f"{glob.escape(data_dir.rstrip('/'))}/*/part-*.tfrecord.gz"
+
+
 def _shards_pseudonym_key(data_dir: str) -> str | None:
     """The key fingerprint preprocessing recorded for these shards, or None."""
     path = f"{data_dir.rstrip('/')}/manifest.json"
@@ -352,9 +359,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args, beam_args = parser.parse_known_args(argv)
     if args.batch_size < 1:
         parser.error("--batch_size must be >= 1")
-    problem = args.metadata and input_file_problem(args.metadata)
+    problem = flagged_input_problem([("--metadata", args.metadata)])
     if problem:
-        refuse(parser.prog, f"--metadata {args.metadata}: {problem}")
+        refuse(parser.prog, problem)
     archive_root = archive_root_for(args.metadata or "", args.archive_root)
     try:
         schemes = allowed_schemes(args, archive_root, args.metadata or "")
@@ -367,10 +374,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             check_metadata(args.metadata, SCORING_REQUIRED_COLUMNS)
         except MetadataError as exc:
             parser.error(f"--metadata {args.metadata}: {exc}")
-    if (
-        args.data_dir
-        and not FileSystems.match([f"{args.data_dir}/*/part-*.tfrecord.gz"])[0].metadata_list
-    ):
+    if args.data_dir and not FileSystems.match([_shard_pattern(args.data_dir)])[0].metadata_list:
         parser.error(f"--data_dir {args.data_dir} holds no shards")
     try:
         pseudonymizer = pseudonymizer_from_args(args)
@@ -460,8 +464,7 @@ def _run_pipeline(
         if args.data_dir:
             inputs = (
                 pipeline
-                | "ShardPatterns"
-                >> beam.Create([f"{args.data_dir.rstrip('/')}/*/part-*.tfrecord.gz"])
+                | "ShardPatterns" >> beam.Create([_shard_pattern(args.data_dir)])
                 | "MatchShards" >> fileio.MatchAll()
                 | "ShardPaths" >> beam.Map(lambda m: m.path)
                 | "SpreadShards" >> beam.Reshuffle()

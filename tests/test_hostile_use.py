@@ -131,6 +131,12 @@ def test_glob_characters_in_outputs_never_reach_a_neighbour(
     preprocess.run(["--metadata", metadata, "--output_dir", str(tmp_path / "run?"), *FAST])
     assert _tree(tmp_path / "runA") == neighbour
     assert _tree(tmp_path / "run?") == neighbour  # the same output, in its own folder
+    # Training and scoring read the shards of 'run?' alone.
+    from trainer.train import check_training_data
+
+    manifest = json.loads((tmp_path / "run?" / "manifest.json").read_text())
+    shards = check_training_data(str(tmp_path / "run?"), manifest)
+    assert all("/run?/" in f for split in shards.values() for f in split), shards
 
     model = str(trained_model / "model")
     scores = tmp_path / "s"
@@ -342,7 +348,7 @@ def test_training_refuses_an_empty_validation_split_and_names_a_damaged_shard(
         "trainer.train", "--data_dir", str(damaged), "--output_dir", str(tmp_path / "r"), *train
     )
     _refused(done, 1, f"shard {shard} (", "is damaged; no record was skipped")
-    assert not (tmp_path / "r").exists() and not (tmp_path / ".r.work").exists()
+    assert not (tmp_path / "r").exists()  # nothing committed (the work folder stays to resume)
 
 
 def _predictions(path: Path, scores: list[float], patients: list[str]) -> None:

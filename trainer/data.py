@@ -10,6 +10,7 @@ whole into memory (``cache`` is opt-in and keeps the compact serialized form).
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -21,15 +22,30 @@ from trainer.config import TrainConfig
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+def found_shards(data_dir: str, split: str) -> list[str]:
+    """The shard files on disk under ``data_dir/split/``, sorted (the folder name is literal)."""
+    import glob
+
+    if "://" in data_dir and not data_dir.startswith(("gs://", "file://")):
+        import tensorflow_io  # noqa: F401  (registers s3://, hdfs://, …)
+    pattern = f"{glob.escape(data_dir.rstrip('/'))}/{split}/*.tfrecord.gz"
+    return sorted(tf.io.gfile.glob(pattern))
+
+
 def shard_files(data_dir: str, split: str) -> list[str]:
-    """The split's shard files, sorted.
+    """The split's shard files, sorted: the ones its manifest lists, else those found.
 
     Raises:
         FileNotFoundError: when the split has no shards.
     """
-    if "://" in data_dir and not data_dir.startswith(("gs://", "file://")):
-        import tensorflow_io  # noqa: F401  (registers s3://, hdfs://, …)
-    files = sorted(tf.io.gfile.glob(f"{data_dir.rstrip('/')}/{split}/*.tfrecord.gz"))
+    root = data_dir.rstrip("/")
+    manifest = f"{root}/manifest.json"
+    listed: list[str] = []
+    if tf.io.gfile.exists(manifest):
+        with tf.io.gfile.GFile(manifest, "rb") as handle:
+            shards = json.loads(handle.read()).get("files", {}).get("shards", [])
+        listed = sorted(f"{root}/{name}" for name in shards if name.startswith(f"{split}/"))
+    files = listed or found_shards(data_dir, split)
     if not files:
         raise FileNotFoundError(f"no {split} shards under {data_dir}/{split}/")
     return files

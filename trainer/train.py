@@ -83,8 +83,7 @@ def check_training_data(data_dir: str, manifest: dict[str, Any]) -> dict[str, li
         except FileNotFoundError as exc:
             raise ValueError(str(exc)) from exc
         if listed:
-            found = {f"{split}/{os.path.basename(f)}" for f in files[split]}
-            expected = {f for f in listed if f.startswith(f"{split}/")}
+            found, expected = set(data.found_shards(data_dir, split)), set(files[split])
             if found != expected:
                 odd = sorted(found ^ expected)
                 raise ValueError(

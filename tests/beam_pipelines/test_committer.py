@@ -114,7 +114,7 @@ def test_a_folder_with_files_no_run_wrote_is_refused_and_untouched(tmp_path: Pat
     archive = tmp_path / "archive"
     _write(archive, {"train/part-1.dcm": "DICM", "metadata.csv": "PatientID"})
     before = _tree(archive)
-    with pytest.raises(OutputRefused, match=r"files no run of job wrote \(metadata.csv"):
+    with pytest.raises(OutputRefused, match=r"files no run of job listed \(metadata.csv"):
         _run(archive, {"part-0": "x"})
     assert _tree(archive) == before
     _run(tmp_path / "out", {"part-0": "x"})
@@ -202,8 +202,10 @@ def test_a_prefix_commit_cut_by_a_kill_is_completed_by_the_next_run(tmp_path: Pa
 
 def test_a_prefix_commit_never_replaces_a_file_no_run_wrote(tmp_path: Path) -> None:
     (tmp_path / "p.summary.json").write_text("someone else's")
-    with pytest.raises(OutputRefused, match="no run of xray-score wrote it"):
-        _prefix_run(tmp_path / "p", {"p.summary.json": "{}"})
+    (tmp_path / "p-00000-of-00001.parquet").write_text("an older version's")
+    with pytest.raises(OutputRefused, match=r"no run of xray-score listed \(p-00000-of-00001"):
+        OutputTransaction(OutputTarget.at(str(tmp_path / "p"), folder=False), "xray-score").open()
+    assert not (tmp_path / ".p.work").exists()  # refused before any work
     assert (tmp_path / "p.summary.json").read_text() == "someone else's"
 
 
@@ -244,3 +246,139 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
             time.sleep(0.05)
     assert f'"pid": {os.getpid()}' in lock.read_text()
     taken.release()
+
+
+def test_a_failure_inside_a_file_by_file_commit_is_completed_by_the_next_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = tmp_path / "p"
+    _prefix_run(prefix, {"p-00000-of-00002.parquet": "1", "p-00001-of-00002.parquet": "1"})
+    real_move, moved = committer._move, []
+
+    def failing_move(source: str, target: str) -> None:
+        if moved:
+            raise OSError(5, "Input/output error")
+        moved.append(source)
+        real_move(source, target)
+
+    monkeypatch.setattr(committer, "_move", failing_move)
+    with pytest.raises(OSError, match="Input/output"):
+        _prefix_run(prefix, {"p-00000-of-00001.parquet": "2", "p.summary.json": "{2}"})
+    assert (tmp_path / ".p.work" / "p.commit.json").exists()  # the redo log stays
+    monkeypatch.setattr(committer, "_move", real_move)
+    with OutputTransaction(OutputTarget.at(str(prefix), folder=False), "xray-score"):
+        pass
+    assert sorted(_tree(tmp_path)) == [
+        "p-00000-of-00001.parquet",
+        "p.commit.json",
+        "p.summary.json",
+    ]
+
+
+def test_a_kill_before_the_record_moves_in_leaves_no_stale_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = tmp_path / "p"
+    _prefix_run(prefix, {"p-00000-of-00002.parquet": "1", "p-00001-of-00002.parquet": "1"})
+    real_move = committer._move
+
+    def killed_at_the_record(source: str, target: str) -> None:
+        if source.endswith(".commit.json"):
+            raise KeyboardInterrupt
+        real_move(source, target)
+
+    monkeypatch.setattr(committer, "_move", killed_at_the_record)
+    with pytest.raises(KeyboardInterrupt):
+        _prefix_run(prefix, {"p-00000-of-00001.parquet": "2"})
+    monkeypatch.setattr(committer, "_move", real_move)
+    with OutputTransaction(OutputTarget.at(str(prefix), folder=False), "xray-score"):
+        pass
+    assert sorted(_tree(tmp_path)) == ["p-00000-of-00001.parquet", "p.commit.json"]
+
+
+def test_a_failure_after_the_swap_still_counts_as_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    _run(out, {"part-0": "old"})
+
+    def broken_discard(self: OutputTransaction, folder: str) -> None:
+        raise OSError(116, "Stale file handle")
+
+    monkeypatch.setattr(OutputTransaction, "_discard", broken_discard)
+    _run(out, {"part-0": "new"})  # no error: the swap was the commit
+    assert (out / "part-0").read_text() == "new"
+    assert (tmp_path / ".out.work" / "part-0").read_text() == "old"  # left to the next run
+    monkeypatch.undo()
+    _run(out, {"part-0": "newer"})
+    assert not (tmp_path / ".out.work").exists()
+
+
+def test_a_failed_second_rename_puts_the_previous_output_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(committer, "_exchange", lambda first, second: False)
+    out = tmp_path / "out"
+    _run(out, {"part-0": "old"})
+    real_rename = os.rename
+
+    def interrupted(source: str, target: str) -> None:
+        if source.endswith(".out.work"):
+            raise KeyboardInterrupt
+        real_rename(source, target)
+
+    monkeypatch.setattr(committer.os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(out, {"part-0": "new"})
+    monkeypatch.setattr(committer.os, "rename", real_rename)
+    assert (out / "part-0").read_text() == "old"
+    assert not (tmp_path / ".out.previous").exists()
+
+
+def test_a_symlinked_output_is_written_through_to_its_target(tmp_path: Path) -> None:
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "home").mkdir()
+    _run(tmp_path / "disk" / "results", {"part-0": "1"})
+    (tmp_path / "home" / "results").symlink_to(tmp_path / "disk" / "results")
+    _run(tmp_path / "home" / "results", {"part-0": "2"})
+    assert (tmp_path / "home" / "results").is_symlink()
+    assert (tmp_path / "disk" / "results" / "part-0").read_text() == "2"
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["results"]  # no lock here
+
+
+def test_leftovers_of_a_kill_while_starting_are_cleared_and_odd_ones_refused(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    work = tmp_path / ".out.work"
+    _write(work, {".work.json.tmp-123": "{"})  # killed while writing its marker
+    _run(out, {"part-0": "1"})
+    assert not work.exists()
+    work.write_text("a file in the way")
+    with pytest.raises(OutputRefused, match="is in the way"):
+        _run(out, {"part-0": "2"})
+
+
+def test_a_resumable_run_keeps_its_work_folder_on_failure(tmp_path: Path) -> None:
+    target = OutputTarget.at(str(tmp_path / "results"), True)
+    with pytest.raises(RuntimeError), OutputTransaction(target, "xray-train", resume=True) as tx:
+        _write(Path(tx.job_path), {"backup/latest.weights.h5": "epoch 3"})
+        raise RuntimeError("out of memory at epoch 4")
+    with OutputTransaction(target, "xray-train", resume=True) as tx:
+        assert (Path(tx.job_path) / "backup" / "latest.weights.h5").read_text() == "epoch 3"
+
+
+def test_a_mount_point_as_output_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a tmpfs")
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(mount)], check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(OutputRefused, match="is a mount point"):
+            _run(mount, {"part-0": "1"})
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
