@@ -13,6 +13,7 @@ from typing import Any
 
 MODELS = ("simple_cnn", "densenet121", "resnet50", "efficientnetb0")
 SCHEDULES = ("plateau", "cosine")
+OPTIMIZERS = ("adam", "adamw")
 CLASS_WEIGHTS = ("manifest", "none")
 
 
@@ -36,6 +37,15 @@ class TrainConfig:
     zoom_fraction: float = 0.1
     brightness: float = 0.1
     contrast: float = 0.1
+    gamma: float = 0.0
+    blur_sigma: float = 0.0
+    resolution_jitter: float = 0.0
+    noise_std: float = 0.0
+    label_smoothing: float = 0.0
+    optimizer: str = "adam"
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    ensemble: int = 1
     shuffle_buffer: int = 1024
     cache: bool = False
     steps_per_epoch: int | None = None
@@ -61,6 +71,15 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.logical_cpus < 0:
             raise ValueError("logical_cpus must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
+        for name in ("gamma", "blur_sigma", "noise_std", "weight_decay", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.resolution_jitter < 1 or not 0 <= self.label_smoothing < 0.5:
+            raise ValueError("resolution_jitter must be in [0, 1) and label_smoothing in [0, 0.5)")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1, got {self.ensemble}")
         from analysis.operating_point import check_rule
 
         object.__setattr__(self, "operating_point", check_rule(self.operating_point))
@@ -96,6 +115,16 @@ _HELP = {
     "zoom_fraction": "Largest random zoom in or out.",
     "brightness": "Largest random brightness change (images are in [0,1]).",
     "contrast": "Largest random contrast factor change.",
+    "gamma": "Random gamma (detector response) of up to exp(+-log1p(G)); 0: off.",
+    "blur_sigma": "Random Gaussian blur of up to this sigma in pixels (half the batches); 0: off.",
+    "resolution_jitter": "Random down-and-up sampling to as little as 1-J of the resolution "
+    "(half the batches); 0: off.",
+    "noise_std": "Random Gaussian noise of up to this standard deviation; 0: off.",
+    "label_smoothing": "Label smoothing of the binary cross-entropy (0: off).",
+    "optimizer": "adam or adamw (decoupled weight decay, --weight_decay).",
+    "weight_decay": "AdamW's decoupled weight decay.",
+    "warmup_epochs": "Epochs of linear learning-rate warm-up before the schedule.",
+    "ensemble": "Train K members with seeds seed..seed+K-1 and export one model averaging them.",
     "shuffle_buffer": "Records in the shuffle buffer.",
     "cache": "Cache decoded records in memory after the first epoch (data that fits).",
     "steps_per_epoch": "Limit batches per epoch (default: one pass over the data).",

@@ -17,6 +17,7 @@ from typing import Any
 import tensorflow as tf
 
 from beam_pipelines import schema
+from trainer import shifts
 from trainer.config import TrainConfig
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -105,16 +106,33 @@ def random_affine(images: tf.Tensor, config: TrainConfig, seeds: tf.Tensor) -> t
 def augment_batch(images: tf.Tensor, config: TrainConfig, seed: tf.Tensor) -> tf.Tensor:
     """Train-time augmentation of a batch of [0,1] images; stays in [0,1].
 
-    Stateless: ``seed`` (shape [2], int) fixes every random draw, so batch k
-    of a run is augmented the same way whether the run got there in one go
-    or resumed after a kill (see :func:`training_dataset`).
+    Geometry (flip, rotation, shift, zoom), then the acquisition shifts of
+    :mod:`trainer.shifts` at random strengths (gamma, blur, resolution,
+    noise: what differs between sites and years), then brightness and
+    contrast. Stateless: ``seed`` (shape [2], int) fixes every random draw, so
+    batch k of a run is augmented the same way whether the run got there in
+    one go or resumed after a kill (see :func:`training_dataset`).
     """
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=7)
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=12)
     if config.flip:
         images = tf.image.stateless_random_flip_left_right(images, seed=seeds[4])
     if config.rotation_degrees or config.shift_fraction or config.zoom_fraction:
         images = random_affine(images, config, seeds)
     n = tf.shape(images)[0]
+    if config.gamma:
+        drawn = _uniform(seeds, 7, [n, 1, 1, 1], -1.0, 1.0)
+        images = shifts.gamma(images, shifts.log_uniform_exponent(drawn, config.gamma))
+    if config.blur_sigma:
+        # One strength per batch (a convolution per image would cost more
+        # than the CPU training step); half of the batches stay sharp.
+        sigma = _uniform(seeds, 8, [], -config.blur_sigma, config.blur_sigma)
+        images = tf.cond(sigma > 0, lambda: shifts.blur(images, sigma), lambda: images)
+    if config.resolution_jitter:
+        scale = _uniform(seeds, 9, [], -config.resolution_jitter, config.resolution_jitter)
+        images = tf.cond(scale < 0, lambda: shifts.resolution(images, 1.0 + scale), lambda: images)
+    if config.noise_std:
+        std = _uniform(seeds, 10, [n, 1, 1, 1], 0.0, config.noise_std)
+        images = shifts.noise(images, std, seeds[11])
     if config.brightness:
         delta = _uniform(seeds, 5, [n, 1, 1, 1], -config.brightness, config.brightness)
         images = images + delta

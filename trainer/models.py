@@ -42,12 +42,18 @@ def _simple_cnn(x: Any) -> Any:
 
 
 def build_model(
-    name: str, pixel_mean: float = 0.5, pixel_std: float = 0.25, dropout: float = 0.2
+    name: str,
+    pixel_mean: float = 0.5,
+    pixel_std: float = 0.25,
+    dropout: float = 0.2,
+    model_name: str | None = None,
 ) -> keras.Model:
     """Builds an uncompiled model.
 
     Args:
         name: one of :data:`MODEL_NAMES`.
+        model_name: the Keras model's name (default ``name``; ensemble
+            members need distinct ones).
         pixel_mean: training-pixel mean, for in-model standardization.
         pixel_std: training-pixel standard deviation (> 0).
         dropout: dropout before the output layer.
@@ -74,4 +80,4 @@ def build_model(
         x = keras.layers.Dropout(dropout)(x)
     # float32 output even under mixed precision: stable sigmoid and loss.
     outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="abnormal")(x)
-    return keras.Model(inputs, outputs, name=name)
+    return keras.Model(inputs, outputs, name=model_name or name)

@@ -387,14 +387,21 @@ def _callbacks(
 
 
 def _optimizer(config: TrainConfig, steps_per_epoch: int) -> Any:
+    """Adam or AdamW; a constant rate (for the plateau schedule) or cosine decay after warm-up."""
     import keras
 
     if config.lr_schedule == "cosine":
+        warmup = config.warmup_epochs * steps_per_epoch
         rate: Any = keras.optimizers.schedules.CosineDecay(
-            config.learning_rate, decay_steps=max(1, config.epochs * steps_per_epoch)
+            0.0 if warmup else config.learning_rate,
+            decay_steps=max(1, config.epochs * steps_per_epoch - warmup),
+            warmup_target=config.learning_rate if warmup else None,
+            warmup_steps=warmup,
         )
     else:
         rate = config.learning_rate
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(rate, weight_decay=config.weight_decay)
     return keras.optimizers.Adam(rate)
 
 
@@ -481,7 +488,6 @@ def _train(
 
     from analysis import operating_point, predictions
     from trainer import data
-    from trainer.models import build_model
 
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
@@ -490,73 +496,30 @@ def _train(
         keras.mixed_precision.set_global_policy("mixed_float16")
 
     out = work_config.output_dir
-    resume_epoch = _usable_backup(os.path.join(out, "backup"))
-    resuming = resume_epoch is not None
-    _trim_history(out, resume_epoch or 0)  # a fresh run starts a fresh history
     with open(os.path.join(out, "config.json"), "w") as handle:
         handle.write(config.to_json())
+    if config.ensemble > 1 and os.path.exists(os.path.join(out, "history.csv")):
+        os.remove(os.path.join(out, "history.csv"))  # each member keeps its own
 
-    train_files, validation_files = shards["train"], shards["validation"]
-    train_count = sum(manifest["counts"]["train"].values())
-    steps_per_epoch = config.steps_per_epoch or max(
-        1, math.ceil(train_count / config.global_batch_size)
-    )
-    stats = manifest.get("train_pixel_stats") or {}
-    weights = class_weights(manifest) if config.class_weights == "manifest" else None
-    logger.info(
-        "Training %s on %d images (%d steps/epoch, batch %d, %d replicas), class weights %s",
-        config.model,
-        train_count,
-        steps_per_epoch,
-        config.global_batch_size,
-        strategy.num_replicas_in_sync,
-        weights,
-    )
-
-    with strategy.scope():
-        model = build_model(
-            config.model,
-            pixel_mean=stats.get("mean") or 0.5,
-            pixel_std=stats.get("std") or 0.25,
+    members = []
+    for k in range(config.ensemble):
+        if config.ensemble == 1:
+            member, member_out = config, out
+        else:  # members/k: its own history, checkpoints and backup
+            member_out = os.path.join(out, "members", str(k))
+            member = dataclasses.replace(config, seed=config.seed + k)
+            os.makedirs(member_out, exist_ok=True)
+        members.append(
+            _fit_member(
+                member,
+                dataclasses.replace(member, output_dir=member_out),
+                strategy,
+                manifest,
+                shards,
+                name=config.model if config.ensemble == 1 else f"{config.model}_member{k}",
+            )
         )
-        model.compile(
-            optimizer=_optimizer(config, steps_per_epoch),
-            # Divides by the weights' sum, not the batch size: evaluation
-            # padding (weight 0) then leaves the loss unchanged.
-            loss=keras.losses.BinaryCrossentropy(reduction="mean_with_sample_weight"),
-            # Weighted, so the zero-weight padding of evaluation batches counts
-            # for nothing (training metrics then follow the class weights).
-            weighted_metrics=[
-                keras.metrics.AUC(name="auc"),
-                keras.metrics.BinaryAccuracy(name="accuracy"),
-                keras.metrics.Precision(name="precision"),
-                keras.metrics.Recall(name="recall"),
-            ],
-            jit_compile=config.xla,
-        )
-    if resume_epoch is not None and not _restore_rng_states(
-        model, os.path.join(out, "backup"), resume_epoch
-    ):
-        logger.warning(
-            "No random-generator state for epoch %s: dropout masks restart", resume_epoch
-        )
-    with _naming_damaged_shards([*train_files, *validation_files]):
-        model.fit(
-            # The batches the finished epochs trained on are skipped, so a resumed
-            # run sees the very batches an uninterrupted one would.
-            data.training_dataset(config, train_files, (resume_epoch or 0) * steps_per_epoch),
-            validation_data=data.evaluation_dataset(
-                config, validation_files, pad=strategy.num_replicas_in_sync > 1
-            ),
-            epochs=config.epochs,
-            steps_per_epoch=steps_per_epoch,
-            class_weight=weights,
-            callbacks=_callbacks(work_config, steps_per_epoch, _history(out) if resuming else []),
-            verbose=config.verbose,
-        )
-    best = os.path.join(out, "checkpoints", "best.weights.h5")
-    if os.path.exists(best):
-        model.load_weights(best)
+    model = members[0] if len(members) == 1 else _average(members, config)
 
     model_dir = os.path.join(out, "model")
     shutil.rmtree(model_dir, ignore_errors=True)
@@ -582,7 +545,7 @@ def _train(
     for split, columns in predicted.items():
         columns["predicted"] = operating_point.predicted(columns["score"], point)
         predictions.write(os.path.join(out, "predictions", f"{split}.parquet"), columns, point)
-    epochs = _history(out)
+    epochs = _member_histories(out, config.ensemble)
     card = {
         "model_id": model_id,
         "model": config.model,
@@ -592,8 +555,13 @@ def _train(
             "counts": manifest.get("counts"),
         },
         # From history.csv: it spans a killed run and its resumption.
-        "epochs_run": len(epochs),
-        "best_val_auc": _best(epochs),
+        "epochs_run": sum(len(h) for h in epochs),
+        "best_val_auc": _best(epochs[0]) if len(epochs) == 1 else metrics.get("validation"),
+        "ensemble": (
+            None
+            if config.ensemble == 1
+            else {"members": config.ensemble, "member_best_val_auc": [_best(h) for h in epochs]}
+        ),
         "auc": metrics,
         "operating_point": point,
         "replicas": strategy.num_replicas_in_sync,
@@ -607,6 +575,118 @@ def _train(
         json.dump(card, handle, indent=2, sort_keys=True)
         handle.write("\n")
     return card
+
+
+def _fit_member(
+    config: TrainConfig,
+    work_config: TrainConfig,
+    strategy: Any,
+    manifest: dict[str, Any],
+    shards: dict[str, list[str]],
+    name: str,
+) -> Any:
+    """Trains one model into ``work_config.output_dir`` (resumable); returns it, best weights.
+
+    A member that finished before a kill (its ``member.weights.h5`` written)
+    is loaded instead of trained again.
+    """
+    import keras
+
+    from trainer import data
+    from trainer.models import build_model
+
+    keras.utils.set_random_seed(config.seed)
+    out = work_config.output_dir
+    finished = os.path.join(out, "member.weights.h5")
+    settings = os.path.join(out, "member.config.json")
+    done = os.path.exists(finished) and _read_text(settings) == config.to_json()
+    resume_epoch = None if done else _usable_backup(os.path.join(out, "backup"))
+    resuming = resume_epoch is not None
+    if not done:
+        _trim_history(out, resume_epoch or 0)  # a fresh run starts a fresh history
+    train_files, validation_files = shards["train"], shards["validation"]
+    train_count = sum(manifest["counts"]["train"].values())
+    steps_per_epoch = config.steps_per_epoch or max(
+        1, math.ceil(train_count / config.global_batch_size)
+    )
+    stats = manifest.get("train_pixel_stats") or {}
+    weights = class_weights(manifest) if config.class_weights == "manifest" else None
+    logger.info(
+        "Training %s on %d images (%d steps/epoch, batch %d, %d replicas), class weights %s",
+        name,
+        train_count,
+        steps_per_epoch,
+        config.global_batch_size,
+        strategy.num_replicas_in_sync,
+        weights,
+    )
+    with strategy.scope():
+        model = build_model(
+            config.model,
+            model_name=name,
+            pixel_mean=stats.get("mean") or 0.5,
+            pixel_std=stats.get("std") or 0.25,
+        )
+        model.compile(
+            optimizer=_optimizer(config, steps_per_epoch),
+            # Divides by the weights' sum, not the batch size: evaluation
+            # padding (weight 0) then leaves the loss unchanged.
+            loss=keras.losses.BinaryCrossentropy(
+                label_smoothing=config.label_smoothing, reduction="mean_with_sample_weight"
+            ),
+            # Weighted, so the zero-weight padding of evaluation batches counts
+            # for nothing (training metrics then follow the class weights).
+            weighted_metrics=[
+                keras.metrics.AUC(name="auc"),
+                keras.metrics.BinaryAccuracy(name="accuracy"),
+                keras.metrics.Precision(name="precision"),
+                keras.metrics.Recall(name="recall"),
+            ],
+            jit_compile=config.xla,
+        )
+    if done:  # trained to the end before an interruption, with these settings
+        model.load_weights(finished)
+        return model
+    if resume_epoch is not None and not _restore_rng_states(
+        model, os.path.join(out, "backup"), resume_epoch
+    ):
+        logger.warning(
+            "No random-generator state for epoch %s: dropout masks restart", resume_epoch
+        )
+    with _naming_damaged_shards([*train_files, *validation_files]):
+        model.fit(
+            # The batches the finished epochs trained on are skipped, so a resumed
+            # run sees the very batches an uninterrupted one would.
+            data.training_dataset(config, train_files, (resume_epoch or 0) * steps_per_epoch),
+            validation_data=data.evaluation_dataset(
+                config, validation_files, pad=strategy.num_replicas_in_sync > 1
+            ),
+            epochs=config.epochs,
+            steps_per_epoch=steps_per_epoch,
+            class_weight=weights,
+            callbacks=_callbacks(work_config, steps_per_epoch, _history(out) if resuming else []),
+            verbose=config.verbose,
+        )
+    best = os.path.join(out, "checkpoints", "best.weights.h5")
+    if os.path.exists(best):
+        model.load_weights(best)
+    model.save_weights(finished)  # a run resumed after a kill skips this member
+    with open(settings, "w") as handle:
+        handle.write(config.to_json())
+    return model
+
+
+def _average(members: list[Any], config: TrainConfig) -> Any:
+    """One model whose output is the mean of the members' probabilities."""
+    import keras
+
+    from beam_pipelines import schema
+
+    inputs = keras.Input(shape=schema.IMAGE_SHAPE, name="image")
+    outputs = keras.layers.Average(name="abnormal", dtype="float32")(
+        [member(inputs) for member in members]
+    )
+    return keras.Model(inputs, outputs, name=f"{config.model}_ensemble{len(members)}")
 
 
 @contextlib.contextmanager
@@ -627,6 +707,21 @@ def _naming_damaged_shards(files: list[str]) -> Iterator[None]:
         raise TrainingDataError(
             f"shard {damaged} is damaged; no record was skipped: re-run xray-preprocess"
         ) from exc
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def _member_histories(out: str, members: int) -> list[list[dict[str, str]]]:
+    """history.csv rows of the one model, or of each ensemble member."""
+    if members == 1:
+        return [_history(out)]
+    return [_history(os.path.join(out, "members", str(k))) for k in range(members)]
 
 
 def _operating_point(validation: dict[str, list], rule: str) -> dict[str, Any] | None:
