@@ -46,6 +46,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: int = 0
     ensemble: int = 1
+    weights: str = "none"
+    init_model: str | None = None
+    freeze_epochs: int = 0
     shuffle_buffer: int = 1024
     cache: bool = False
     steps_per_epoch: int | None = None
@@ -80,6 +83,12 @@ class TrainConfig:
             raise ValueError("resolution_jitter must be in [0, 1) and label_smoothing in [0, 0.5)")
         if self.ensemble < 1:
             raise ValueError(f"ensemble must be >= 1, got {self.ensemble}")
+        if self.weights != "none" and self.model == "simple_cnn":
+            raise ValueError("weights: pretrained weights need a keras.applications --model")
+        if self.init_model and (self.weights != "none" or self.ensemble > 1):
+            raise ValueError("init_model fine-tunes one model: not with --weights or --ensemble")
+        if not 0 <= self.freeze_epochs < self.epochs:
+            raise ValueError(f"freeze_epochs must be in [0, epochs), got {self.freeze_epochs}")
         from analysis.operating_point import check_rule
 
         object.__setattr__(self, "operating_point", check_rule(self.operating_point))
@@ -125,6 +134,11 @@ _HELP = {
     "weight_decay": "AdamW's decoupled weight decay.",
     "warmup_epochs": "Epochs of linear learning-rate warm-up before the schedule.",
     "ensemble": "Train K members with seeds seed..seed+K-1 and export one model averaging them.",
+    "weights": "Backbone start: none (random), imagenet (downloaded into the Keras cache), or a "
+    "weights file of the backbone (keras.applications models only).",
+    "init_model": "A trained RESULTS/model folder to fine-tune on these shards (a new site).",
+    "freeze_epochs": "Train only the output layer for the first N epochs (with --weights or "
+    "--init_model; use a lower --learning_rate for the rest).",
     "shuffle_buffer": "Records in the shuffle buffer.",
     "cache": "Cache decoded records in memory after the first epoch (data that fits).",
     "steps_per_epoch": "Limit batches per epoch (default: one pass over the data).",

@@ -3,12 +3,15 @@
 All models take the 224x224x1 [0,1] image the schema stores and standardize
 it inside the model with the training split's pixel mean/std (from the
 manifest), so the exported model's input is exactly what preprocessing and
-scoring produce. ``keras.applications`` backbones are built with
-``weights=None``: nothing is downloaded; they train from scratch.
+scoring produce. ``keras.applications`` backbones train from scratch by
+default (``weights=None``: nothing is downloaded). With ``weights="imagenet"``
+(downloaded once into the Keras cache when online) or a weights file, the
+backbone takes three channels: the grey image is replicated into them.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import keras
@@ -21,6 +24,44 @@ _APPLICATIONS = {
     "efficientnetb0": "EfficientNetB0",
 }
 MODEL_NAMES = ("simple_cnn", *_APPLICATIONS)
+# The files keras.applications fetches for include_top=False ImageNet weights.
+_IMAGENET_FILES = {
+    "densenet121": "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    "efficientnetb0": "efficientnetb0_notop.h5",
+}
+
+
+class WeightsUnavailable(ValueError):
+    """Pretrained weights that cannot be had here; the message names the file to place."""
+
+
+def backbone(name: str, weights: str | None = None) -> keras.Model:
+    """The ``keras.applications`` backbone (no top, average pooling).
+
+    Args:
+        name: a key of the applications (not ``simple_cnn``).
+        weights: None (random), ``"imagenet"`` or a weights file of this backbone.
+
+    Raises:
+        WeightsUnavailable: ImageNet weights neither cached nor downloadable.
+    """
+    channels = 1 if weights is None else 3
+    shape = (*schema.IMAGE_SHAPE[:2], channels)
+    build = getattr(keras.applications, _APPLICATIONS[name])
+    if weights != "imagenet":
+        model = build(weights=None, include_top=False, input_shape=shape, pooling="avg")
+        if weights is not None:
+            model.load_weights(weights)
+        return model
+    try:
+        return build(weights="imagenet", include_top=False, input_shape=shape, pooling="avg")
+    except Exception as exc:  # keras' download raises whatever the network gives
+        cache = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "models")
+        raise WeightsUnavailable(
+            f"ImageNet weights for {name} could not be downloaded ({type(exc).__name__}); "
+            f"offline, place {_IMAGENET_FILES[name]} in {cache}"
+        ) from exc
 
 
 def _simple_cnn(x: Any) -> Any:
@@ -47,6 +88,7 @@ def build_model(
     pixel_std: float = 0.25,
     dropout: float = 0.2,
     model_name: str | None = None,
+    weights: str | None = None,
 ) -> keras.Model:
     """Builds an uncompiled model.
 
@@ -54,6 +96,8 @@ def build_model(
         name: one of :data:`MODEL_NAMES`.
         model_name: the Keras model's name (default ``name``; ensemble
             members need distinct ones).
+        weights: pretrained backbone weights: ``"imagenet"`` or a weights
+            file (applications only; see :func:`backbone`).
         pixel_mean: training-pixel mean, for in-model standardization.
         pixel_std: training-pixel standard deviation (> 0).
         dropout: dropout before the output layer.
@@ -65,6 +109,8 @@ def build_model(
         raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
     if pixel_std <= 0:
         raise ValueError(f"pixel_std must be > 0, got {pixel_std}")
+    if weights is not None and name == "simple_cnn":
+        raise ValueError("pretrained weights need a keras.applications backbone, not simple_cnn")
     inputs = keras.Input(shape=schema.IMAGE_SHAPE, name="image")
     x = keras.layers.Normalization(mean=pixel_mean, variance=pixel_std**2, name="standardize")(
         inputs
@@ -72,10 +118,9 @@ def build_model(
     if name == "simple_cnn":
         x = _simple_cnn(x)
     else:
-        backbone = getattr(keras.applications, _APPLICATIONS[name])(
-            weights=None, include_top=False, input_shape=schema.IMAGE_SHAPE, pooling="avg"
-        )
-        x = backbone(x)
+        if weights is not None:  # pretrained filters expect three channels
+            x = keras.layers.Concatenate(name="grey_to_rgb")([x, x, x])
+        x = backbone(name, weights)(x)
     if dropout:
         x = keras.layers.Dropout(dropout)(x)
     # float32 output even under mixed precision: stable sigmoid and loss.

@@ -450,6 +450,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         shards = check_training_data(config.data_dir, manifest)
     except ValueError as exc:
         refuse("xray-train", f"--data_dir {config.data_dir}: {exc}")
+    problem = _starting_point_problem(config)
+    if problem:
+        refuse("xray-train", problem)
     output = open_output(
         "--output_dir",
         config.output_dir,
@@ -593,7 +596,6 @@ def _fit_member(
     import keras
 
     from trainer import data
-    from trainer.models import build_model
 
     keras.utils.set_random_seed(config.seed)
     out = work_config.output_dir
@@ -601,7 +603,6 @@ def _fit_member(
     settings = os.path.join(out, "member.config.json")
     done = os.path.exists(finished) and _read_text(settings) == config.to_json()
     resume_epoch = None if done else _usable_backup(os.path.join(out, "backup"))
-    resuming = resume_epoch is not None
     if not done:
         _trim_history(out, resume_epoch or 0)  # a fresh run starts a fresh history
     train_files, validation_files = shards["train"], shards["validation"]
@@ -621,29 +622,8 @@ def _fit_member(
         weights,
     )
     with strategy.scope():
-        model = build_model(
-            config.model,
-            model_name=name,
-            pixel_mean=stats.get("mean") or 0.5,
-            pixel_std=stats.get("std") or 0.25,
-        )
-        model.compile(
-            optimizer=_optimizer(config, steps_per_epoch),
-            # Divides by the weights' sum, not the batch size: evaluation
-            # padding (weight 0) then leaves the loss unchanged.
-            loss=keras.losses.BinaryCrossentropy(
-                label_smoothing=config.label_smoothing, reduction="mean_with_sample_weight"
-            ),
-            # Weighted, so the zero-weight padding of evaluation batches counts
-            # for nothing (training metrics then follow the class weights).
-            weighted_metrics=[
-                keras.metrics.AUC(name="auc"),
-                keras.metrics.BinaryAccuracy(name="accuracy"),
-                keras.metrics.Precision(name="precision"),
-                keras.metrics.Recall(name="recall"),
-            ],
-            jit_compile=config.xla,
-        )
+        model = _initial_model(config, name, stats)
+        _compile(model, config, steps_per_epoch, frozen=config.freeze_epochs > 0)
     if done:  # trained to the end before an interruption, with these settings
         model.load_weights(finished)
         return model
@@ -653,20 +633,34 @@ def _fit_member(
         logger.warning(
             "No random-generator state for epoch %s: dropout masks restart", resume_epoch
         )
-    with _naming_damaged_shards([*train_files, *validation_files]):
-        model.fit(
-            # The batches the finished epochs trained on are skipped, so a resumed
-            # run sees the very batches an uninterrupted one would.
-            data.training_dataset(config, train_files, (resume_epoch or 0) * steps_per_epoch),
-            validation_data=data.evaluation_dataset(
-                config, validation_files, pad=strategy.num_replicas_in_sync > 1
-            ),
-            epochs=config.epochs,
-            steps_per_epoch=steps_per_epoch,
-            class_weight=weights,
-            callbacks=_callbacks(work_config, steps_per_epoch, _history(out) if resuming else []),
-            verbose=config.verbose,
-        )
+    # With --freeze_epochs N: the first N epochs train the output layer alone
+    # (a pretrained backbone keeps its filters while the head settles), then
+    # everything; each phase is one fit, resumable like a plain run.
+    phases = [(config.freeze_epochs, True)] if config.freeze_epochs else []
+    phases.append((config.epochs, False))
+    start = resume_epoch or 0
+    for end, frozen in phases:
+        if start >= end:
+            continue
+        if not frozen and config.freeze_epochs:
+            with strategy.scope():
+                _compile(model, config, steps_per_epoch, frozen=False)
+        with _naming_damaged_shards([*train_files, *validation_files]):
+            model.fit(
+                # The batches the finished epochs trained on are skipped, so a
+                # resumed run sees the very batches an uninterrupted one would.
+                data.training_dataset(config, train_files, start * steps_per_epoch),
+                validation_data=data.evaluation_dataset(
+                    config, validation_files, pad=strategy.num_replicas_in_sync > 1
+                ),
+                initial_epoch=start,
+                epochs=end,
+                steps_per_epoch=steps_per_epoch,
+                class_weight=weights,
+                callbacks=_callbacks(work_config, steps_per_epoch, _history(out) if start else []),
+                verbose=config.verbose,
+            )
+        start = end
     best = os.path.join(out, "checkpoints", "best.weights.h5")
     if os.path.exists(best):
         model.load_weights(best)
@@ -674,6 +668,74 @@ def _fit_member(
     with open(settings, "w") as handle:
         handle.write(config.to_json())
     return model
+
+
+def _starting_point_problem(config: TrainConfig) -> str | None:
+    """Why --weights or --init_model cannot be used, checked before any work (or None).
+
+    ImageNet weights are fetched here once (then read from the Keras cache).
+    """
+    from beam_pipelines.files import input_file_problem
+    from beam_pipelines.model_handler import model_file_problem
+
+    if config.init_model:
+        problem = model_file_problem(config.init_model)
+        return f"--init_model {config.init_model}: {problem}" if problem else None
+    if config.weights == "imagenet":
+        from trainer.models import WeightsUnavailable, backbone
+
+        try:
+            backbone(config.model, "imagenet")
+        except WeightsUnavailable as exc:
+            return f"--weights imagenet: {exc}"
+    elif config.weights != "none":
+        problem = input_file_problem(config.weights)
+        return f"--weights {config.weights}: {problem}" if problem else None
+    return None
+
+
+def _initial_model(config: TrainConfig, name: str, stats: dict[str, Any]) -> Any:
+    """A fresh model (random or pretrained backbone), or the model given to fine-tune."""
+    import keras
+
+    from trainer.models import build_model
+
+    if config.init_model:
+        # Its standardization stays: the filters were learnt on that input.
+        path = os.path.join(config.init_model, "model.keras")
+        return keras.saving.load_model(path, safe_mode=True)
+    return build_model(
+        config.model,
+        model_name=name,
+        pixel_mean=stats.get("mean") or 0.5,
+        pixel_std=stats.get("std") or 0.25,
+        weights=None if config.weights == "none" else config.weights,
+    )
+
+
+def _compile(model: Any, config: TrainConfig, steps_per_epoch: int, frozen: bool) -> None:
+    """Compiles for training; ``frozen`` trains the output layer alone."""
+    import keras
+
+    for layer in model.layers:
+        layer.trainable = not frozen or layer.name == "abnormal"
+    model.compile(
+        optimizer=_optimizer(config, steps_per_epoch),
+        # Divides by the weights' sum, not the batch size: evaluation padding
+        # (weight 0) then leaves the loss unchanged.
+        loss=keras.losses.BinaryCrossentropy(
+            label_smoothing=config.label_smoothing, reduction="mean_with_sample_weight"
+        ),
+        # Weighted, so the zero-weight padding of evaluation batches counts for
+        # nothing (training metrics then follow the class weights).
+        weighted_metrics=[
+            keras.metrics.AUC(name="auc"),
+            keras.metrics.BinaryAccuracy(name="accuracy"),
+            keras.metrics.Precision(name="precision"),
+            keras.metrics.Recall(name="recall"),
+        ],
+        jit_compile=config.xla,
+    )
 
 
 def _average(members: list[Any], config: TrainConfig) -> Any:

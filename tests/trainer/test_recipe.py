@@ -126,3 +126,94 @@ def test_an_ensemble_exports_one_model_that_averages_its_members(
     expected = np.mean([m.predict(images, verbose=0) for m in members], axis=0)
     np.testing.assert_allclose(model.predict(images, verbose=0), expected, atol=1e-6)
     assert not np.allclose(members[0].predict(images, verbose=0), expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_pretrained_weights_file_and_offline_imagenet(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import keras
+
+    from trainer import models
+
+    # A weights file of the three-channel backbone, made here (no download).
+    source = models.backbone("efficientnetb0", str(_saved_backbone(tmp_path)))
+    model = models.build_model("efficientnetb0", weights=str(tmp_path / "backbone.weights.h5"))
+    inner = model.get_layer(source.name)
+    for got, want in zip(inner.get_weights(), source.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert model.input_shape == (None, 224, 224, 1)  # the grey image, replicated inside
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_cache"))
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline, raising=False)
+    with pytest.raises(models.WeightsUnavailable, match="efficientnetb0_notop.h5 in .*empty_cache"):
+        models.backbone("efficientnetb0", "imagenet")
+    with pytest.raises(ValueError, match="simple_cnn"):
+        models.build_model("simple_cnn", weights="imagenet")
+
+
+def _saved_backbone(tmp_path: Path) -> Path:
+    import keras
+
+    path = tmp_path / "backbone.weights.h5"
+    keras.utils.set_random_seed(3)
+    keras.applications.EfficientNetB0(
+        weights=None, include_top=False, input_shape=(224, 224, 3), pooling="avg"
+    ).save_weights(str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_init_model_fine_tunes_with_a_frozen_start(
+    trained_model: Path, preprocessed: Path, tmp_path: Path
+) -> None:
+    import keras
+
+    from trainer import train
+
+    before = keras.saving.load_model(str(trained_model / "model" / "model.keras"))
+    out = tmp_path / "site_b"
+    card = train.run(
+        [
+            "--data_dir", str(preprocessed),
+            "--output_dir", str(out),
+            "--init_model", str(trained_model / "model"),
+            "--epochs", "2",
+            "--freeze_epochs", "1",
+            "--learning_rate", "1e-4",
+            "--steps_per_epoch", "2",
+            "--global_batch_size", "8",
+            "--verbose", "0",
+        ]
+    )  # fmt: skip
+    assert card["epochs_run"] == 2
+    after = keras.saving.load_model(str(out / "model" / "model.keras"))
+    changed = [
+        not np.array_equal(a, b)
+        for a, b in zip(before.get_weights(), after.get_weights(), strict=True)
+    ]
+    assert any(changed)  # it trained from the given model, not from scratch...
+    same_architecture = [a.shape for a in before.get_weights()] == [
+        b.shape for b in after.get_weights()
+    ]
+    assert same_architecture
+    with pytest.raises(SystemExit):
+        train.run(
+            ["--data_dir", str(preprocessed), "--output_dir", str(tmp_path / "x")]
+            + ["--init_model", str(tmp_path / "nowhere")]
+        )
+
+
+def test_a_frozen_start_trains_the_output_layer_alone() -> None:
+    from trainer import train
+    from trainer.models import build_model
+
+    model = build_model("simple_cnn")
+    config = TrainConfig(data_dir="d", output_dir="o", epochs=3, freeze_epochs=1)
+    train._compile(model, config, steps_per_epoch=2, frozen=True)
+    assert [v.path for v in model.trainable_variables] == ["abnormal/kernel", "abnormal/bias"]
+    train._compile(model, config, steps_per_epoch=2, frozen=False)
+    assert len(model.trainable_variables) > 2
