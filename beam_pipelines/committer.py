@@ -346,6 +346,28 @@ class OutputTransaction:
         self._keep_work = True
         return self.work
 
+    def commit_unless_empty(self, kept: int, what: str, rejects: str, last: str) -> None:
+        """Commits, unless the run kept nothing: a run of rejects never replaces an output.
+
+        Args:
+            kept: rows kept or scored.
+            what: the run's one-line account (counts, reasons).
+            rejects: the rejects file, relative to the work folder.
+            last: as for :meth:`commit`.
+
+        Raises:
+            EmptyRun: nothing was kept; the work folder stays readable until the next run.
+        """
+        from beam_pipelines.cli import EmptyRun
+
+        if kept == 0:
+            work = self.keep_work()
+            raise EmptyRun(
+                f"{what}; nothing committed, {self.target.path} is unchanged; this run's "
+                f"rejects: {work}/{rejects}"
+            )
+        self.commit(last=last)
+
     def commit(self, last: str | None = None) -> list[str]:
         """Replaces the previous output with the work folder's files.
 

@@ -29,8 +29,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from beam_pipelines import dicom, malloc_tuning, schema, sharding, splits, staging, tfrecord
-from beam_pipelines.cli import EmptyRun, refuse
 from beam_pipelines.cli import main as cli_main
+from beam_pipelines.cli import refuse
 from beam_pipelines.committer import open_output
 from beam_pipelines.files import flagged_input_problem, remove_matching, remove_tree, write_text
 from beam_pipelines.options import (
@@ -464,14 +464,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             pseudonymizer,
             decoding,
         )
-        if manifest["kept"] == 0:
-            work = output.keep_work()
-            raise EmptyRun(
-                f"no row was kept: {manifest['input_rows']} rows, rejected "
-                f"{json.dumps(manifest['rejected_by_reason'])}; nothing committed, "
-                f"{args.output_dir} is unchanged; this run's rejects: {work}/rejects/rejects.jsonl"
-            )
-        output.commit(last="manifest.json")
+        output.commit_unless_empty(
+            manifest["kept"],
+            f"no row was kept: {manifest['input_rows']} rows, rejected "
+            f"{json.dumps(manifest['rejected_by_reason'])}",
+            rejects="rejects/rejects.jsonl",
+            last="manifest.json",
+        )
     logger.info(
         "Preprocessed %d rows: %d kept, %d rejected -> %s",
         manifest["input_rows"],

@@ -36,8 +36,8 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import StandardOptions
 
 from beam_pipelines import dicom, malloc_tuning, schema, tfrecord
-from beam_pipelines.cli import EmptyRun, refuse
 from beam_pipelines.cli import main as cli_main
+from beam_pipelines.cli import refuse
 from beam_pipelines.committer import open_output
 from beam_pipelines.files import atomic_create, flagged_input_problem, remove_matching, write_text
 from beam_pipelines.model_handler import InferenceError, KerasModelHandler, model_file_problem
@@ -422,15 +422,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             point,
             on_dask,
         )
-        if summary["scored"] == 0:
-            work = output.keep_work()
-            raise EmptyRun(
-                f"nothing was scored: {summary['inputs']} inputs, rejected "
-                f"{json.dumps(summary['rejected_by_reason'])}; nothing committed, the previous "
-                f"output of {args.output} is unchanged; this run's rejects: "
-                f"{work}/{summary['rejects_file']}"
-            )
-        output.commit(last=f"{name}.summary.json")
+        output.commit_unless_empty(
+            summary["scored"],
+            f"nothing was scored: {summary['inputs']} inputs, rejected "
+            f"{json.dumps(summary['rejected_by_reason'])}",
+            rejects=summary["rejects_file"],
+            last=f"{name}.summary.json",
+        )
     logger.info(
         "Scored %d of %d inputs (%d rejected) -> %s",
         summary["scored"],
