@@ -9,9 +9,11 @@ It owns the *pixel convention* the preprocessing decoder inverts:
 * ``v = display`` for MONOCHROME2 and ``1 - display`` for MONOCHROME1 (display
   clipped to [0, 1]; numpy rint, i.e. halves round to even);
   ``stored = round(smin + v * (smax - smin))``, clipped to the range.
-* Rescale slope/intercept are header fields only: the decoder maps stored
-  values to modality units and scales by the modality range of the bit range,
-  which is linear, so it recovers the same display image.
+* Rescale slope/intercept are header fields only: with
+  ``DecodeOptions(range_source="bit_range")`` the decoder maps stored values
+  to modality units and scales by the modality range of the bit range, which
+  is linear, so it recovers the same display image (by default it scales by
+  the image's own range instead).
 
 :func:`to_stored` implements the forward mapping, :func:`from_stored` its
 inverse (bit-range scaling, no VOI window): the ground truth for tests.

@@ -77,6 +77,14 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         "(still >= the model input) their codecs can decode directly, ~10x faster for J2K.",
     )
     parser.add_argument(
+        "--range_source",
+        choices=("image", "bit_range"),
+        default="image",
+        help="Images without a usable VOI window: scale by the image's own stored range "
+        "(default; header Smallest/Largest Image Pixel Value when true, else 0.5/99.5 "
+        "percentiles) or by the whole bit range.",
+    )
+    parser.add_argument(
         "--read_timeout_s",
         type=float,
         default=DecodeOptions.read_timeout_s,
@@ -93,6 +101,7 @@ def decode_options(args: argparse.Namespace) -> DecodeOptions:
         color=args.color,
         reduced_resolution=not args.full_resolution_decode,
         read_timeout_s=args.read_timeout_s,
+        range_source=args.range_source,
     )
 
 

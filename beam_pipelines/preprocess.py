@@ -561,6 +561,7 @@ def _run_pipeline(
                 "multiframe": args.multiframe,
                 "color": args.color,
                 "reduced_resolution": decoding.reduced_resolution,
+                "range_source": decoding.range_source,
             },
             # Names the key (not the key): jobs given the same key match it.
             "pseudonymized": pseudonymizer.fingerprint if pseudonymizer else None,

@@ -69,6 +69,11 @@ def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarra
     return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
 
 
+# Decoding-correctness tests compare with from_stored(), the bit-range truth;
+# the image range (the default) has its own tests in test_dicom_range.py.
+BIT_RANGE = DecodeOptions(range_source="bit_range")
+
+
 FORMATS = {
     "12bit": PixelFormat(bits_stored=12),
     "16bit_mono1": PixelFormat(bits_stored=16, photometric="MONOCHROME1"),
@@ -87,7 +92,7 @@ def test_lossless_decode_matches_truth(encoding: str, name: str) -> None:
     fmt = FORMATS[name]
     truth = _truth()
     stored = to_stored(truth, fmt)
-    result = decode(_file(stored, fmt, encoding))
+    result = decode(_file(stored, fmt, encoding), BIT_RANGE)
     assert result.image.dtype == np.float32
     assert result.image.shape == truth.shape
     assert result.voi == "bit_range"
@@ -100,23 +105,31 @@ def test_lossless_decode_matches_truth(encoding: str, name: str) -> None:
 def test_jpeg_baseline_is_close_to_truth() -> None:
     fmt = PixelFormat(bits_stored=8)
     truth = _truth(64, 64)
-    image = read_image(_file(to_stored(truth, fmt), fmt, "jpeg_baseline"))
+    image = read_image(_file(to_stored(truth, fmt), fmt, "jpeg_baseline"), BIT_RANGE)
     assert np.abs(image - truth).mean() < 2 / 255
 
 
 def test_twelve_bit_depth_is_kept() -> None:
     fmt = PixelFormat(bits_stored=12)
     ramp = np.tile(np.linspace(0, 1, 4096, dtype=np.float32), (2, 1))
-    image = read_image(_file(to_stored(ramp, fmt), fmt))
-    assert len(np.unique(image)) == 4096
+    data = _file(to_stored(ramp, fmt), fmt)
+    assert len(np.unique(read_image(data, BIT_RANGE))) == 4096
+    # The image range clips the 0.5% tails and keeps every level between.
+    assert len(np.unique(read_image(data))) >= 0.97 * 4096
 
 
-@pytest.mark.parametrize("value", [0.0, 0.37, 1.0])
-def test_blank_image_does_not_divide_by_zero(value: float) -> None:
+@pytest.mark.parametrize(("value", "in_image_range"), [(0.0, 0.0), (0.37, 0.5), (1.0, 1.0)])
+def test_blank_image_does_not_divide_by_zero(value: float, in_image_range: float) -> None:
     fmt = PixelFormat(bits_stored=12)
-    image = read_image(_file(to_stored(np.full((16, 16), value, np.float32), fmt), fmt))
+    data = _file(to_stored(np.full((16, 16), value, np.float32), fmt), fmt)
+    image = read_image(data, BIT_RANGE)
     assert np.isfinite(image).all()
     np.testing.assert_allclose(image, value, atol=1e-3)
+    # The image range's minimum span is centred on the value, inside the bit
+    # range: black stays black, white white, anything else mid-grey.
+    result = decode(data)
+    assert result.voi == "percentiles" and np.isfinite(result.image).all()
+    np.testing.assert_allclose(result.image, in_image_range, atol=1e-6)
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
@@ -136,9 +149,12 @@ def test_window_applies_after_rescale_then_inversion(photometric: str) -> None:
         expected = 1.0 - expected
     assert result.voi == "window"
     np.testing.assert_allclose(result.image, expected, atol=1e-6)
+    # The window wins over the image range: the same pixels either way.
+    assert np.array_equal(result.image, read_image(_file(stored, fmt), BIT_RANGE))
     # Ignoring VOI gives the bit-range result instead.
-    plain = read_image(_file(stored, fmt), DecodeOptions(voi_index=None))
+    plain = read_image(_file(stored, fmt), DecodeOptions(voi_index=None, range_source="bit_range"))
     np.testing.assert_allclose(plain, from_stored(stored, fmt), atol=1e-6)
+    assert decode(_file(stored, fmt), DecodeOptions(voi_index=None)).voi == "percentiles"
 
 
 def test_second_window_and_sigmoid_function() -> None:
@@ -158,9 +174,16 @@ def test_window_that_misses_the_image_is_ignored() -> None:
     fmt = PixelFormat(bits_stored=16, window_center=100.0, window_width=50.0)
     truth = 0.6 + 0.3 * _truth()  # every modality value far above the window
     stored = to_stored(truth, fmt)
-    result = decode(_file(stored, fmt))
+    result = decode(_file(stored, fmt), BIT_RANGE)
     assert result.voi == "window_ignored"
     np.testing.assert_allclose(result.image, from_stored(stored, fmt), atol=1e-6)
+    # By default the image is then scaled by its own range, like one without
+    # a window: the 30% of the bit range it uses becomes full contrast.
+    own = decode(_file(stored, fmt))
+    assert own.voi == "window_ignored"
+    assert own.image.min() == 0.0 and own.image.max() == 1.0
+    assert own.image.std() > 2.5 * result.image.std()
+    assert np.corrcoef(own.image.ravel(), truth.ravel())[0, 1] > 0.99
 
 
 def test_modality_lut_sequence_and_voi_lut_sequence() -> None:
@@ -174,7 +197,7 @@ def test_modality_lut_sequence_and_voi_lut_sequence() -> None:
     item.LUTData = modality_table.tobytes()
     ds.ModalityLUTSequence = Sequence([item])
     data = _dataset_bytes(ds)
-    image = read_image(data)
+    image = read_image(data, BIT_RANGE)
     # Range comes from the table: (3*s + 10 - 10) / (3*255).
     np.testing.assert_allclose(image, stored / 255.0, atol=1e-6)
 
@@ -195,7 +218,7 @@ def test_multiframe_first_frame_or_reject() -> None:
     ds.NumberOfFrames = 2
     ds.PixelData = frames.tobytes()
     data = _dataset_bytes(ds)
-    np.testing.assert_allclose(read_image(data), from_stored(frames[0], fmt), atol=1e-6)
+    np.testing.assert_allclose(read_image(data, BIT_RANGE), from_stored(frames[0], fmt), atol=1e-6)
     with pytest.raises(DicomRejected) as rejected:
         read_image(data, DecodeOptions(multiframe="reject"))
     assert rejected.value.reason == "multi_frame"

@@ -5,7 +5,9 @@ tensorflow-io's ``decode_dicom_image`` is an independent implementation
 with ``voi_index=None``), returns display values (MONOCHROME1 already
 inverted) scaled to its own range, burns overlay planes into the pixels, and
 returns zeros for syntaxes it cannot decode. Its output must therefore be a
-linear function of ours: correlation ~1.
+linear function of ours: correlation ~1. We scale by the bit range here
+(``range_source="bit_range"``): the image range clips the 0.5% tails, which
+no linear function of DCMTK's output reproduces.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def test_grayscale_corpus_matches_dcmtk() -> None:
             ).numpy()[0, ..., 0]
         except tf.errors.OpError:
             continue  # a syntax DCMTK in tensorflow-io does not decode
-        ours = decode(data, DecodeOptions(voi_index=None)).image
+        ours = decode(data, DecodeOptions(voi_index=None, range_source="bit_range")).image
         if theirs.shape != ours.shape or theirs.std() == 0 or ours.std() == 0:
             continue  # tensorflow-io returned its "could not decode" zeros
         if _has_overlay(path):

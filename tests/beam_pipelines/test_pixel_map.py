@@ -102,28 +102,30 @@ def test_kernel_rejects_mismatched_buffers() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("window", [True, False], ids=["window", "percentiles"])
 @pytest.mark.parametrize("encoding", ["explicit_le", "big_endian", "implicit_le", "rle"])
 def test_decode_is_identical_without_the_kernel(
-    encoding: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+    encoding: str, window: bool, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from archive_tools.dicom_writer import PixelFormat, RadiographHeader, write_dicom
 
     rng = np.random.default_rng(7)
-    stored = rng.integers(0, 4096, size=(64, 48)).astype(np.uint16)
+    # Without a window: values in a tenth of the range, scaled by the image range.
+    stored = rng.integers(0, 4096 if window else 400, size=(64, 48)).astype(np.uint16)
     fmt = PixelFormat(
         bits_stored=12,
         photometric="MONOCHROME1",
         rescale_slope=0.5,
         rescale_intercept=-1024.0,
-        window_center=-300.0,
-        window_width=900.0,
+        window_center=-300.0 if window else None,
+        window_width=900.0 if window else None,
     )
     path = tmp_path / "image.dcm"
     write_dicom(path, stored, fmt, encoding, RadiographHeader(patient_id="P1", study_id="S1"))
     with_kernel = dicom.decode(str(path))
     monkeypatch.setattr(pixel_map, "_kernels", None)
     without = dicom.decode(str(path))
-    assert with_kernel.voi == without.voi == "window"
+    assert with_kernel.voi == without.voi == ("window" if window else "percentiles")
     np.testing.assert_array_equal(with_kernel.image, without.image)
 
 

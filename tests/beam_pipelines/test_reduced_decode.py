@@ -132,6 +132,57 @@ def test_j2k_reduced_matches_full_path(rows: int, cols: int, fmt: PixelFormat) -
     assert (fast_decoded.voi, fast_decoded.inverted) == (full_decoded.voi, full_decoded.inverted)
 
 
+def _narrow_radiograph(
+    rows: int, cols: int, fmt: PixelFormat, encoding: str, span: float, header_range: bool
+) -> bytes:
+    """A radiograph using ``span`` of the bit range, no window: scaled by its image range."""
+    display = 0.4 + span * chest_phantom(np.random.default_rng(0), rows, cols, abnormal=True)
+    stored = to_stored(display, fmt)
+    extra = {}
+    if header_range:
+        extra = {
+            "SmallestImagePixelValue": int(stored.min()),
+            "LargestImagePixelValue": int(stored.max()),
+        }
+    buffer = io.BytesIO()
+    header = RadiographHeader(patient_id="P1", study_id="S1", extra=extra)
+    write_dicom(buffer, stored, fmt, encoding, header)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "fmt", "span", "header_range", "path"),
+    [
+        pytest.param(
+            "j2k", PixelFormat(bits_stored=16), 0.03, False, "j2k_reduced", marks=requires_openjpeg
+        ),
+        pytest.param(
+            "j2k", PixelFormat(bits_stored=16), 0.03, True, "j2k_reduced", marks=requires_openjpeg
+        ),
+        ("jpeg_baseline", PixelFormat(bits_stored=8), 0.25, False, "jpeg_scaled"),
+    ],
+    ids=["j2k_percentiles", "j2k_image_range", "jpeg_percentiles"],
+)
+def test_reduced_paths_choose_the_full_paths_image_range(
+    encoding: str, fmt: PixelFormat, span: float, header_range: bool, path: str
+) -> None:
+    """Same tolerances as the bit-range tests above: the range is (nearly) the same."""
+    data = _narrow_radiograph(1250, 1024, fmt, encoding, span, header_range)
+    fast, fast_decoded = decode_model_input(data)
+    full, full_decoded = decode_model_input(data, FULL)
+    assert fast_decoded.path == path and full_decoded.path == "full"
+    mode = "image_range" if header_range else "percentiles"
+    assert fast_decoded.voi == full_decoded.voi == mode
+    # Full contrast inside the padding, where the bit range gives a near-flat image.
+    rows, cols = content_shape(1250, 1024)
+    left = (224 - cols) // 2
+    flat, _ = decode_model_input(data, DecodeOptions(range_source="bit_range"))
+    contrast = [image[:rows, left : left + cols].std() for image in (fast, full, flat)]
+    assert min(contrast[:2]) > max(0.15, 3 * contrast[2])
+    assert _correlation(fast, full) >= MIN_CORRELATION
+    assert np.abs(fast - full).mean() < 0.01
+
+
 def test_jpeg_scaled_matches_full_path() -> None:
     data = _radiograph(1500, 1203, PixelFormat(bits_stored=8), "jpeg_baseline")
     fast, fast_decoded = decode_model_input(data)
