@@ -52,7 +52,12 @@ def choose(labels: Sequence[int], scores: Sequence[float], rule: str) -> dict[st
 
     y = np.asarray(labels, dtype=int)
     p = np.asarray(scores, dtype=float)
-    threshold = metrics.choose_threshold(y, p, metrics.parse_threshold_rule(rule))
+    cut = metrics.choose_threshold(y, p, metrics.parse_threshold_rule(rule))
+    # The rule's cut is a validation score itself; halfway down to the next
+    # lower score makes the same decisions on validation and keeps that very
+    # image from flipping when another runner scores it a last bit lower.
+    below = p[p < cut]
+    threshold = float((cut + below.max()) / 2) if below.size else cut
     rates = metrics.at_threshold(y, p, threshold)
     return {
         "rule": rule,

@@ -24,11 +24,12 @@ def test_choose_and_predicted_follow_the_rule() -> None:
     labels = [0, 0, 0, 0, 1, 1, 1, 1]
     scores = [0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9]
     point = operating_point.choose(labels, scores, "youden")
-    assert point["threshold"] == pytest.approx(0.7)
+    assert point["threshold"] == pytest.approx(0.65)  # halfway between 0.7 and 0.6
     assert point["validation"] == {"n": 8, "sensitivity": 0.75, "specificity": 1.0, "ppv": 1.0}
     assert operating_point.predicted(scores, point) == [0, 0, 0, 0, 0, 1, 1, 1]
-    assert operating_point.choose(labels, scores, "sens=1.0")["threshold"] == pytest.approx(0.4)
-    assert operating_point.choose(labels, scores, "ppv=0.75")["threshold"] == pytest.approx(0.4)
+    assert operating_point.choose(labels, scores, "sens=1.0")["threshold"] == pytest.approx(0.35)
+    assert operating_point.choose(labels, scores, "ppv=0.75")["threshold"] == pytest.approx(0.35)
+    assert operating_point.choose([0, 1], [0.2, 0.2], "youden")["threshold"] == 0.2  # none below
     assert operating_point.predicted(scores, None) == [None] * 8
     with pytest.raises(ValueError, match="not a fixed number"):
         operating_point.check_rule("0.5")
