@@ -53,6 +53,16 @@ def _job(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedP
     )
 
 
+def _preprocess(
+    metadata: Path, output_dir: Path, *flags: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return _job(
+        "beam_pipelines.preprocess",
+        *("--metadata", str(metadata), "--output_dir", str(output_dir), *flags),
+        timeout=timeout,
+    )
+
+
 def _refused(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
     """Asserts the exit code and a one-line error naming the needles; returns that line."""
     assert done.returncode == code, done.stderr[-3000:]
@@ -95,13 +105,7 @@ def test_an_archive_as_output_dir_is_refused_and_no_input_is_touched(archive: Pa
     (archive / "train").mkdir()
     shutil.copy(next((archive / "raw").rglob("*.dcm")), archive / "train" / "part-1.dcm")
     before = _tree(archive)
-    done = _job(
-        "beam_pipelines.preprocess",
-        "--metadata",
-        str(archive / "metadata.csv"),
-        "--output_dir",
-        str(archive),
-    )
+    done = _preprocess(archive / "metadata.csv", archive)
     _refused(done, 2, "--output_dir", "metadata.csv lies inside the output")
     assert _tree(archive) == before
 
@@ -110,13 +114,7 @@ def test_metadata_inside_the_output_is_refused(preprocessed: Path, tmp_path: Pat
     out = tmp_path / "out"
     shutil.copytree(preprocessed, out)
     before = _tree(out)
-    done = _job(
-        "beam_pipelines.preprocess",
-        "--metadata",
-        str(out / "splits.csv"),
-        "--output_dir",
-        str(out),
-    )
+    done = _preprocess(out / "splits.csv", out)
     _refused(done, 2, "--metadata", "splits.csv")
     assert _tree(out) == before
 
@@ -241,14 +239,7 @@ def test_a_fifo_in_the_archive_is_rejected_within_seconds(archive: Path, tmp_pat
     (archive / victim).unlink()
     os.mkfifo(archive / victim)
     started = time.monotonic()
-    done = _job(
-        "beam_pipelines.preprocess",
-        "--metadata",
-        str(archive / "metadata.csv"),
-        "--output_dir",
-        str(tmp_path / "out"),
-        timeout=120,
-    )
+    done = _preprocess(archive / "metadata.csv", tmp_path / "out", timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert time.monotonic() - started < 120
     rejects = [
@@ -268,31 +259,13 @@ def test_unusable_locations_and_inputs_are_one_line_errors(
 ) -> None:
     metadata = str(synthetic_archive / "metadata.csv")
     (tmp_path / "a_file").write_text("x")
-    done = _job(
-        "beam_pipelines.preprocess",
-        "--metadata",
-        metadata,
-        "--output_dir",
-        str(tmp_path / "a_file"),
-    )
+    done = _preprocess(Path(metadata), tmp_path / "a_file")
     _refused(done, 2, "a_file is a file, not a folder")
-    done = _job(
-        "beam_pipelines.preprocess",
-        "--metadata",
-        str(synthetic_archive),
-        "--output_dir",
-        str(tmp_path / "out"),
-    )
+    done = _preprocess(synthetic_archive, tmp_path / "out")
     _refused(done, 2, "--metadata", "is a folder, not a file")
     assert not (tmp_path / "out").exists()
     with _tmpfs(tmp_path / "readonly", "size=1m,ro") as readonly:
-        done = _job(
-            "beam_pipelines.preprocess",
-            "--metadata",
-            metadata,
-            "--output_dir",
-            str(readonly / "out"),
-        )
+        done = _preprocess(Path(metadata), readonly / "out")
         _refused(done, 2, "--output_dir", "Read-only file system")
 
 
@@ -304,18 +277,14 @@ def test_all_rejected_or_header_only_metadata_exits_3_and_keeps_the_last_output(
     before = _tree(out)
     missing = tmp_path / "missing.csv"
     missing.write_text("PatientID,DicomPath,Abnormal\nP1,nowhere/a.dcm,1\nP2,nowhere/b.dcm,0\n")
-    done = _job(
-        "beam_pipelines.preprocess", "--metadata", str(missing), "--output_dir", str(out), *FAST
-    )
+    done = _preprocess(missing, out, *FAST)
     line = _refused(done, 3, "no row was kept", '"missing_file": 2', "is unchanged")
     assert _tree(out) == before
     assert "rejects.jsonl" in line
 
     header_only = tmp_path / "header.csv"
     header_only.write_text("PatientID,DicomPath,Abnormal\n")
-    done = _job(
-        "beam_pipelines.preprocess", "--metadata", str(header_only), "--output_dir", str(out), *FAST
-    )
+    done = _preprocess(header_only, out, *FAST)
     _refused(done, 3, "no row was kept: 0 rows")
     assert _tree(out) == before
 
