@@ -262,6 +262,13 @@ def _threshold(
     """
     if rule is None:
         if point is not None:
+            if split == point["chosen_on"]:
+                message = (
+                    f"OPTIMISTIC: the model's threshold was chosen on the {split} split, the "
+                    "one evaluated: its sensitivity, specificity and accuracy flatter the model"
+                )
+                logger.warning(message)
+                warnings.append(message)
             return float(point["threshold"]), (
                 f"model operating point ({point['rule']}, chosen on {point['chosen_on']})"
             )

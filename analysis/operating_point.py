@@ -56,8 +56,13 @@ def choose(labels: Sequence[int], scores: Sequence[float], rule: str) -> dict[st
     # The rule's cut is a validation score itself; halfway down to the next
     # lower score makes the same decisions on validation and keeps that very
     # image from flipping when another runner scores it a last bit lower.
+    # Representable in float32 (the scores' type in prediction files), so every
+    # reader compares against the same number; adjacent scores keep the cut.
     below = p[p < cut]
-    threshold = float((cut + below.max()) / 2) if below.size else cut
+    threshold = cut
+    if below.size:
+        halfway = float(np.float32((cut + below.max()) / 2))
+        threshold = halfway if below.max() < halfway <= cut else cut
     rates = metrics.at_threshold(y, p, threshold)
     return {
         "rule": rule,

@@ -94,3 +94,15 @@ def test_scoring_uses_the_models_point_or_the_given_threshold_and_analysis_follo
     assert any(w.startswith("OPTIMISTIC") for w in chosen["warnings"])
     with pytest.raises(SystemExit):
         score.run([*base, "--output", str(tmp_path / "bad" / "x"), "--threshold", "1.5"])
+
+
+def test_the_threshold_is_a_float32_that_splits_adjacent_scores_as_on_validation() -> None:
+    import numpy as np
+
+    high = np.float32(0.9999999)
+    low = np.nextafter(high, np.float32(0))  # adjacent float32 scores
+    point = operating_point.choose([0, 1], [float(low), float(high)], "youden")
+    assert np.float32(point["threshold"]) == point["threshold"]
+    assert point["threshold"] == float(high)  # no float32 between them: the cut itself
+    scores = np.array([low, high], np.float32)
+    assert (scores >= point["threshold"]).tolist() == [False, True]

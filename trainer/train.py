@@ -603,8 +603,17 @@ def _fit_member(
     settings = os.path.join(out, "member.config.json")
     done = os.path.exists(finished) and _read_text(settings) == config.to_json()
     resume_epoch = None if done else _usable_backup(os.path.join(out, "backup"))
+    # Keras deletes the backup when a fit ends: the frozen phase leaves its own
+    # end state, so a kill early in the second phase does not start over.
+    frozen_end = os.path.join(out, "frozen_phase.weights.h5")
+    frozen_done = (
+        bool(config.freeze_epochs)
+        and os.path.exists(frozen_end)
+        and _read_text(f"{frozen_end}.json") == config.to_json()
+    )
+    start = resume_epoch or (config.freeze_epochs if frozen_done and not done else 0)
     if not done:
-        _trim_history(out, resume_epoch or 0)  # a fresh run starts a fresh history
+        _trim_history(out, start)  # a fresh run starts a fresh history
     train_files, validation_files = shards["train"], shards["validation"]
     train_count = sum(manifest["counts"]["train"].values())
     steps_per_epoch = config.steps_per_epoch or max(
@@ -633,18 +642,22 @@ def _fit_member(
         logger.warning(
             "No random-generator state for epoch %s: dropout masks restart", resume_epoch
         )
+    if resume_epoch is None and start:  # the frozen phase ended before a kill
+        model.load_weights(frozen_end)
     # With --freeze_epochs N: the first N epochs train the output layer alone
     # (a pretrained backbone keeps its filters while the head settles), then
     # everything; each phase is one fit, resumable like a plain run.
     phases = [(config.freeze_epochs, True)] if config.freeze_epochs else []
     phases.append((config.epochs, False))
-    start = resume_epoch or 0
     for end, frozen in phases:
         if start >= end:
             continue
         if not frozen and config.freeze_epochs:
             with strategy.scope():
                 _compile(model, config, steps_per_epoch, frozen=False)
+            # The learning-rate schedule goes on from the frozen phase's last
+            # step instead of warming up again (a resumed run's backup restores it).
+            model.optimizer.iterations.assign(config.freeze_epochs * steps_per_epoch)
         with _naming_damaged_shards([*train_files, *validation_files]):
             model.fit(
                 # The batches the finished epochs trained on are skipped, so a
@@ -660,6 +673,10 @@ def _fit_member(
                 callbacks=_callbacks(work_config, steps_per_epoch, _history(out) if start else []),
                 verbose=config.verbose,
             )
+        if frozen:
+            model.save_weights(frozen_end)
+            with open(f"{frozen_end}.json", "w") as handle:
+                handle.write(config.to_json())
         start = end
     best = os.path.join(out, "checkpoints", "best.weights.h5")
     if os.path.exists(best):
@@ -717,8 +734,7 @@ def _compile(model: Any, config: TrainConfig, steps_per_epoch: int, frozen: bool
     """Compiles for training; ``frozen`` trains the output layer alone."""
     import keras
 
-    for layer in model.layers:
-        layer.trainable = not frozen or layer.name == "abnormal"
+    _set_trainable(model, frozen)
     model.compile(
         optimizer=_optimizer(config, steps_per_epoch),
         # Divides by the weights' sum, not the batch size: evaluation padding
@@ -736,6 +752,18 @@ def _compile(model: Any, config: TrainConfig, steps_per_epoch: int, frozen: bool
         ],
         jit_compile=config.xla,
     )
+
+
+def _set_trainable(model: Any, frozen: bool) -> None:
+    """Everything trainable, or (frozen) only the output layers, also inside ensemble members."""
+    import keras
+
+    model.trainable = True
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            _set_trainable(layer, frozen)
+        else:
+            layer.trainable = not frozen or (layer.name == "abnormal" and bool(layer.weights))
 
 
 def _average(members: list[Any], config: TrainConfig) -> Any:

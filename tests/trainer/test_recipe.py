@@ -217,3 +217,57 @@ def test_a_frozen_start_trains_the_output_layer_alone() -> None:
     assert [v.path for v in model.trainable_variables] == ["abnormal/kernel", "abnormal/bias"]
     train._compile(model, config, steps_per_epoch=2, frozen=False)
     assert len(model.trainable_variables) > 2
+
+
+def test_a_frozen_start_of_an_ensemble_trains_each_members_output_layer() -> None:
+    from trainer import train
+    from trainer.models import build_model
+
+    config = TrainConfig(data_dir="d", output_dir="o", epochs=3, freeze_epochs=1)
+    members = [build_model("simple_cnn", model_name=f"m{k}") for k in range(2)]
+    ensemble = train._average(members, config)
+    train._compile(ensemble, config, steps_per_epoch=2, frozen=True)
+    assert sorted(v.path for v in ensemble.trainable_variables) == [
+        "abnormal/bias",
+        "abnormal/bias",
+        "abnormal/kernel",
+        "abnormal/kernel",
+    ]
+
+
+@pytest.mark.slow
+def test_a_run_stopped_after_its_frozen_phase_resumes_at_the_second_phase(
+    trained_model: Path, preprocessed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import csv
+
+    import keras
+
+    from trainer import train
+
+    args = [
+        "--data_dir", str(preprocessed),
+        "--output_dir", str(tmp_path / "b"),
+        "--init_model", str(trained_model / "model"),
+        "--epochs", "3",
+        "--freeze_epochs", "1",
+        "--steps_per_epoch", "2",
+        "--global_batch_size", "8",
+        "--verbose", "0",
+    ]  # fmt: skip
+    real_fit, starts = keras.Model.fit, []
+
+    def fit(self: keras.Model, *a: object, **kw: object) -> object:
+        starts.append(kw["initial_epoch"])
+        if len(starts) == 2:  # dies as the second phase begins (Keras dropped the backup)
+            raise RuntimeError("killed")
+        return real_fit(self, *a, **kw)
+
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.run(args)
+    starts.clear()
+    train.run(args)
+    assert starts == [1]  # the frozen phase is not trained again
+    with (tmp_path / "b" / "history.csv").open() as handle:
+        assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [0, 1, 2]
