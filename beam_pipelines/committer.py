@@ -144,16 +144,9 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:
-    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
-    if is_local(path):  # without Beam: the trainer and the analysis commit too
-        temporary = f"{local_path(path)}.tmp-{os.getpid()}"
-        with open(temporary, "w") as handle:
-            handle.write(text)
-        os.replace(temporary, local_path(path))
-        return
     from beam_pipelines.files import write_text
 
-    write_text(path, text)
+    write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def _move(source: str, target: str) -> None:

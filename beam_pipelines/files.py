@@ -14,17 +14,28 @@ import shutil
 import stat
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import BinaryIO
 
 
 @contextmanager
 def atomic_create(path: str) -> Iterator[BinaryIO]:
     """Yields a binary handle; on success the data appears at ``path`` at once."""
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    if is_local(path):  # the OS's rename: no Beam SDK for the trainer and the analysis
+        os.makedirs(os.path.dirname(local_path(path)) or ".", exist_ok=True)  # as Beam's does
+        try:
+            with open(local_path(temporary), "wb") as local:
+                yield local
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.remove(local_path(temporary))
+            raise
+        os.replace(local_path(temporary), local_path(path))
+        return
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
         with FileSystems.create(
             temporary, compression_type=CompressionTypes.UNCOMPRESSED
