@@ -600,17 +600,12 @@ def _fit_member(
     keras.utils.set_random_seed(config.seed)
     out = work_config.output_dir
     finished = os.path.join(out, "member.weights.h5")
-    settings = os.path.join(out, "member.config.json")
-    done = os.path.exists(finished) and _read_text(settings) == config.to_json()
+    done = _saved_with(finished, config)
     resume_epoch = None if done else _usable_backup(os.path.join(out, "backup"))
     # Keras deletes the backup when a fit ends: the frozen phase leaves its own
     # end state, so a kill early in the second phase does not start over.
     frozen_end = os.path.join(out, "frozen_phase.weights.h5")
-    frozen_done = (
-        bool(config.freeze_epochs)
-        and os.path.exists(frozen_end)
-        and _read_text(f"{frozen_end}.json") == config.to_json()
-    )
+    frozen_done = bool(config.freeze_epochs) and _saved_with(frozen_end, config)
     start = resume_epoch or (config.freeze_epochs if frozen_done and not done else 0)
     if not done:
         _trim_history(out, start)  # a fresh run starts a fresh history
@@ -674,16 +669,12 @@ def _fit_member(
                 verbose=config.verbose,
             )
         if frozen:
-            model.save_weights(frozen_end)
-            with open(f"{frozen_end}.json", "w") as handle:
-                handle.write(config.to_json())
+            _save_with(model, frozen_end, config)
         start = end
     best = os.path.join(out, "checkpoints", "best.weights.h5")
     if os.path.exists(best):
         model.load_weights(best)
-    model.save_weights(finished)  # a run resumed after a kill skips this member
-    with open(settings, "w") as handle:
-        handle.write(config.to_json())
+    _save_with(model, finished, config)  # a run resumed after a kill skips this member
     return model
 
 
@@ -799,12 +790,20 @@ def _naming_damaged_shards(files: list[str]) -> Iterator[None]:
         ) from exc
 
 
-def _read_text(path: str) -> str | None:
+def _save_with(model: Any, path: str, config: TrainConfig) -> None:
+    """Saves weights a later run may resume from, with the settings that made them."""
+    model.save_weights(path)
+    with open(f"{path}.json", "w") as handle:
+        handle.write(config.to_json())
+
+
+def _saved_with(path: str, config: TrainConfig) -> bool:
+    """True when ``path`` holds weights saved by :func:`_save_with` under these settings."""
     try:
-        with open(path) as handle:
-            return handle.read()
+        with open(f"{path}.json") as handle:
+            return os.path.exists(path) and handle.read() == config.to_json()
     except OSError:
-        return None
+        return False
 
 
 def _member_histories(out: str, members: int) -> list[list[dict[str, str]]]:
