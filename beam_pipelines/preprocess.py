@@ -216,20 +216,23 @@ class DecodeAndStageFn(beam.DoFn):
 class WriteShards(beam.PTransform):
     """Writes ``<out>/<split>/part-SSSSS-of-NNNNN.tfrecord.gz``, byte-identical on reruns.
 
-    Records go to a shard by a hash of their path and are sorted by metadata
-    row inside it, so the files do not depend on the runner or on bundle
-    order; each file appears atomically (temporary name, then rename). Every
-    shard of a non-empty split is written, even one that hashing left empty.
+    Records go to a shard by a hash of their path and are ordered inside it
+    by a keyed hash of their metadata row (a stable shuffle: an archive
+    listed label by label would otherwise give shards, and so training
+    batches, of one label at a time), so the files do not depend on the
+    runner or on bundle order; each file appears atomically (temporary
+    name, then rename). Every shard of a non-empty split is written, even
+    one that hashing left empty.
     Only (row, staged chunk reference) pairs are grouped; the writer streams
     the staged records (already compressed by the decode stage) into the
     shard. Staged files are shared by many shards and a runner may retry or
     recompute a writer, so the job removes them after the run, not here.
     """
 
-    def __init__(self, out: str, num_shards: int, sizes: beam.PCollection) -> None:
+    def __init__(self, out: str, num_shards: int, sizes: beam.PCollection, seed: int = 0) -> None:
         """sizes: a one-element {split: rows} dict, the counts the decoder sharded by."""
         super().__init__()
-        self._out, self._num_shards, self._sizes = out, num_shards, sizes
+        self._out, self._num_shards, self._sizes, self._seed = out, num_shards, sizes, seed
 
     def expand(self, summaries: beam.PCollection) -> beam.PCollection:
         num_shards = self._num_shards
@@ -253,17 +256,20 @@ class WriteShards(beam.PTransform):
             (keyed, every_shard)
             | "WithEmptyShards" >> beam.Flatten()
             | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShard" >> beam.ParDo(_WriteShardFn(self._out))
+            | "WriteShard" >> beam.ParDo(_WriteShardFn(self._out, self._seed))
         )
 
 
 class _WriteShardFn(beam.DoFn):
-    def __init__(self, out: str) -> None:
-        self._out = out
+    def __init__(self, out: str, seed: int) -> None:
+        self._out, self._seed = out, seed
 
     def process(self, element: tuple[tuple[str, int, int], Iterable[Any]]) -> Iterator[str]:
         (split, shard, shards), values = element
-        staged = [ref for _, ref in sorted(v for v in values if v is not None)]
+        ordered = sorted(
+            (splits.order_key(self._seed, str(row)), ref) for row, ref in filter(None, values)
+        )
+        staged = [ref for _, ref in ordered]
         path = f"{self._out}/{split}/part-{shard:05d}-of-{shards:05d}.tfrecord.gz"
         with contextlib.closing(staging.read_chunks(staged)) as chunks:
             written = tfrecord.write_compressed_gz(path, chunks)
@@ -385,7 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", default="0.8,0.1,0.1", help="train,validation,test ratios (default 0.8,0.1,0.1)."
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="Seed of the patient shuffle (default 0)."
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the patient shuffle and of the record order in shards (default 0).",
     )
     parser.add_argument(
         "--pin_splits", help="An earlier splits.csv: its patients keep their split."
@@ -532,7 +541,9 @@ def _run_pipeline(
             )
             | "RouteDecoded" >> SplitOutcomes()
         )
-        shard_paths = summaries | "WriteShards" >> WriteShards(out, args.num_shards, sizes)
+        shard_paths = summaries | "WriteShards" >> WriteShards(
+            out, args.num_shards, sizes, args.seed
+        )
         rejects = (invalid, duplicates, undecodable) | "AllRejects" >> beam.Flatten()
         rejects_path = rejects | "WriteRejects" >> WriteRejects(rejects_file)
         splits_path = assignment | "WriteSplits" >> beam.Map(

@@ -42,8 +42,9 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def _order_key(seed: int, patient_id: str) -> bytes:
-    return hashlib.sha256(f"{seed}\x00{patient_id}".encode()).digest()
+def order_key(seed: int, name: str) -> bytes:
+    """A keyed hash: sorting by it is a stable shuffle that depends only on (seed, name)."""
+    return hashlib.sha256(f"{seed}\x00{name}".encode()).digest()
 
 
 def assign_splits(
@@ -84,7 +85,7 @@ def assign_splits(
             else:
                 new.append(patient_id)
         targets = {split: ratio * len(members) for split, ratio in zip(SPLITS, ratios, strict=True)}
-        for patient_id in sorted(new, key=lambda p: _order_key(seed, p)):
+        for patient_id in sorted(new, key=lambda p: order_key(seed, p)):
             # Largest deficit first; ties go to the earlier split (train).
             split = max(SPLITS, key=lambda s: (targets[s] - counts[s], -SPLITS.index(s)))
             result[patient_id] = split

@@ -151,3 +151,34 @@ def test_splits_are_stratified_by_patient_label(archive: Path, output: tuple[Pat
         for split, ratio in (("train", 0.8), ("validation", 0.1), ("test", 0.1)):
             count = sum(assignment[p] == split for p in members)
             assert abs(count - ratio * len(members)) < 1, (label, split)
+
+
+def test_records_of_an_archive_listed_label_by_label_are_mixed_in_shards(
+    archive: Path, tmp_path: Path
+) -> None:
+    # Training reads shards through a bounded shuffle buffer: records in
+    # metadata order would give batches of one label at a time.
+    from beam_pipelines import splits
+
+    with (archive / "metadata.csv").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, rows = reader.fieldnames, list(reader)
+    rows.sort(key=lambda r: r["Abnormal"] == "true")
+    by_label = tmp_path / "by_label.csv"
+    with by_label.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields or [])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "out"
+    preprocess.run(
+        ["--metadata", str(by_label), "--archive_root", str(archive), "--output_dir", str(out)]
+        + ["--num_shards", "1", "--seed", "3", *LOCAL]
+    )
+    row_of: dict[str, int] = {}
+    for number, r in enumerate(rows, start=1):
+        row_of.setdefault(r["DicomPath"], number)  # a repeated path is a duplicate reject
+    records = _read_records(next((out / "train").glob("part-*")))
+    labels = [r["label"] for r in records]
+    assert sum(a != b for a, b in zip(labels, labels[1:])) > 2, labels
+    rows_in_file = [row_of[r["dicom_path"]] for r in records]
+    assert rows_in_file == sorted(rows_in_file, key=lambda n: splits.order_key(3, str(n)))
