@@ -349,15 +349,23 @@ def _resumable_classes() -> tuple[type, type]:
 
 
 def _callbacks(
-    config: TrainConfig, steps_per_epoch: int, earlier: list[dict[str, str]]
+    config: TrainConfig, steps_per_epoch: int, earlier: list[dict[str, str]], phase_start: int = 0
 ) -> list[Any]:
-    """The training callbacks; ``earlier``: history rows of the epochs a resumed run skips."""
+    """The training callbacks.
+
+    Args:
+        earlier: history rows of the epochs a resumed run (or a second phase) skips.
+        phase_start: the first epoch of this fit's phase: early stopping and
+            the plateau schedule count only its epochs (a frozen phase's
+            epochs would otherwise end the next phase early), while the best
+            weights are the best of the whole run.
+    """
     import keras
 
     out = config.output_dir
     BestWeights = _best_weights_class()
     EarlyStopping, ReduceLROnPlateau = _resumable_classes()
-    aucs = _val_aucs(earlier)
+    aucs = _val_aucs(earlier[phase_start:])
     # Order matters at each epoch's end: the history row and the best weights
     # are written before the backup records the epoch as done, so a kill in
     # between repeats that epoch instead of losing its row.
@@ -665,7 +673,12 @@ def _fit_member(
                 epochs=end,
                 steps_per_epoch=steps_per_epoch,
                 class_weight=weights,
-                callbacks=_callbacks(work_config, steps_per_epoch, _history(out) if start else []),
+                callbacks=_callbacks(
+                    work_config,
+                    steps_per_epoch,
+                    _history(out) if start else [],
+                    phase_start=0 if frozen else config.freeze_epochs,
+                ),
                 verbose=config.verbose,
             )
         if frozen:

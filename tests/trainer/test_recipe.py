@@ -271,3 +271,20 @@ def test_a_run_stopped_after_its_frozen_phase_resumes_at_the_second_phase(
     assert starts == [1]  # the frozen phase is not trained again
     with (tmp_path / "b" / "history.csv").open() as handle:
         assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [0, 1, 2]
+
+
+def test_the_second_phase_counts_its_own_epochs_for_early_stopping() -> None:
+    from trainer import train
+
+    config = TrainConfig(
+        data_dir="d", output_dir="o", epochs=8, freeze_epochs=3, early_stopping_patience=2
+    )
+    frozen_phase = [{"epoch": str(e), "val_auc": str(0.9 - 0.1 * e)} for e in range(3)]
+    second = train._callbacks(config, 2, frozen_phase, phase_start=3)
+    plain = train._callbacks(config, 2, frozen_phase)
+    for callbacks, wait in ((second, 0), (plain, 2)):
+        stopping = next(c for c in callbacks if type(c).__name__ == "ResumedEarlyStopping")
+        stopping.on_train_begin()
+        assert stopping.wait == wait
+    best = next(c for c in second if type(c).__name__ == "BestWeights")
+    assert best.best == pytest.approx(0.9)  # the best weights are the whole run's
