@@ -204,6 +204,15 @@ def _analyze(
     threshold, chosen_on = _threshold(
         rule, points[0] if points else None, args.split, validation, evaluated, warnings
     )
+    if args.level != "image" and chosen_on.startswith("model operating point"):
+        message = (
+            f"the model's operating point was chosen on images; here it is applied to the "
+            f"{args.aggregate} of each {args.level}'s image scores, so its sensitivity and "
+            "specificity differ from the model card's (pass --threshold youden to choose one "
+            f"on {args.level}-level validation scores)"
+        )
+        logger.warning(message)
+        warnings.append(message)
 
     headline = m.summarize(evaluated, threshold, args.bootstrap, args.seed)
     # Subgroup intervals use fewer resamples: there are many subgroups.

@@ -87,6 +87,12 @@ def test_scoring_uses_the_models_point_or_the_given_threshold_and_analysis_follo
     assert document["threshold"]["value"] == pytest.approx(point["threshold"])
     assert document["threshold"]["chosen_on"].startswith("model operating point (youden")
     assert not any("OPTIMISTIC" in w for w in document["warnings"])
+    assert not any("chosen on images" in w for w in document["warnings"])
+    patients = analyze.run(
+        [*common, "--level", "patient", "--output_dir", str(tmp_path / "patients")]
+    )
+    assert patients["threshold"]["value"] == pytest.approx(point["threshold"])
+    assert any("chosen on images" in w for w in patients["warnings"])
     # ...and says loudly when asked to choose one on the evaluated data itself.
     chosen = analyze.run(
         [*common, "--threshold", "youden", "--output_dir", str(tmp_path / "optimistic")]
