@@ -56,5 +56,17 @@ demo: install
 	@echo "model: $(DEMO_DIR)/results/model  archive scores: $(DEMO_DIR)/predictions"
 	@echo "report: $(DEMO_DIR)/analysis/report.html"
 
+# Local Flink and Spark clusters (docs/runners.md): fetch-ENGINE unpacks the
+# engine's distribution from PyPI into .tools/ and fetches Beam's job server jar
+# with mvn into ~/.m2; cluster-ENGINE starts the cluster and prints the submit
+# command (Ctrl-C stops it).
+.PHONY: fetch-flink fetch-spark cluster-flink cluster-spark
+
+fetch-flink fetch-spark: install
+	$(BIN)/python -m engines fetch $(@:fetch-%=%)
+
+cluster-flink cluster-spark: install
+	$(BIN)/python -m engines start $(@:cluster-%=%)
+
 clean:
 	rm -rf $(DEMO_DIR) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
