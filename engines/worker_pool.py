@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    # The servicer starts each SDK worker as the first `python` on PATH: make
+    # that this one, which has the project and its codecs.
+    os.environ["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
     server = grpc.server(thread_pool_executor.shared_unbounded_instance())
     server.add_insecure_port(f"127.0.0.1:{args.port}")
     beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(

@@ -36,11 +36,21 @@ def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[session.Engine]:
     yield from _engine("spark", tmp_path_factory)
 
 
+def _runner_args(request: pytest.FixtureRequest, name: str) -> list[str]:
+    try:
+        tools.require_job_server(name)
+    except tools.MissingArtifact as missing:
+        pytest.skip(str(missing))
+    return request.getfixturevalue(name).runner_args()
+
+
 @pytest.fixture(params=session.ENGINES)
 def runner_args(request: pytest.FixtureRequest) -> list[str]:
     """Flags that run a job on each engine's cluster (skips without its job server jar)."""
-    try:
-        tools.require_job_server(request.param)
-    except tools.MissingArtifact as missing:
-        pytest.skip(str(missing))
-    return request.getfixturevalue(request.param).runner_args()
+    return _runner_args(request, request.param)
+
+
+@pytest.fixture
+def flink_args(request: pytest.FixtureRequest) -> list[str]:
+    """Flags that run a job on the Flink cluster (skips without the job server jar)."""
+    return _runner_args(request, "flink")
