@@ -32,11 +32,9 @@ def _start(engine: str, run_dir: Path) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with session.running(engine, run_dir) as running:
-        if not running.job_server_jar.exists():
-            print(
-                f"warning: no job server jar at {running.job_server_jar}: "
-                f"run `make fetch-{engine}` before submitting"
-            )
+        missing = tools.missing_job_server(engine)
+        if missing:
+            print(f"warning: {missing} before submitting")
         flags = " \\\n    ".join(running.runner_args())
         print(
             f"{engine} cluster up at {running.master} (logs in {run_dir / 'logs'}).\n"

@@ -87,15 +87,15 @@ def require_home(engine: str) -> Path:
     return root
 
 
-def require_job_server(engine: str) -> Path:
-    """The job server jar, or MissingArtifact naming the make target that fetches it."""
+def missing_job_server(engine: str) -> str | None:
+    """Why the job server jar cannot be used (naming the make target), or None."""
     jar = job_server_jar(engine)
-    if not jar.exists():
-        raise MissingArtifact(
-            f"Beam's {engine} job server {job_server_artifact(engine)} not found at {jar}: "
-            f"run `make fetch-{engine}`"
-        )
-    return jar
+    if jar.exists():
+        return None
+    return (
+        f"Beam's {engine} job server {job_server_artifact(engine)} not found at {jar}: "
+        f"run `make fetch-{engine}`"
+    )
 
 
 def fetch_distribution(engine: str) -> Path:

@@ -1,8 +1,7 @@
 """One local cluster per engine for the whole test run, started on free loopback ports.
 
 Where Java or an engine's distribution is missing, the tests that need it skip
-and say which make target fetches it; so do the job tests without Beam's job
-server jar.
+and say which make target fetches it.
 """
 
 from __future__ import annotations
@@ -34,23 +33,3 @@ def flink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[session.Engine]:
 def spark(tmp_path_factory: pytest.TempPathFactory) -> Iterator[session.Engine]:
     """A Spark standalone cluster (master + worker) and a worker pool."""
     yield from _engine("spark", tmp_path_factory)
-
-
-def _runner_args(request: pytest.FixtureRequest, name: str) -> list[str]:
-    try:
-        tools.require_job_server(name)
-    except tools.MissingArtifact as missing:
-        pytest.skip(str(missing))
-    return request.getfixturevalue(name).runner_args()
-
-
-@pytest.fixture(params=session.ENGINES)
-def runner_args(request: pytest.FixtureRequest) -> list[str]:
-    """Flags that run a job on each engine's cluster (skips without its job server jar)."""
-    return _runner_args(request, request.param)
-
-
-@pytest.fixture
-def flink_args(request: pytest.FixtureRequest) -> list[str]:
-    """Flags that run a job on the Flink cluster (skips without the job server jar)."""
-    return _runner_args(request, "flink")
