@@ -69,7 +69,7 @@ def _config(slots: int) -> dict:
     }
 
 
-def _java_opts(home: Path) -> list[str]:
+def java_options(home: Path) -> list[str]:
     """The `--add-opens` flags Flink's default configuration gives every JVM (Java 17)."""
     (dist,) = (home / "lib").glob("flink-dist-*.jar")
     with zipfile.ZipFile(dist) as jar:
@@ -110,7 +110,7 @@ def start(run_dir: Path, processes: procs.Processes, slots: int = 2) -> FlinkClu
     config = _config(slots)
     (conf / "config.yaml").write_text(yaml.safe_dump(config))
     (conf / "log4j.properties").write_text(_LOG4J)
-    opts = _java_opts(home)
+    opts = java_options(home)
     for name, which, main in (
         (
             "jobmanager",

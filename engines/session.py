@@ -22,6 +22,7 @@ class Engine:
     status_url: str
     worker_pool: str
     job_server_jar: Path
+    job_server_jvm: tuple[str, ...]
     pids: frozenset[int]
 
     def runner_args(self) -> list[str]:
@@ -39,6 +40,8 @@ class Engine:
                 f"--spark_master_url={self.master}",
                 f"--spark_job_server_jar={self.job_server_jar}",
             ]
+        # The engine's Java 17 module flags: the job server runs its client (Spark: its driver).
+        runner += [f"--job_server_jvm_property={flag}" for flag in self.job_server_jvm]
         return [*runner, "--environment_type=EXTERNAL", f"--environment_config={self.worker_pool}"]
 
 
@@ -51,7 +54,8 @@ def running(name: str, run_dir: Path) -> Iterator[Engine]:
     """
     processes = procs.Processes(run_dir / "logs")
     try:
-        cluster = (flink if name == "flink" else spark).start(run_dir, processes)
+        engine = flink if name == "flink" else spark
+        cluster = engine.start(run_dir, processes)
         pool_port = procs.free_port()
         processes.start(
             "worker_pool", [sys.executable, "-m", "engines.worker_pool", f"--port={pool_port}"]
@@ -63,6 +67,7 @@ def running(name: str, run_dir: Path) -> Iterator[Engine]:
             cluster.status_url,
             f"127.0.0.1:{pool_port}",
             tools.job_server_jar(name),
+            tuple(engine.java_options(tools.home(name))),
             frozenset(processes.pids()),
         )
     finally:

@@ -129,6 +129,8 @@ def fetch_distribution(engine: str) -> Path:
                     continue
                 member.name = inner.removeprefix("deps/")
                 tar.extract(member, unpacked, filter="data")
+        # Spark's launcher takes a RELEASE file as the sign of a distribution.
+        (unpacked / "RELEASE").write_text(requirement + "\n")
         (unpacked / ".complete").write_text(requirement + "\n")
         if root.exists():
             shutil.rmtree(root)
