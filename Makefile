@@ -39,7 +39,7 @@ format: install
 # few broken rows -> preprocessing (Beam, all cores) -> training (simple CNN,
 # CPU) -> batch scoring of the whole archive -> analysis and report.
 # Override DEMO_DIR / DEMO_PATIENTS / DEMO_EPOCHS to scale it.
-DEMO_EPOCHS ?= 15
+DEMO_EPOCHS ?= 3
 
 demo: install
 	$(BIN)/xray-synth --output_dir $(DEMO_DIR)/archive --patients $(DEMO_PATIENTS) --seed 7 --broken 8 --overwrite

@@ -619,9 +619,7 @@ def _fit_member(
         _trim_history(out, start)  # a fresh run starts a fresh history
     train_files, validation_files = shards["train"], shards["validation"]
     train_count = sum(manifest["counts"]["train"].values())
-    steps_per_epoch = config.steps_per_epoch or max(
-        1, math.ceil(train_count / config.global_batch_size)
-    )
+    steps_per_epoch = steps_in_epoch(config, train_count)
     stats = manifest.get("train_pixel_stats") or {}
     weights = class_weights(manifest) if config.class_weights == "manifest" else None
     logger.info(
@@ -689,6 +687,13 @@ def _fit_member(
         model.load_weights(best)
     _save_with(model, finished, config)  # a run resumed after a kill skips this member
     return model
+
+
+def steps_in_epoch(config: TrainConfig, train_count: int) -> int:
+    """Batches per epoch: ``steps_per_epoch``, else one pass of at least ``min_steps_per_epoch``."""
+    return config.steps_per_epoch or max(
+        1, config.min_steps_per_epoch, math.ceil(train_count / config.global_batch_size)
+    )
 
 
 def _starting_point_problem(config: TrainConfig) -> str | None:

@@ -59,7 +59,13 @@ def test_augmentation_with_every_shift_is_seeded_and_stays_in_range() -> None:
 
 
 @pytest.mark.parametrize(
-    "field, value", [("optimizer", "sgd"), ("resolution_jitter", 1.0), ("ensemble", 0)]
+    "field, value",
+    [
+        ("optimizer", "sgd"),
+        ("resolution_jitter", 1.0),
+        ("ensemble", 0),
+        ("min_steps_per_epoch", -1),
+    ],
 )
 def test_bad_recipe_values_are_refused(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
@@ -288,3 +294,14 @@ def test_the_second_phase_counts_its_own_epochs_for_early_stopping() -> None:
         assert stopping.wait == wait
     best = next(c for c in second if type(c).__name__ == "BestWeights")
     assert best.best == pytest.approx(0.9)  # the best weights are the whole run's
+
+
+def test_an_epoch_is_one_pass_of_at_least_min_steps_per_epoch() -> None:
+    from trainer.train import steps_in_epoch
+
+    config = TrainConfig(data_dir="d", output_dir="o", global_batch_size=32)
+    assert steps_in_epoch(config, 3771) == 118  # Kermany: one pass
+    assert steps_in_epoch(config, 320) == 100  # NIH dev: ten passes
+    one_pass = TrainConfig(data_dir="d", output_dir="o", min_steps_per_epoch=0)
+    assert steps_in_epoch(one_pass, 320) == 10
+    assert steps_in_epoch(TrainConfig(data_dir="d", output_dir="o", steps_per_epoch=7), 320) == 7
