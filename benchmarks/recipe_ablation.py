@@ -62,6 +62,9 @@ VARIANTS: dict[str, list[str]] = {
     "ensemble3": ["--ensemble", "3"],
     "strong_aug": STRONG_AUG,
     "strong_aug_ensemble3": [*STRONG_AUG, "--ensemble", "3"],
+    "steps100": ["--steps_per_epoch", "100"],
+    # Epochs of one pass however small the data set (the recipe before 3e5cf84).
+    "one_pass_epochs": ["--min_steps_per_epoch", "0"],
 }  # fmt: skip
 
 DATA = {"kermany": "cxr_kermany_pediatric_train", "nih": "cxr_nih_pneumonia_dev"}
