@@ -11,6 +11,9 @@ from beam_pipelines.dicom import DecodeOptions
 from beam_pipelines.rows import allowed_schemes_for, parse_schemes
 
 
+_BEAM_DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+
+
 def usable_cores() -> int:
     """Cores this process may run on (affinity and cgroup-limited), at least 1."""
     try:
@@ -25,13 +28,14 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     With no ``--runner``: the FnApiRunner in multi-processing mode with one
     worker per usable core. Not the DirectRunner: in Beam 2.77 it first tries
     to download the Prism runner, which fails offline and, online, ignores
-    the multi-processing flags. ``--runner=DaskRunner`` is accepted as a
-    short name.
+    the multi-processing flags. ``--runner=DaskRunner`` (also Beam's full
+    class path) is the project's :class:`beam_pipelines.dask_runner.DaskRunner`:
+    Beam's loses what DoFns emit in ``finish_bundle`` and recomputes side inputs.
     """
     options = PipelineOptions(beam_args)
     standard = options.view_as(StandardOptions)
-    if standard.runner == "DaskRunner":
-        standard.runner = "apache_beam.runners.dask.dask_runner.DaskRunner"
+    if standard.runner in ("DaskRunner", _BEAM_DASK_RUNNER):
+        standard.runner = "beam_pipelines.dask_runner.DaskRunner"
     if standard.runner is None:
         standard.runner = "FnApiRunner"
         direct = options.view_as(DirectOptions)
