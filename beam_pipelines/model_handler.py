@@ -104,11 +104,6 @@ class KerasModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
     ) -> Iterable[PredictionResult]:
         return _run(batch, model, self._max_batch_size)
 
-    def run_inference_alone(self, example: np.ndarray, model: Any) -> PredictionResult:
-        """Scores one input in a batch of one, unpadded (for one-by-one scoring)."""
-        (result,) = _run([example], model, 1)
-        return result
-
     def batch_elements_kwargs(self) -> dict[str, Any]:
         # Full batches: every batch is padded to this size anyway.
         size = self._max_batch_size

@@ -33,7 +33,6 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-from apache_beam.options.pipeline_options import StandardOptions
 
 from beam_pipelines import dicom, malloc_tuning, schema, tfrecord
 from beam_pipelines.cli import main as cli_main
@@ -171,33 +170,17 @@ class ReadShardsFn(beam.DoFn):
 class ScoreImages(beam.PTransform):
     """(meta, image) -> (meta, PredictionResult) with the model handler.
 
-    ``RunInference`` (batched, one model per worker process) on every runner
-    but Dask: Beam 2.77's DaskRunner drops what a DoFn emits in
-    ``finish_bundle``, where RunInference's batching flushes each bundle's
-    last batch, so there the same handler scores image by image in a plain
-    ParDo that loads the model once in ``setup``.
+    ``RunInference``: batched, one model per worker process, on every runner
+    (the project's DaskRunner keeps the last batch each bundle flushes in
+    ``finish_bundle``, which Beam 2.77's own DaskRunner dropped).
     """
 
-    def __init__(self, handler: KerasModelHandler, unbatched: bool = False) -> None:
-        super().__init__()
-        self._handler, self._unbatched = handler, unbatched
-
-    def expand(self, examples: beam.PCollection) -> beam.PCollection:
-        if self._unbatched:
-            return examples | "ScoreOneByOne" >> beam.ParDo(_ScoreOneByOneFn(self._handler))
-        return examples | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
-
-
-class _ScoreOneByOneFn(beam.DoFn):
     def __init__(self, handler: KerasModelHandler) -> None:
+        super().__init__()
         self._handler = handler
 
-    def setup(self) -> None:
-        self._model = self._handler.load_model()
-
-    def process(self, element: tuple[dict[str, Any], Any]) -> Iterator[tuple[dict[str, Any], Any]]:
-        meta, image = element
-        yield meta, self._handler.run_inference_alone(image, self._model)
+    def expand(self, examples: beam.PCollection) -> beam.PCollection:
+        return examples | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
 
 
 class _ToPredictionFn(beam.DoFn):
@@ -398,9 +381,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         refuse(parser.prog, str(exc))
     options = decode_options(args)
     beam_options = pipeline_options(beam_args)
-    on_dask = "DaskRunner" in str(beam_options.view_as(StandardOptions).runner)
-    if on_dask:
-        logger.warning("DaskRunner: scoring image by image (Beam's Dask batching loses data)")
     # Locked and checked before any work; the files are written to a private
     # work folder and renamed into place, summary last, once complete.
     output = open_output(
@@ -420,7 +400,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             pseudonymized,
             model_id,
             point,
-            on_dask,
         )
         output.commit_unless_empty(
             summary["scored"],
@@ -451,7 +430,6 @@ def _run_pipeline(
     pseudonymized: str | None,
     model_id: str,
     point: dict[str, Any] | None,
-    on_dask: bool,
 ) -> dict[str, Any]:
     """Runs the Beam pipeline into the work folder; returns the summary."""
     prefix = f"{work}/{name}"
@@ -511,7 +489,7 @@ def _run_pipeline(
             rejects.append(undecodable)
         predictions, failed = (
             examples
-            | "Score" >> ScoreImages(KerasModelHandler(args.model, args.batch_size), on_dask)
+            | "Score" >> ScoreImages(KerasModelHandler(args.model, args.batch_size))
             | "ToPrediction"
             >> beam.ParDo(_ToPredictionFn(model_id, point["threshold"] if point else None))
             | "RouteScored" >> SplitOutcomes()
