@@ -68,5 +68,11 @@ fetch-flink fetch-spark: install
 cluster-flink cluster-spark: install
 	$(BIN)/python -m engines start $(@:cluster-%=%)
 
+# A local dask.distributed cluster from dask's CLI (a scheduler and two worker
+# processes on 127.0.0.1, docs/runners.md); prints the submit flags, Ctrl-C stops it.
+.PHONY: cluster-dask
+cluster-dask: install
+	$(BIN)/python -m engines.dask_cluster
+
 clean:
 	rm -rf $(DEMO_DIR) build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
