@@ -1,8 +1,8 @@
 """The same preprocessing on other Beam runners gives byte-identical output.
 
-DaskRunner on a distributed.LocalCluster of worker processes, and the
-portable submission path (what Flink and Spark job servers use) against
-Beam's own Python job service, with LOOPBACK and EXTERNAL workers.
+The portable submission path (what Flink and Spark job servers use) against
+Beam's own Python job service, with LOOPBACK and EXTERNAL workers. The
+DaskRunner is tested on a real dask cluster in tests/engines/test_dask.py.
 """
 
 from __future__ import annotations
@@ -40,22 +40,6 @@ def _run(archive: Path, out: Path, *runner_args: str) -> dict[str, bytes]:
     files = output_files(out)
     assert not [name for name in files if "beam-temp" in name or ".tmp-" in name]
     return files
-
-
-def test_dask_runner_matches_local(
-    synthetic_archive: Path, reference: dict, tmp_path: Path
-) -> None:
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster:
-        files = _run(
-            synthetic_archive,
-            tmp_path / "dask",
-            "--runner=DaskRunner",
-            f"--dask_client_address={cluster.scheduler_address}",
-        )
-    assert files == reference
 
 
 @pytest.mark.parametrize("environment", ["LOOPBACK", "EXTERNAL"])

@@ -1,4 +1,4 @@
-"""Scoring on the DaskRunner and through the portable job service equals the local run."""
+"""Scoring through the portable job service equals the local run (Dask: tests/engines)."""
 
 from __future__ import annotations
 
@@ -47,25 +47,9 @@ def _same(result: list, reference: list, model: Path) -> None:
             k: v for k, v in want.items() if k not in ("score", "predicted")
         }
         assert got["score"] == pytest.approx(want["score"], abs=1e-6)
-        # The DaskRunner scores image by image: last-bit differences could flip
-        # only a score within that noise of the threshold.
+        # Last-bit differences could flip only a score within that noise of the threshold.
         if abs(want["score"] - threshold) > 1e-6:
             assert got["predicted"] == want["predicted"]
-
-
-def test_dask_runner_matches_local(synthetic_archive, trained_model, reference, tmp_path) -> None:
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster:
-        result = _run(
-            synthetic_archive,
-            trained_model,
-            tmp_path / "p",
-            "--runner=DaskRunner",
-            f"--dask_client_address={cluster.scheduler_address}",
-        )
-    _same(result, reference, trained_model)
 
 
 def test_portable_runner_matches_local(
