@@ -10,7 +10,6 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from beam_pipelines.dicom import DecodeOptions
 from beam_pipelines.rows import allowed_schemes_for, parse_schemes
 
-
 _BEAM_DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 
 
