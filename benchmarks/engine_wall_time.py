@@ -1,4 +1,4 @@
-"""Wall time of one preprocessing run per engine (local, Flink, Spark) on one archive.
+"""Wall time of one preprocessing run per engine (local, Dask, Flink, Spark) on one archive.
 
 The archive is ``xray-synth`` (seed 0, its default 256-512 px images and
 transfer-syntax mix) cut to the first ``--images`` rows of its metadata.csv.
@@ -8,6 +8,10 @@ submission included):
 
 * ``local``: the job's default runner (FnApiRunner, multi_processing, one
   worker per usable core).
+* ``dask``: the project's DaskRunner on the cluster of ``make cluster-dask``
+  (``dask scheduler`` + 2 ``dask worker`` processes, started before the
+  clock); ``dask_wall_time.py`` times it against the local runner in
+  alternating rounds, for the ratio.
 * ``flink`` / ``spark``: the local cluster of ``make cluster-flink`` /
   ``make cluster-spark`` (started before the clock, 2 slots / 2 cores) with
   the flags it prints: Beam's job server jar and EXTERNAL workers from the
@@ -36,7 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from engines import session, tools
+from engines import dask_cluster, session, tools
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,12 @@ def _cluster(name: str, run_dir: Path) -> Iterator[list[str]]:
         yield engine.runner_args()
 
 
+@contextmanager
+def _dask(run_dir: Path) -> Iterator[list[str]]:
+    with dask_cluster.running(run_dir) as cluster:
+        yield cluster.runner_args()
+
+
 def _flink(run_dir: Path) -> Any:
     return _cluster("flink", run_dir)
 
@@ -64,7 +74,12 @@ def _spark(run_dir: Path) -> Any:
 
 
 # name -> context manager giving the runner flags while the engine is up.
-ENGINES: dict[str, Callable[[Path], Any]] = {"local": _local, "flink": _flink, "spark": _spark}
+ENGINES: dict[str, Callable[[Path], Any]] = {
+    "local": _local,
+    "dask": _dask,
+    "flink": _flink,
+    "spark": _spark,
+}
 
 
 def _archive(workdir: Path, images: int) -> Path:
@@ -123,7 +138,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--engines", nargs="+", choices=sorted(ENGINES), default=list(ENGINES))
     parser.add_argument("--workdir", help="archive and outputs (default: a temp folder)")
     args = parser.parse_args(argv)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="engine_wall_time-"))
+    # Absolute: cluster workers run in folders of their own.
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="engine_wall_time-")).resolve()
     metadata = _archive(workdir, args.images)
     engines = ["local"] + [e for e in args.engines if e != "local"]
     results = []

@@ -15,9 +15,10 @@ def test_main_prints_one_report_with_each_engine(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     with loaded_script("engine_wall_time") as bench:
-        bench.main(["--images", "6", "--engines", "local", "--workdir", str(tmp_path)])
+        bench.main(["--images", "6", "--engines", "local", "dask", "--workdir", str(tmp_path)])
     report = json.loads(capsys.readouterr().out)
-    (local,) = report["results"]
+    local, dask = report["results"]
     assert local["engine"] == "local" and local["wall_seconds"] > 0
     assert local["kept"] + local["rejected"] == 6 == report["settings"]["images"]
+    assert dask["engine"] == "dask" and dask["identical"] is True, dask
     assert len((tmp_path / "archive" / "metadata_6.csv").read_text().splitlines()) == 7
