@@ -283,6 +283,15 @@ def _val_aucs(rows: list[dict[str, str]]) -> list[float | None]:
     return values
 
 
+def _improves(value: float, best: float | None, min_delta: float) -> bool:
+    """Whether ``value`` beats ``best`` as Keras judges a ``mode="max"`` monitor.
+
+    Spelled out here instead of calling the callbacks' private
+    ``_is_improvement``; every monitor of :func:`_callbacks` is ``val_auc``, max.
+    """
+    return best is None or value - min_delta > best
+
+
 def _resumable_classes() -> tuple[type, type]:
     import keras
 
@@ -304,13 +313,11 @@ def _resumable_classes() -> tuple[type, type]:
 
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
             super().on_train_begin(logs)
-            if self.earlier and self.monitor_op is None:
-                self._set_monitor_op()
             for epoch, value in enumerate(self.earlier):
                 if value is None:
                     continue
                 self.wait += 1
-                if self._is_improvement(value, self.best):
+                if _improves(value, self.best, self.min_delta):
                     self.best, self.best_epoch, self.wait = value, epoch, 0
 
     class ResumedReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
@@ -330,15 +337,13 @@ def _resumable_classes() -> tuple[type, type]:
 
         def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
             super().on_train_begin(logs)
-            if self.earlier and self.monitor_op is None:
-                self._set_monitor_op()
             for value in self.earlier:
                 if value is None:
                     continue
                 if self.in_cooldown():
                     self.cooldown_counter -= 1
                     self.wait = 0
-                if self._is_improvement(value, self.best):
+                if _improves(value, self.best, self.min_delta):
                     self.best, self.wait = value, 0
                 elif not self.in_cooldown():
                     self.wait += 1

@@ -305,3 +305,18 @@ def test_an_epoch_is_one_pass_of_at_least_min_steps_per_epoch() -> None:
     one_pass = TrainConfig(data_dir="d", output_dir="o", min_steps_per_epoch=0)
     assert steps_in_epoch(one_pass, 320) == 10
     assert steps_in_epoch(TrainConfig(data_dir="d", output_dir="o", steps_per_epoch=7), 320) == 7
+
+
+def test_the_plateau_schedule_replays_history_as_keras_counts_it() -> None:
+    from trainer import train
+
+    config = TrainConfig(data_dir="d", output_dir="o", early_stopping_patience=6)
+    # Keras' ReduceLROnPlateau needs a gain above min_delta (1e-4) to reset its wait.
+    history = [{"val_auc": v} for v in ("0.8", "0.80005", "0.79", "nan")]
+    plateau = next(
+        c
+        for c in train._callbacks(config, 2, history)
+        if type(c).__name__ == "ResumedReduceLROnPlateau"
+    )
+    plateau.on_train_begin()
+    assert (plateau.best, plateau.wait, plateau.cooldown_counter) == (0.8, 2, 0)
