@@ -12,7 +12,7 @@ DEMO_PATIENTS ?= 200
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py beam_pipelines/_pixel_kernels.c
+$(STAMP): pyproject.toml setup.py beam_pipelines/dicom/_pixel_kernels.c
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required; set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel

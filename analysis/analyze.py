@@ -36,11 +36,12 @@ import numpy as np
 import pandas as pd
 
 from analysis import metrics as m
-from analysis import operating_point, plots, predictions, report
+from analysis import plots, report
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
-from beam_pipelines.committer import open_output
-from beam_pipelines.files import flagged_input_problem
+from beam_pipelines.contracts import operating_point, predictions
+from beam_pipelines.storage.committer import open_output
+from beam_pipelines.storage.files import flagged_input_problem
 
 logger = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
-from beam_pipelines.metadata import format_dicom_age
+from beam_pipelines.contracts.metadata import format_dicom_age
 
 logger = logging.getLogger(__name__)
 

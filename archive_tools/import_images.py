@@ -6,7 +6,7 @@ CSV (``--labels_csv``) with columns ``path,label`` and optionally
 ``study_id``; any other CSV column is carried into metadata.csv. Output::
 
     OUT/raw/<PatientID>/<image name>.dcm   8-bit MONOCHROME2, Secondary Capture or DX
-    OUT/metadata.csv                       beam_pipelines.metadata.COLUMNS + extras
+    OUT/metadata.csv                       beam_pipelines.contracts.metadata.COLUMNS + extras
                                            + SourcePath, SourceLabel
     OUT/import_errors.csv                  path,reason,detail of unreadable images
 
@@ -39,7 +39,7 @@ from archive_tools.dicom_writer import (
     RadiographHeader,
     write_dicom,
 )
-from beam_pipelines.metadata import (
+from beam_pipelines.contracts.metadata import (
     ABNORMAL,
     AGE,
     COLUMNS,

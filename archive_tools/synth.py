@@ -3,7 +3,7 @@
 Output (``DIR`` = ``--output_dir``)::
 
     DIR/raw/<PatientID>/<StudyID>_<n>.dcm   one DICOM file per image
-    DIR/metadata.csv                        beam_pipelines.metadata.COLUMNS, patient order
+    DIR/metadata.csv                        beam_pipelines.contracts.metadata.COLUMNS, patient order
     DIR/synth_images.csv                    per-image ground truth (encoding, pixel format)
     DIR/expected_rejects.csv                the --broken rows and the reason each must get
     DIR/../outside_<k>.dcm                  only with --broken >= 6 (path_escapes_root)
@@ -46,7 +46,7 @@ from archive_tools.dicom_writer import (
     write_dicom,
 )
 from archive_tools.phantom import chest_phantom
-from beam_pipelines.metadata import (
+from beam_pipelines.contracts.metadata import (
     ABNORMAL,
     AGE,
     COLUMNS,

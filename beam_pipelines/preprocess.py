@@ -28,11 +28,10 @@ from apache_beam import pvalue
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_pipelines import dicom, malloc_tuning, schema, sharding, splits, staging, tfrecord
+from beam_pipelines import dicom, malloc_tuning
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
-from beam_pipelines.committer import open_output
-from beam_pipelines.files import flagged_input_problem, remove_matching, remove_tree, write_text
+from beam_pipelines.contracts import records, splits
 from beam_pipelines.options import (
     add_decode_arguments,
     add_input_arguments,
@@ -40,7 +39,20 @@ from beam_pipelines.options import (
     decode_options,
     pipeline_options,
 )
-from beam_pipelines.outcomes import (
+from beam_pipelines.privacy import (
+    Pseudonymizer,
+    add_pseudonymize_arguments,
+    pseudonymizer_from_args,
+)
+from beam_pipelines.storage import sharding, staging, tfrecord
+from beam_pipelines.storage.committer import open_output
+from beam_pipelines.storage.files import (
+    flagged_input_problem,
+    remove_matching,
+    remove_tree,
+    write_text,
+)
+from beam_pipelines.transforms.outcomes import (
     INTERNAL_ERROR,
     KEPT,
     REJECTED,
@@ -50,12 +62,7 @@ from beam_pipelines.outcomes import (
     block_parts,
     internal_error_detail,
 )
-from beam_pipelines.pseudonym import (
-    Pseudonymizer,
-    add_pseudonymize_arguments,
-    pseudonymizer_from_args,
-)
-from beam_pipelines.rows import (
+from beam_pipelines.transforms.rows import (
     MetadataError,
     ReadMetadataFn,
     RejectDuplicatePaths,
@@ -196,9 +203,9 @@ class DecodeAndStageFn(beam.DoFn):
         shards = shard_count(sizes[split], self._num_shards)
         shard = sharding.shard_of(row.dicom_path, shards)
         # Quantized once: the record stores these values and the statistics sum them.
-        record["image"] = schema.quantize(record["image"])
+        record["image"] = records.quantize(record["image"])
         # Compressed here, in parallel: the shard writer only concatenates.
-        staged = self._stager.append(tfrecord.compress_record(schema.serialize(record)))
+        staged = self._stager.append(tfrecord.compress_record(records.serialize(record)))
         sums = pixel_sums(record["image"]) if split == "train" else (0, 0, 0)
         yield (
             KEPT,
@@ -363,7 +370,7 @@ class _KeptStats(beam.CombineFn):
         counts, total, squares, pixels = acc
         if pixels == 0:
             return {"counts": counts, "pixels": {"mean": None, "std": None, "pixels": 0}}
-        scale = float(2**schema.IMAGE_BITS - 1)
+        scale = float(2**records.IMAGE_BITS - 1)
         mean = total / pixels
         variance = max(squares / pixels - mean * mean, 0.0)
         stats = {"mean": mean / scale, "std": variance**0.5 / scale, "pixels": pixels}
@@ -615,10 +622,10 @@ def _build_manifest(
         for name in splits.SPLITS
     }
     manifest: dict[str, Any] = {
-        "schema_version": schema.SCHEMA_VERSION,
+        "schema_version": records.SCHEMA_VERSION,
         "image": {
-            "shape": list(schema.IMAGE_SHAPE),
-            "stored_bits": schema.IMAGE_BITS,
+            "shape": list(records.IMAGE_SHAPE),
+            "stored_bits": records.IMAGE_BITS,
             "range": [0, 1],
         },
         "input_rows": input_rows,

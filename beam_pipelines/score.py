@@ -11,7 +11,7 @@ DICOM file and from its shard. The model runs under ``RunInference`` (batched,
 one model per worker process). Outputs:
 
 - ``PREFIX-SSSSS-of-NNNNN.parquet``: the predictions contract
-  (``analysis.predictions``), rows sorted by path within hash-assigned
+  (``beam_pipelines.contracts.predictions``), rows sorted by path within hash-assigned
   shards, each file written atomically;
 - ``<dir of PREFIX>/rejects/<name>.jsonl``: inputs that could not be scored,
   with reasons;
@@ -34,12 +34,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from beam_pipelines import dicom, malloc_tuning, schema, tfrecord
+from beam_pipelines import dicom, malloc_tuning
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
-from beam_pipelines.committer import open_output
-from beam_pipelines.files import atomic_create, flagged_input_problem, remove_matching, write_text
-from beam_pipelines.model_handler import InferenceError, KerasModelHandler, model_file_problem
+from beam_pipelines.contracts import records
 from beam_pipelines.options import (
     add_decode_arguments,
     add_input_arguments,
@@ -47,7 +45,22 @@ from beam_pipelines.options import (
     decode_options,
     pipeline_options,
 )
-from beam_pipelines.outcomes import (
+from beam_pipelines.privacy import add_pseudonymize_arguments, pseudonymizer_from_args
+from beam_pipelines.storage import tfrecord
+from beam_pipelines.storage.committer import open_output
+from beam_pipelines.storage.files import (
+    atomic_create,
+    flagged_input_problem,
+    remove_matching,
+    write_text,
+)
+from beam_pipelines.storage.sharding import shard_count, shard_of
+from beam_pipelines.transforms.inference import (
+    InferenceError,
+    KerasModelHandler,
+    model_file_problem,
+)
+from beam_pipelines.transforms.outcomes import (
     INTERNAL_ERROR,
     KEPT,
     REJECTED,
@@ -57,8 +70,7 @@ from beam_pipelines.outcomes import (
     block_parts,
     internal_error_detail,
 )
-from beam_pipelines.pseudonym import add_pseudonymize_arguments, pseudonymizer_from_args
-from beam_pipelines.rows import (
+from beam_pipelines.transforms.rows import (
     SCORING_REQUIRED_COLUMNS,
     MetadataError,
     ReadMetadataFn,
@@ -69,7 +81,6 @@ from beam_pipelines.rows import (
     check_metadata,
     reject,
 )
-from beam_pipelines.sharding import shard_count, shard_of
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +132,7 @@ class DecodeForScoringFn(beam.DoFn):
             yield REJECTED, reject(number, shown, "decode", INTERNAL_ERROR, detail)
             return
         header = decoded.header
-        image = schema.as_stored(model_image)
+        image = records.as_stored(model_image)
         meta = _meta(
             dicom_path=shown,
             row=row.row if row else None,
@@ -151,7 +162,7 @@ class ReadShardsFn(beam.DoFn):
         read = 0
         try:
             for serialized in tfrecord.read_tfrecord_gz(path):
-                record = schema.parse_example(serialized)
+                record = records.parse_example(serialized)
                 meta = _meta(split=split, **{k: record[k] for k in _META_KEYS})
                 read += 1
                 yield KEPT, (meta, record["image"])
@@ -243,7 +254,7 @@ def _write_shard(
 ) -> str:
     import pyarrow.parquet as pq
 
-    from analysis import predictions as contract
+    from beam_pipelines.contracts import predictions as contract
 
     (shard, shards), values = element
     rows = sorted((v for v in values if v is not None), key=lambda p: p["dicom_path"])
@@ -311,7 +322,7 @@ def _operating_point(model_dir: str, threshold: float | None) -> dict[str, Any] 
     Raises:
         ValueError: a --threshold outside [0, 1] or an unreadable operating point file.
     """
-    from analysis import operating_point
+    from beam_pipelines.contracts import operating_point
 
     if threshold is not None:
         if not 0.0 <= threshold <= 1.0:

@@ -5,9 +5,9 @@ What it measures, for each size in ``--rows``: a synthetic metadata.csv
 column, and one broken row in every ``--bad_every`` of five kinds:
 undecodable bytes, too few cells, a path leaving the root, a URI of a scheme
 not allowed, a bad label) goes through the validation stage exactly as the
-jobs run it on one worker: :func:`beam_pipelines.rows.read_metadata` (or, with
+jobs run it on one worker: :func:`beam_pipelines.transforms.rows.read_metadata` (or, with
 mode ``whole_file``, the file read whole and decoded first, the way the job
-read it before streaming) and :func:`beam_pipelines.rows.validate_row`
+read it before streaming) and :func:`beam_pipelines.transforms.rows.validate_row`
 against a local archive root, nothing kept but counters.
 
 Each (size, mode) runs in a fresh Python process so its memory is its own:
@@ -105,7 +105,7 @@ def _peak_rss_mib() -> float:
 
 def _child(csv_path: str, root: str, mode: str) -> dict[str, Any]:
     """Runs in its own process: validates every row, returns counts, time and memory."""
-    from beam_pipelines.rows import ValidRow, iter_metadata, read_metadata, validate_row
+    from beam_pipelines.transforms.rows import ValidRow, iter_metadata, read_metadata, validate_row
 
     baseline = _peak_rss_mib()
     start = time.perf_counter()

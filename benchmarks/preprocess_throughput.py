@@ -9,8 +9,8 @@ no rescale or window, one image per patient, sides drawn from ``--size``,
 
 * ``bare_loop``: in this process, one image after another,
   :func:`beam_pipelines.dicom.decode_model_input` (what the job calls) ->
-  :func:`beam_pipelines.schema.serialize`, all records written to one gzip
-  TFRecord with :func:`beam_pipelines.tfrecord.write_tfrecord_gz`. One image
+  :func:`beam_pipelines.contracts.records.serialize`, all records written to one gzip
+  TFRecord with :func:`beam_pipelines.storage.tfrecord.write_tfrecord_gz`. One image
   is decoded first, untimed, so imports and codec plugins are warm.
 * ``pipeline``: ``python -m beam_pipelines.preprocess --metadata ... --output_dir
   ...`` in a subprocess with the job's default runner (the local FnApiRunner,
@@ -93,8 +93,9 @@ from archive_tools.dicom_writer import (
     write_dicom,
 )
 from archive_tools.phantom import chest_phantom
-from beam_pipelines import dicom, malloc_tuning, schema, tfrecord
-from beam_pipelines.metadata import (
+from beam_pipelines import dicom, malloc_tuning
+from beam_pipelines.contracts import records
+from beam_pipelines.contracts.metadata import (
     ABNORMAL,
     AGE,
     COLUMNS,
@@ -106,7 +107,8 @@ from beam_pipelines.metadata import (
     format_label,
 )
 from beam_pipelines.preprocess import make_record
-from beam_pipelines.rows import ValidRow, validate_row
+from beam_pipelines.storage import tfrecord
+from beam_pipelines.transforms.rows import ValidRow, validate_row
 
 logger = logging.getLogger(__name__)
 
@@ -409,18 +411,18 @@ def bare_loop(
     # so the ratio measures Beam, not the allocator.
     malloc_tuning.keep_freed_buffers()
     # Warm-up, untimed: TensorFlow's protos, codec plugins, Beam's FileSystems.
-    schema.serialize(_record(root, 1, rows[0], options))
+    records.serialize(_record(root, 1, rows[0], options))
     tfrecord.write_tfrecord_gz(str(output), [])
 
-    def records() -> Any:
+    def serialized() -> Any:
         for row, cells in enumerate(rows, start=1):
-            yield schema.serialize(_record(root, row, cells, options))
+            yield records.serialize(_record(root, row, cells, options))
 
     process = psutil.Process()
     cpu_before = sum(process.cpu_times()[:2])
     busy_before, steal_before = _busy_cpu_seconds(), _steal_seconds()
     start = time.perf_counter()
-    written = tfrecord.write_tfrecord_gz(str(output), records())
+    written = tfrecord.write_tfrecord_gz(str(output), serialized())
     seconds = time.perf_counter() - start
     cpu = sum(process.cpu_times()[:2]) - cpu_before
     others = _busy_cpu_seconds() - busy_before - cpu

@@ -517,7 +517,13 @@ def write_corpus_metadata(corpus: Path, out: Path, limit: int = 0) -> int:
     Returns:
         The number of rows.
     """
-    from beam_pipelines.metadata import ABNORMAL, COLUMNS, DICOM_PATH, PATIENT_ID, format_label
+    from beam_pipelines.contracts.metadata import (
+        ABNORMAL,
+        COLUMNS,
+        DICOM_PATH,
+        PATIENT_ID,
+        format_label,
+    )
 
     rows = [
         {

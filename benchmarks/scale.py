@@ -43,7 +43,8 @@ from types import ModuleType
 from typing import Any
 
 from archive_tools import synth
-from beam_pipelines import schema, tfrecord
+from beam_pipelines.contracts import records
+from beam_pipelines.storage import tfrecord
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def reconcile(archive: Path, output: Path) -> dict[str, Any]:
     kept_rows: list[int] = []
     for shard in sorted(output.glob("*/part-*.tfrecord.gz")):
         for serialized in tfrecord.read_tfrecord_gz(str(shard)):
-            kept_rows.append(first_row[schema.parse_example(serialized)["dicom_path"]])
+            kept_rows.append(first_row[records.parse_example(serialized)["dicom_path"]])
     rejects: dict[int, str] = {}
     duplicate_rejects = 0
     for path in sorted((output / "rejects").glob("*.jsonl")):

@@ -10,7 +10,7 @@ only its cost per image):
 
 * ``bare_loop``: in this process, one image after another,
   :func:`beam_pipelines.dicom.decode` -> :func:`beam_pipelines.dicom.to_model_input`
-  -> :func:`beam_pipelines.schema.as_stored`, batched by ``--batch_size`` (32)
+  -> :func:`beam_pipelines.contracts.records.as_stored`, batched by ``--batch_size`` (32)
   and scored with ``model(batch, training=False)`` as the job's model handler
   does. The model is loaded, one image decoded and one full batch scored
   first, untimed. ``decode_seconds`` and ``predict_seconds`` split the time;
@@ -64,8 +64,9 @@ import numpy as np
 import psutil
 
 from archive_tools.dicom_writer import ENCODINGS
-from beam_pipelines import dicom, malloc_tuning, schema
-from beam_pipelines.metadata import DICOM_PATH
+from beam_pipelines import dicom, malloc_tuning
+from beam_pipelines.contracts import records
+from beam_pipelines.contracts.metadata import DICOM_PATH
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def ensure_model(workdir: Path, seed: int) -> Path:
 
 def _model_input(path: Path) -> np.ndarray:
     """One image as DecodeForScoringFn hands it to the model."""
-    return schema.as_stored(dicom.to_model_input(dicom.decode(str(path)).image))
+    return records.as_stored(dicom.to_model_input(dicom.decode(str(path)).image))
 
 
 def bare_loop(metadata: str, model_dir: str, batch_size: int) -> dict[str, Any]:

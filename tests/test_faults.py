@@ -248,7 +248,7 @@ def test_unexpected_decoder_error_rejects_one_row_in_scoring(
 def test_memory_error_and_interrupts_still_propagate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from beam_pipelines.rows import ValidRow
+    from beam_pipelines.transforms.rows import ValidRow
 
     row = ValidRow(1, "P1", "S1", "a.dcm", str(tmp_path / "a.dcm"), "PA", True, 40, "F", {})
     preprocess_fn = preprocess.DecodeAndStageFn(dicom.DecodeOptions(), "pad", str(tmp_path), 0)

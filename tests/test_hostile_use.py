@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from analysis import predictions
 from beam_pipelines import preprocess, score
+from beam_pipelines.contracts import predictions
 
 pytestmark = pytest.mark.slow
 

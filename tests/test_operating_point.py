@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from analysis import analyze, operating_point, predictions
+from analysis import analyze
 from beam_pipelines import score
+from beam_pipelines.contracts import operating_point, predictions
 from tests.conftest import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,9 @@ import pandas as pd
 import pydicom
 import pytest
 
-from beam_pipelines import schema, tfrecord
-from beam_pipelines.pseudonym import Pseudonymizer
+from beam_pipelines.contracts import records
+from beam_pipelines.privacy import Pseudonymizer
+from beam_pipelines.storage import tfrecord
 from tests.conftest import LOCAL_RUNNER
 
 KEY = b"a-test-key-of-more-than-16-bytes"
@@ -62,7 +63,7 @@ def _texts(folder: Path) -> dict[str, str]:
         if not path.is_file():
             continue
         if path.name.endswith(".tfrecord.gz"):
-            records = [schema.parse_example(r) for r in tfrecord.read_tfrecord_gz(str(path))]
+            records = [records.parse_example(r) for r in tfrecord.read_tfrecord_gz(str(path))]
             texts[str(path)] = repr([{k: v for k, v in r.items() if k != "image"} for r in records])
         elif path.suffix == ".parquet":
             texts[str(path)] = pd.read_parquet(path).to_csv()

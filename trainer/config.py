@@ -98,7 +98,7 @@ class TrainConfig:
             raise ValueError("init_model fine-tunes one model: not with --weights or --ensemble")
         if not 0 <= self.freeze_epochs < self.epochs:
             raise ValueError(f"freeze_epochs must be in [0, epochs), got {self.freeze_epochs}")
-        from analysis.operating_point import check_rule
+        from beam_pipelines.contracts.operating_point import check_rule
 
         object.__setattr__(self, "operating_point", check_rule(self.operating_point))
 

@@ -3,7 +3,7 @@
 Decoder then parser, as in the TF Model Garden. Files are listed, shuffled
 and read in parallel with ``interleave``; the still-serialized records are
 shuffled (half the bytes of decoded images), batched, and parsed one batch at
-a time with ``schema.tf_parse_examples`` (one vectorized op per feature);
+a time with ``tf_parse_examples`` (one vectorized op per feature);
 training then augments; everything is prefetched. Nothing is ever loaded
 whole into memory (``cache`` is opt-in and keeps the compact serialized form).
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from beam_pipelines import schema
+from beam_pipelines.contracts import records
 from trainer import shifts
 from trainer.config import TrainConfig
 
@@ -80,7 +80,7 @@ def random_affine(images: tf.Tensor, config: TrainConfig, seeds: tf.Tensor) -> t
     batch's stateless seeds (see :func:`augment_batch`).
     """
     n = tf.shape(images)[0]
-    size = float(schema.IMAGE_SIZE)
+    size = float(records.IMAGE_SIZE)
     centre = (size - 1.0) / 2.0
     angle = _uniform(seeds, 0, [n], -1.0, 1.0) * (config.rotation_degrees * math.pi / 180.0)
     scale = 1.0 + _uniform(seeds, 1, [n], -config.zoom_fraction, config.zoom_fraction)
@@ -96,7 +96,7 @@ def random_affine(images: tf.Tensor, config: TrainConfig, seeds: tf.Tensor) -> t
     return tf.raw_ops.ImageProjectiveTransformV3(
         images=images,
         transforms=transforms,
-        output_shape=[schema.IMAGE_SIZE, schema.IMAGE_SIZE],
+        output_shape=[records.IMAGE_SIZE, records.IMAGE_SIZE],
         fill_value=0.0,
         interpolation="BILINEAR",
         fill_mode="CONSTANT",
@@ -161,7 +161,7 @@ def training_dataset(
     dataset = dataset.enumerate().skip(skip_batches)
 
     def to_pair(index: tf.Tensor, serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        batch = schema.tf_parse_examples(serialized)
+        batch = tf_parse_examples(serialized)
         images = batch["image"]
         if config.augment:
             images = augment_batch(
@@ -195,7 +195,7 @@ def evaluation_dataset(
     dataset = serialized_records(files, training=False, seed=config.seed)
     if config.cache and not with_metadata:
         dataset = dataset.cache()
-    dataset = dataset.batch(batch_size).map(schema.tf_parse_examples, num_parallel_calls=AUTOTUNE)
+    dataset = dataset.batch(batch_size).map(tf_parse_examples, num_parallel_calls=AUTOTUNE)
     if with_metadata:
         return dataset.prefetch(AUTOTUNE)
     if not pad:
@@ -210,9 +210,46 @@ def evaluation_dataset(
         labels = tf.pad(batch["label"], [[0, missing]])
         weights = tf.pad(tf.ones_like(batch["label"], tf.float32), [[0, missing]])
         return (
-            tf.ensure_shape(images, (batch_size, *schema.IMAGE_SHAPE)),
+            tf.ensure_shape(images, (batch_size, *records.IMAGE_SHAPE)),
             tf.ensure_shape(labels, (batch_size,)),
             tf.ensure_shape(weights, (batch_size,)),
         )
 
     return dataset.map(padded, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+
+
+def tf_feature_spec() -> dict[str, Any]:
+    """The ``tf.io.parse_example`` feature spec of a record."""
+    spec: dict[str, Any] = {records.IMAGE: tf.io.FixedLenFeature([], tf.string)}
+    spec.update({key: tf.io.FixedLenFeature([], tf.string) for key in records.STRING_FEATURES})
+    spec.update({key: tf.io.FixedLenFeature([], tf.int64) for key in records.INT_FEATURES})
+    return spec
+
+
+def tf_parse_examples(serialized: Any) -> dict[str, Any]:
+    """Parses a batch (1-D string tensor) at once: one vectorized op per feature.
+
+    Returns:
+        As :func:`tf_parse_example`, with a leading batch dimension
+        (``image``: float32 ``(batch, 224, 224, 1)``).
+    """
+    parsed = tf.io.parse_example(serialized, tf_feature_spec())
+    pixels = tf.io.decode_raw(parsed.pop(records.IMAGE), tf.uint16, little_endian=True)
+    image = tf.reshape(
+        tf.cast(pixels, tf.float32) / float(records.IMAGE_MAX), (-1, *records.IMAGE_SHAPE)
+    )
+    return {"image": image, **parsed}
+
+
+def tf_parse_example(serialized: Any) -> dict[str, Any]:
+    """Parses a scalar string tensor inside a TF graph (the trainer's decoder).
+
+    Returns:
+        A dict of tensors: ``image`` float32 ``(224, 224, 1)`` in [0, 1],
+        ``label`` int64, and the other features as in the spec (``age`` is
+        ``-1`` when unknown).
+    """
+    parsed = tf.io.parse_single_example(serialized, tf_feature_spec())
+    pixels = tf.io.decode_raw(parsed.pop(records.IMAGE), tf.uint16, little_endian=True)
+    image = tf.reshape(tf.cast(pixels, tf.float32) / float(records.IMAGE_MAX), records.IMAGE_SHAPE)
+    return {"image": image, **parsed}

@@ -16,7 +16,7 @@ from typing import Any
 
 import keras
 
-from beam_pipelines import schema
+from beam_pipelines.contracts import records
 
 _APPLICATIONS = {
     "densenet121": "DenseNet121",  # CheXNet's architecture
@@ -47,7 +47,7 @@ def backbone(name: str, weights: str | None = None) -> keras.Model:
         WeightsUnavailable: ImageNet weights neither cached nor downloadable.
     """
     channels = 1 if weights is None else 3
-    shape = (*schema.IMAGE_SHAPE[:2], channels)
+    shape = (*records.IMAGE_SHAPE[:2], channels)
     build = getattr(keras.applications, _APPLICATIONS[name])
     if weights != "imagenet":
         model = build(weights=None, include_top=False, input_shape=shape, pooling="avg")
@@ -111,7 +111,7 @@ def build_model(
         raise ValueError(f"pixel_std must be > 0, got {pixel_std}")
     if weights is not None and name == "simple_cnn":
         raise ValueError("pretrained weights need a keras.applications backbone, not simple_cnn")
-    inputs = keras.Input(shape=schema.IMAGE_SHAPE, name="image")
+    inputs = keras.Input(shape=records.IMAGE_SHAPE, name="image")
     x = keras.layers.Normalization(mean=pixel_mean, variance=pixel_std**2, name="standardize")(
         inputs
     )

@@ -31,7 +31,7 @@ import numpy as np
 
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
-from beam_pipelines.committer import open_output
+from beam_pipelines.storage.committer import open_output
 from trainer.config import TrainConfig, load_config
 
 logger = logging.getLogger(__name__)
@@ -502,7 +502,7 @@ def _train(
     import keras
     import tensorflow as tf
 
-    from analysis import operating_point, predictions
+    from beam_pipelines.contracts import operating_point, predictions
     from trainer import data
 
     keras.utils.set_random_seed(config.seed)
@@ -706,8 +706,8 @@ def _starting_point_problem(config: TrainConfig) -> str | None:
 
     ImageNet weights are fetched here once (then read from the Keras cache).
     """
-    from beam_pipelines.files import input_file_problem
-    from beam_pipelines.model_handler import model_file_problem
+    from beam_pipelines.storage.files import input_file_problem
+    from beam_pipelines.transforms.inference import model_file_problem
 
     if config.init_model:
         problem = model_file_problem(config.init_model)
@@ -784,9 +784,9 @@ def _average(members: list[Any], config: TrainConfig) -> Any:
     """One model whose output is the mean of the members' probabilities."""
     import keras
 
-    from beam_pipelines import schema
+    from beam_pipelines.contracts import records
 
-    inputs = keras.Input(shape=schema.IMAGE_SHAPE, name="image")
+    inputs = keras.Input(shape=records.IMAGE_SHAPE, name="image")
     outputs = keras.layers.Average(name="abnormal", dtype="float32")(
         [member(inputs) for member in members]
     )
@@ -838,7 +838,7 @@ def _member_histories(out: str, members: int) -> list[list[dict[str, str]]]:
 
 def _operating_point(validation: dict[str, list], rule: str) -> dict[str, Any] | None:
     """The threshold chosen on the validation predictions, or None when they hold one class."""
-    from analysis import operating_point
+    from beam_pipelines.contracts import operating_point
 
     try:
         return operating_point.choose(validation["label"], validation["score"], rule)

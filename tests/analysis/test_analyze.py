@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis import analyze, predictions
+from analysis import analyze
+from beam_pipelines.contracts import predictions
 
 
 @pytest.fixture(scope="module")

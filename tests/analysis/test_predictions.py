@@ -1,4 +1,4 @@
-"""analysis.predictions: the Parquet contract."""
+"""beam_pipelines.contracts.predictions: the Parquet contract."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis import predictions
+from beam_pipelines.contracts import predictions
 
 
 def test_write_read_round_trip_with_nulls(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, SecondaryCapture
 
 from archive_tools import import_images
 from archive_tools.dicom_writer import ENCODINGS
-from beam_pipelines.metadata import COLUMNS, format_dicom_age, parse_age, parse_sex
+from beam_pipelines.contracts.metadata import COLUMNS, format_dicom_age, parse_age, parse_sex
 
 #: Real radiographs beside the project: <repo>/../shared/data.
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"

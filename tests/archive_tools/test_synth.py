@@ -11,7 +11,7 @@ import pytest
 from archive_tools import synth
 from archive_tools.dicom_writer import ENCODINGS
 from archive_tools.phantom import chest_phantom
-from beam_pipelines.metadata import COLUMNS, format_dicom_age, parse_age, parse_label
+from beam_pipelines.contracts.metadata import COLUMNS, format_dicom_age, parse_age, parse_label
 
 ARGS = ["--patients", "6", "--seed", "3", "--min_size", "32", "--max_size", "64", "--broken", "8"]
 ALL_ENCODINGS = ",".join(f"{name}:1" for name in ENCODINGS)

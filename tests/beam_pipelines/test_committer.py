@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from beam_pipelines import committer
-from beam_pipelines.committer import OutputRefused, OutputTarget, OutputTransaction
-from beam_pipelines.output_lock import OutputLock, OutputLocked
+from beam_pipelines.storage import committer
+from beam_pipelines.storage.committer import OutputRefused, OutputTarget, OutputTransaction
+from beam_pipelines.storage.output_lock import OutputLock, OutputLocked
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -215,7 +215,7 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys, time; from beam_pipelines.output_lock import OutputLock; "
+            "import sys, time; from beam_pipelines.storage.output_lock import OutputLock; "
             f"held = OutputLock({str(lock)!r}); held.acquire(); print('held', flush=True); "
             "time.sleep(60)",
         ],

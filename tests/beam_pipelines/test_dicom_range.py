@@ -18,8 +18,8 @@ from pydicom.sequence import Sequence
 
 from archive_tools.dicom_writer import PixelFormat, RadiographHeader, build_dataset, to_stored
 from archive_tools.phantom import chest_phantom
-from beam_pipelines import dicom, pixel_map
-from beam_pipelines.dicom import DecodeOptions, decode, decode_model_input
+from beam_pipelines import dicom
+from beam_pipelines.dicom import DecodeOptions, decode, decode_model_input, pixel_map
 
 HEADER = RadiographHeader(patient_id="P1", study_id="S1")
 BIT_RANGE = DecodeOptions(range_source="bit_range")

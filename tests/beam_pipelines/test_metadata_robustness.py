@@ -30,9 +30,10 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_pipelines import options, rows
-from beam_pipelines.outcomes import SplitOutcomes
-from beam_pipelines.rows import (
+from beam_pipelines import options
+from beam_pipelines.transforms import rows
+from beam_pipelines.transforms.outcomes import SplitOutcomes
+from beam_pipelines.transforms.rows import (
     MetadataError,
     ReadMetadataFn,
     ValidateRowFn,

@@ -1,4 +1,4 @@
-"""beam_pipelines.model_handler: batches, and one bad input failing alone."""
+"""beam_pipelines.transforms.inference: batches, and one bad input failing alone."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from beam_pipelines.model_handler import InferenceError, KerasModelHandler
+from beam_pipelines.transforms.inference import InferenceError, KerasModelHandler
 
 
 def test_scores_and_isolates_a_failing_input(trained_model: Path) -> None:

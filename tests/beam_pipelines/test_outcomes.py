@@ -1,4 +1,4 @@
-"""beam_pipelines.outcomes: the rejects file is sorted, whole and written block by block."""
+"""beam_pipelines.transforms.outcomes: the rejects file is sorted, whole, written by blocks."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from beam_pipelines.files import remove_matching
-from beam_pipelines.outcomes import WriteRejects, block_parts
-from beam_pipelines.rows import reject
+from beam_pipelines.storage.files import remove_matching
+from beam_pipelines.transforms.outcomes import WriteRejects, block_parts
+from beam_pipelines.transforms.rows import reject
 
 
 def _write(tmp_path: Path, records: list[dict], block_rows: int) -> list[dict]:

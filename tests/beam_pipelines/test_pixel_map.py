@@ -8,7 +8,8 @@ import sysconfig
 import numpy as np
 import pytest
 
-from beam_pipelines import dicom, pixel_map
+from beam_pipelines import dicom
+from beam_pipelines.dicom import pixel_map
 
 needs_kernel = pytest.mark.skipif(
     not pixel_map.kernel_available(), reason="the C kernel is not built"

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from beam_pipelines import dicom, preprocess, schema, tfrecord
+from beam_pipelines import dicom, preprocess
+from beam_pipelines.contracts import records
+from beam_pipelines.storage import tfrecord
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +19,7 @@ LOCAL = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
 
 
 def _read_records(path: Path) -> list[dict]:
-    return [schema.parse_example(r) for r in tfrecord.read_tfrecord_gz(str(path))]
+    return [records.parse_example(r) for r in tfrecord.read_tfrecord_gz(str(path))]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +160,7 @@ def test_records_of_an_archive_listed_label_by_label_are_mixed_in_shards(
 ) -> None:
     # Training reads shards through a bounded shuffle buffer: records in
     # metadata order would give batches of one label at a time.
-    from beam_pipelines import splits
+    from beam_pipelines.contracts import splits
 
     with (archive / "metadata.csv").open(newline="") as handle:
         reader = csv.DictReader(handle)

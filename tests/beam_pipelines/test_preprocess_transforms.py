@@ -12,10 +12,12 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from archive_tools.dicom_writer import PixelFormat, RadiographHeader, to_stored, write_dicom
-from beam_pipelines import dicom, schema, tfrecord
-from beam_pipelines.outcomes import SplitOutcomes
+from beam_pipelines import dicom
+from beam_pipelines.contracts import records
 from beam_pipelines.preprocess import DecodeAndStageFn
-from beam_pipelines.rows import RejectDuplicatePaths, ValidateRowFn, ValidRow
+from beam_pipelines.storage import tfrecord
+from beam_pipelines.transforms.outcomes import SplitOutcomes
+from beam_pipelines.transforms.rows import RejectDuplicatePaths, ValidateRowFn, ValidRow
 
 
 def _cells(path: str, label: str = "true", patient: str = "P1") -> dict[str, str]:
@@ -134,7 +136,7 @@ def test_decode_makes_records_and_rejects(tmp_path: Path) -> None:
     shard = str(tmp_path / "one.tfrecord.gz")
     assert tfrecord.write_compressed_gz(shard, [staged.read_bytes()]) == 1
     (serialized,) = tfrecord.read_tfrecord_gz(shard)
-    record = schema.parse_example(serialized)
+    record = records.parse_example(serialized)
     # The header fills what metadata.csv left unknown.
     assert (record["age"], record["sex"]) == (71, "F")
     assert (record["original_rows"], record["original_columns"]) == (40, 30)
@@ -144,15 +146,15 @@ def test_decode_makes_records_and_rejects(tmp_path: Path) -> None:
 def test_progress_logs_now_and_then(caplog) -> None:
     import logging
 
-    from beam_pipelines.outcomes import Progress
+    from beam_pipelines.transforms.outcomes import Progress
 
     progress = Progress("things", every=0.0)
-    with caplog.at_level(logging.INFO, logger="beam_pipelines.outcomes"):
+    with caplog.at_level(logging.INFO, logger="beam_pipelines.transforms.outcomes"):
         for _ in range(3):
             progress.tick()
     assert "things: 3 so far" in caplog.text
     quiet = Progress("things", every=3600)
-    with caplog.at_level(logging.INFO, logger="beam_pipelines.outcomes"):
+    with caplog.at_level(logging.INFO, logger="beam_pipelines.transforms.outcomes"):
         caplog.clear()
         for _ in range(100):
             quiet.tick()
@@ -162,7 +164,7 @@ def test_progress_logs_now_and_then(caplog) -> None:
 def test_pixel_sums_are_exact_at_the_largest_values() -> None:
     from beam_pipelines.preprocess import pixel_sums
 
-    stored = np.full(schema.IMAGE_SHAPE, 65535, np.uint16)
+    stored = np.full(records.IMAGE_SHAPE, 65535, np.uint16)
     stored[0, 0, 0] = 1
     pixels = stored.size
     exact = (65535 * (pixels - 1) + 1, 65535**2 * (pixels - 1) + 1, pixels)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from beam_pipelines.pseudonym import (
+from beam_pipelines.privacy import (
     Pseudonymizer,
     add_pseudonymize_arguments,
     pseudonymizer_from_args,
 )
-from beam_pipelines.rows import ValidRow
+from beam_pipelines.transforms.rows import ValidRow
 
 KEY = b"0123456789abcdef-test-key"
 

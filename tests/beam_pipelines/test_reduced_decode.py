@@ -12,7 +12,6 @@ import pytest
 
 from archive_tools.dicom_writer import PixelFormat, RadiographHeader, to_stored, write_dicom
 from archive_tools.phantom import chest_phantom
-from beam_pipelines import reduced_decode
 from beam_pipelines.dicom import (
     DecodeOptions,
     DicomRejected,
@@ -20,6 +19,7 @@ from beam_pipelines.dicom import (
     content_shape,
     decode,
     decode_model_input,
+    reduced,
     to_model_input,
 )
 from tests.beam_pipelines.conftest import DICOM_CORPUS, requires_corpus
@@ -29,7 +29,7 @@ FULL = DecodeOptions(reduced_resolution=False)
 MIN_CORRELATION = 0.995
 
 requires_openjpeg = pytest.mark.skipif(
-    not reduced_decode.j2k_available(), reason="glymur or OpenJPEG 2.3+ not installed"
+    not reduced.j2k_available(), reason="glymur or OpenJPEG 2.3+ not installed"
 )
 
 
@@ -51,7 +51,7 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_codestream_header_is_read() -> None:
     fmt = PixelFormat(bits_stored=12, signed=True)
-    info = reduced_decode.read_codestream(_frame(_radiograph(300, 260, fmt, "j2k")))
+    info = reduced.read_codestream(_frame(_radiograph(300, 260, fmt, "j2k")))
     assert info is not None
     assert (info.rows, info.columns, info.components) == (300, 260, 1)
     assert (info.precision, info.signed) == (12, True)
@@ -61,9 +61,9 @@ def test_codestream_header_is_read() -> None:
 
 
 def test_codestream_rejects_garbage() -> None:
-    assert reduced_decode.read_codestream(b"") is None
-    assert reduced_decode.read_codestream(b"\xff\x4f\xff\x51" + b"\x00" * 10) is None
-    assert reduced_decode.read_codestream(b"not a codestream at all" * 10) is None
+    assert reduced.read_codestream(b"") is None
+    assert reduced.read_codestream(b"\xff\x4f\xff\x51" + b"\x00" * 10) is None
+    assert reduced.read_codestream(b"not a codestream at all" * 10) is None
 
 
 @pytest.mark.parametrize(
@@ -77,18 +77,18 @@ def test_codestream_rejects_garbage() -> None:
 def test_shape_at_level_rounds_up(
     rows: int, cols: int, offsets: tuple[int, int], level: int, expected: tuple[int, int]
 ) -> None:
-    info = reduced_decode.Codestream(rows, cols, *offsets, 1, 12, False, levels=5)
+    info = reduced.Codestream(rows, cols, *offsets, 1, 12, False, levels=5)
     assert info.shape_at(level) == expected
 
 
 def test_level_is_the_coarsest_still_at_least_the_target() -> None:
-    info = reduced_decode.Codestream(2500, 2048, 0, 0, 1, 12, False, levels=5)
+    info = reduced.Codestream(2500, 2048, 0, 0, 1, 12, False, levels=5)
     target = content_shape(2500, 2048)  # (224, 183)
     level = info.level_for(target)
     assert level == 3
     assert min(np.subtract(info.shape_at(level), target)) >= 0
     assert min(np.subtract(info.shape_at(level + 1), target)) < 0  # one more is too small
-    few_levels = reduced_decode.Codestream(2500, 2048, 0, 0, 1, 12, False, levels=1)
+    few_levels = reduced.Codestream(2500, 2048, 0, 0, 1, 12, False, levels=1)
     assert few_levels.level_for(target) == 1
     assert info.level_for((2500, 2048)) == 0
 
@@ -220,15 +220,15 @@ def test_small_image_is_decoded_in_full() -> None:
 def test_missing_openjpeg_falls_back_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(reduced_decode, "_j2k_state", {})
-    monkeypatch.setattr(reduced_decode, "_j2k_problem", lambda: "glymur cannot be imported")
+    monkeypatch.setattr(reduced, "_j2k_state", {})
+    monkeypatch.setattr(reduced, "_j2k_problem", lambda: "glymur cannot be imported")
     data = _radiograph(1000, 800, PixelFormat(bits_stored=12), "j2k")
-    with caplog.at_level(logging.WARNING, logger="beam_pipelines.reduced_decode"):
+    with caplog.at_level(logging.WARNING, logger="beam_pipelines.dicom.reduced"):
         first, decoded = decode_model_input(data)
         decode_model_input(data)
     assert decoded.path == "full"
     assert np.array_equal(first, decode_model_input(data, FULL)[0])
-    warnings = [r for r in caplog.records if r.name == "beam_pipelines.reduced_decode"]
+    warnings = [r for r in caplog.records if r.name == "beam_pipelines.dicom.reduced"]
     assert len(warnings) == 1 and "libopenjp2" in warnings[0].getMessage()
 
 
@@ -237,7 +237,7 @@ def test_fast_decoder_failure_falls_back_to_the_full_path(monkeypatch: pytest.Mo
     def broken(frame: bytes, level: int) -> np.ndarray:
         raise RuntimeError("OpenJPEG: tile decode failed")
 
-    monkeypatch.setattr(reduced_decode, "decode_j2k_level", broken)
+    monkeypatch.setattr(reduced, "decode_j2k_level", broken)
     data = _radiograph(1000, 800, PixelFormat(bits_stored=12), "j2k")
     image, decoded = decode_model_input(data)
     assert decoded.path == "full"
@@ -268,7 +268,7 @@ def _corpus_candidates() -> list[dict[str, str]]:
         return []
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    syntaxes = reduced_decode.J2K_SYNTAXES | reduced_decode.JPEG_SYNTAXES
+    syntaxes = reduced.J2K_SYNTAXES | reduced.JPEG_SYNTAXES
     return [
         row
         for row in rows

@@ -1,10 +1,16 @@
-"""beam_pipelines.rows: reading and validating metadata.csv rows."""
+"""beam_pipelines.transforms.rows: reading and validating metadata.csv rows."""
 
 from __future__ import annotations
 
 import pytest
 
-from beam_pipelines.rows import MetadataError, ValidRow, iter_metadata, resolve_path, validate_row
+from beam_pipelines.transforms.rows import (
+    MetadataError,
+    ValidRow,
+    iter_metadata,
+    resolve_path,
+    validate_row,
+)
 
 HEADER = "PatientID,StudyID,DicomPath,ViewPosition,Abnormal,Age,Sex,Site\n"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import predictions
 from beam_pipelines import score
+from beam_pipelines.contracts import predictions
 from tests.conftest import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
@@ -160,7 +160,7 @@ def test_a_corrupt_shard_is_one_reject_and_the_rest_is_scored(
 ) -> None:
     import shutil
 
-    from beam_pipelines import tfrecord
+    from beam_pipelines.storage import tfrecord
 
     data = tmp_path / "pre"
     good = sorted((preprocessed / "train").glob("part-*.tfrecord.gz"))[0]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis import predictions
 from beam_pipelines import score
+from beam_pipelines.contracts import predictions
 from tests.conftest import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow

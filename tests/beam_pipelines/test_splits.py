@@ -1,4 +1,4 @@
-"""beam_pipelines.splits: patient-level, stratified, deterministic, pinnable."""
+"""beam_pipelines.contracts.splits: patient-level, stratified, deterministic, pinnable."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from beam_pipelines.splits import (
+from beam_pipelines.contracts.splits import (
     SPLITS,
     assign_splits,
     format_splits_csv,

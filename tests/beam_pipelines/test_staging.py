@@ -1,4 +1,4 @@
-"""beam_pipelines.staging: chunks appended per bundle, read back by reference."""
+"""beam_pipelines.storage.staging: chunks appended per bundle, read back by reference."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from beam_pipelines.staging import BundleStager, read_chunks
+from beam_pipelines.storage.staging import BundleStager, read_chunks
 
 
 def _stage(folder: Path, chunks: list[bytes]) -> list[tuple[str, int, int]]:
@@ -55,7 +55,7 @@ def test_a_cut_short_staging_file_is_an_error(tmp_path: Path) -> None:
 def test_object_stores_get_one_object_per_chunk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from beam_pipelines import staging
+    from beam_pipelines.storage import staging
 
     assert staging._is_object_store("gs://bucket/out/.staging")
     assert not staging._is_object_store("/data/out/.staging")

@@ -1,4 +1,4 @@
-"""beam_pipelines.tfrecord: TensorFlow-compatible, deterministic, atomic."""
+"""beam_pipelines.storage.tfrecord: TensorFlow-compatible, deterministic, atomic."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from beam_pipelines.tfrecord import (
+from beam_pipelines.storage.tfrecord import (
     compress_record,
     read_tfrecord_gz,
     write_compressed_gz,
@@ -56,7 +56,7 @@ def test_chunks_compressed_apart_make_one_ordinary_gzip_member(tmp_path: Path) -
     import gzip
     import zlib
 
-    from beam_pipelines.tfrecord import frame
+    from beam_pipelines.storage.tfrecord import frame
 
     chunks = [compress_record(r) for r in RECORDS]
     path = tmp_path / "chunks.tfrecord.gz"
@@ -95,7 +95,7 @@ def test_a_chunk_that_is_not_one_is_refused(tmp_path: Path) -> None:
 def test_crc32_combine_agrees_with_one_pass_over_both_parts() -> None:
     import zlib
 
-    from beam_pipelines import tfrecord
+    from beam_pipelines.storage import tfrecord
 
     rng = np.random.default_rng(7)
     for first_size, second_size in ((0, 0), (1, 0), (0, 5), (1000, 100_003), (3, 2_000_000)):

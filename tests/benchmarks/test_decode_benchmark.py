@@ -10,7 +10,7 @@ from types import ModuleType
 import pytest
 
 from archive_tools.dicom_writer import ENCODINGS
-from beam_pipelines.reduced_decode import j2k_available
+from beam_pipelines.dicom.reduced import j2k_available
 from tests.benchmarks.conftest import loaded_script
 
 _NAME = "decode_benchmark"

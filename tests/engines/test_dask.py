@@ -18,8 +18,8 @@ from pathlib import Path
 import apache_beam as beam
 import pytest
 
-from analysis import predictions
 from beam_pipelines import preprocess, score
+from beam_pipelines.contracts import predictions
 from beam_pipelines.options import pipeline_options
 from tests.beam_pipelines.conftest import output_files
 from tests.conftest import LOCAL_RUNNER

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis import predictions
 from beam_pipelines import preprocess, score
+from beam_pipelines.contracts import predictions
 from engines import procs, session, tools
 from tests.beam_pipelines.conftest import output_files
 from tests.conftest import LOCAL_RUNNER

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import predictions
-from beam_pipelines import schema, tfrecord
+from beam_pipelines.contracts import predictions, records
+from beam_pipelines.storage import tfrecord
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def test_exported_model_reloads_and_predicts_the_same(trained: Path, preprocesse
     import tensorflow as tf
 
     records = [
-        schema.parse_example(r)
+        records.parse_example(r)
         for path in sorted((preprocessed / "validation").glob("*.tfrecord.gz"))
         for r in tfrecord.read_tfrecord_gz(str(path))
     ][:6]

@@ -1,17 +1,17 @@
 """The preprocessed-record contract: one ``tf.train.Example`` per image.
 
 Preprocessing writes records with :func:`serialize`; the trainer, the scorer,
-the tests and users read them with :func:`parse_example` (numpy) or
-:func:`tf_parse_example` (inside a ``tf.data`` graph). Nothing else knows the
-feature keys.
+the tests and users read them with :func:`parse_example` (numpy); the
+trainer parses them inside its ``tf.data`` graph (``trainer.data``) from the
+feature keys and layout defined here. Nothing else spells the feature keys.
 
 Pixels are stored losslessly at 16 bits: the [0, 1] float image is rounded to
 ``uint16`` (``round(x * 65535)``, a step of 1.5e-5, finer than any 12–16-bit
 source after normalization) and kept as raw little-endian bytes; the TFRecord
 files are gzip-compressed as a whole.
 
-Serializing and parsing use :mod:`beam_pipelines.example_proto` (the same
-wire format, no TensorFlow import); only the TF-graph parser needs TensorFlow.
+Serializing and parsing use :mod:`beam_pipelines.contracts.example_proto` (the same
+wire format, no TensorFlow import).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from beam_pipelines import example_proto
+from beam_pipelines.contracts import example_proto
 
 SCHEMA_VERSION = 1
 IMAGE_SIZE = 224
 IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
 IMAGE_BITS = 16
-_IMAGE_MAX = 2**IMAGE_BITS - 1
+IMAGE_MAX = 2**IMAGE_BITS - 1
 
 IMAGE = "image/raw_u16le"
 LABEL = "label"
@@ -50,7 +50,7 @@ UNKNOWN_AGE = -1
 
 def quantize(image: np.ndarray) -> np.ndarray:
     """Rounds a [0, 1] image to the stored ``uint16`` values."""
-    return np.rint(np.clip(image, 0.0, 1.0) * _IMAGE_MAX).astype("<u2")
+    return np.rint(np.clip(image, 0.0, 1.0) * IMAGE_MAX).astype("<u2")
 
 
 def as_stored(image: np.ndarray) -> np.ndarray:
@@ -59,7 +59,7 @@ def as_stored(image: np.ndarray) -> np.ndarray:
     Scoring straight from DICOM passes images through this, so a file scored
     from DICOM and from its preprocessed shard gets the very same input.
     """
-    return quantize(image).astype(np.float32) / _IMAGE_MAX
+    return quantize(image).astype(np.float32) / IMAGE_MAX
 
 
 def serialize(record: dict[str, Any]) -> bytes:
@@ -131,7 +131,7 @@ def parse_example(serialized: bytes) -> dict[str, Any]:
     example = example_proto.Example.FromString(serialized)
     feature = example.features.feature
     raw = feature[IMAGE].bytes_list.value[0]
-    image = np.frombuffer(raw, dtype="<u2").reshape(IMAGE_SHAPE).astype(np.float32) / _IMAGE_MAX
+    image = np.frombuffer(raw, dtype="<u2").reshape(IMAGE_SHAPE).astype(np.float32) / IMAGE_MAX
     out: dict[str, Any] = {"image": image}
     for key in STRING_FEATURES:
         out[key] = feature[key].bytes_list.value[0].decode("utf-8")
@@ -140,44 +140,3 @@ def parse_example(serialized: bytes) -> dict[str, Any]:
     out["extra"] = json.loads(out.pop(EXTRA))
     out[AGE] = None if out[AGE] == UNKNOWN_AGE else out[AGE]
     return out
-
-
-def tf_feature_spec() -> dict[str, Any]:
-    """The ``tf.io.parse_example`` feature spec of a record."""
-    import tensorflow as tf
-
-    spec: dict[str, Any] = {IMAGE: tf.io.FixedLenFeature([], tf.string)}
-    spec.update({key: tf.io.FixedLenFeature([], tf.string) for key in STRING_FEATURES})
-    spec.update({key: tf.io.FixedLenFeature([], tf.int64) for key in INT_FEATURES})
-    return spec
-
-
-def tf_parse_examples(serialized: Any) -> dict[str, Any]:
-    """Parses a batch (1-D string tensor) at once: one vectorized op per feature.
-
-    Returns:
-        As :func:`tf_parse_example`, with a leading batch dimension
-        (``image``: float32 ``(batch, 224, 224, 1)``).
-    """
-    import tensorflow as tf
-
-    parsed = tf.io.parse_example(serialized, tf_feature_spec())
-    pixels = tf.io.decode_raw(parsed.pop(IMAGE), tf.uint16, little_endian=True)
-    image = tf.reshape(tf.cast(pixels, tf.float32) / float(_IMAGE_MAX), (-1, *IMAGE_SHAPE))
-    return {"image": image, **parsed}
-
-
-def tf_parse_example(serialized: Any) -> dict[str, Any]:
-    """Parses a scalar string tensor inside a TF graph (the trainer's decoder).
-
-    Returns:
-        A dict of tensors: ``image`` float32 ``(224, 224, 1)`` in [0, 1],
-        ``label`` int64, and the other features as in the spec (``age`` is
-        ``-1`` when unknown).
-    """
-    import tensorflow as tf
-
-    parsed = tf.io.parse_single_example(serialized, tf_feature_spec())
-    pixels = tf.io.decode_raw(parsed.pop(IMAGE), tf.uint16, little_endian=True)
-    image = tf.reshape(tf.cast(pixels, tf.float32) / float(_IMAGE_MAX), IMAGE_SHAPE)
-    return {"image": image, **parsed}

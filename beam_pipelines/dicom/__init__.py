@@ -50,7 +50,7 @@ scale (``voi="bit_range"``), whatever ``range_source`` says.
 Steps 2–5 are evaluated over every 8/16-bit value the header allows. When
 the result is a clipped straight line (image or bit range, rescale, LINEAR
 windows, inversion: nearly every radiograph) the pixels are mapped in one
-pass by :mod:`beam_pipelines.pixel_map`; otherwise (LUT sequences, SIGMOID)
+pass by :mod:`beam_pipelines.dicom.pixel_map`; otherwise (LUT sequences, SIGMOID)
 through one table gather. :func:`decode_model_input` also does the resize's first
 box average in that pass, so the full-size float image is never made.
 
@@ -84,7 +84,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from beam_pipelines import pixel_map, reduced_decode
+from beam_pipelines.dicom import pixel_map
+from beam_pipelines.dicom import reduced as reduced_decode
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ class DecodeOptions:
             read, checked between its chunks (``unreadable``).
         reduced_resolution: let :func:`decode_model_input` decode JPEG 2000
             and 8-bit JPEG at a reduced resolution that is still at least the
-            model input's size (see :mod:`beam_pipelines.reduced_decode`);
+            model input's size (see :mod:`beam_pipelines.dicom.reduced`);
             False always decodes every pixel.
     """
 
@@ -387,7 +388,7 @@ def read_bytes(
 
 
 def _read_path(path: str, max_bytes: int, timeout_s: float) -> bytes:
-    from beam_pipelines.files import is_local, local_path
+    from beam_pipelines.storage.files import is_local, local_path
 
     if is_local(path):
         return _read_local(local_path(path), max_bytes, timeout_s)
@@ -813,7 +814,7 @@ def read_header(ds: Dataset) -> DicomHeader:
 
     Malformed optional values (age, sex, spacing) become None, never errors.
     """
-    from beam_pipelines.metadata import parse_age, parse_sex
+    from beam_pipelines.contracts.metadata import parse_age, parse_sex
 
     return DicomHeader(
         rows=_int(ds, "Rows"),
@@ -1045,7 +1046,7 @@ def _native_view(ds: Dataset, header: DicomHeader) -> np.ndarray | None:
 
     Returns None when the file is not such a case (pydicom then decodes).
     The view keeps the file's byte order and any unused high bits: the
-    intensity mapping cleans them on the fly (:mod:`beam_pipelines.pixel_map`).
+    intensity mapping cleans them on the fly (:mod:`beam_pipelines.dicom.pixel_map`).
     """
     data = ds.__dict__.get("_xray_bytes")
     element: Any = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
@@ -1287,7 +1288,7 @@ class _Mapping:
     """Stored value -> [0, 1], evaluated once over every value that can occur.
 
     A clipped straight line (bit range, rescale, LINEAR windows, inversion)
-    is applied in one pass by :mod:`beam_pipelines.pixel_map`; anything else
+    is applied in one pass by :mod:`beam_pipelines.dicom.pixel_map`; anything else
     through ``table``, one gather; 32-bit data element-wise.
     """
 

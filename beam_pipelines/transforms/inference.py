@@ -40,7 +40,7 @@ def model_file_problem(model_dir: str) -> str | None:
     import json
     import zipfile
 
-    from beam_pipelines.files import input_file_problem, read_bytes
+    from beam_pipelines.storage.files import input_file_problem, read_bytes
 
     path = f"{model_dir.rstrip('/')}/{KERAS_FILE}"
     problem = input_file_problem(path)

@@ -31,8 +31,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_pipelines import metadata as md
-from beam_pipelines.outcomes import KEPT, REJECTED
+from beam_pipelines.contracts import metadata as md
+from beam_pipelines.transforms.outcomes import KEPT, REJECTED
 
 #: Columns scoring needs: the rest (labels included) may be absent.
 SCORING_REQUIRED_COLUMNS: tuple[str, ...] = (md.DICOM_PATH,)

@@ -5,7 +5,7 @@ make the whole grayscale pipeline one clipped straight line over the stored
 values (:mod:`beam_pipelines.dicom` finds it). Evaluating it with numpy takes
 up to five passes over a radiograph (byte swap or bit mask, float32
 conversion, multiply, add, clip), which cost 1.4-2.1x pydicom's whole
-``pixel_array``. The C kernel ``beam_pipelines._pixel_kernels`` (built by
+``pixel_array``. The C kernel ``beam_pipelines.dicom._pixel_kernels`` (built by
 ``setup.py``; optional) does all of it in one pass with the GIL released.
 Without it the numpy fallback here gives bit-identical results, slower.
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def _load_kernels() -> ModuleType | None:
     try:
-        return importlib.import_module("beam_pipelines._pixel_kernels")
+        return importlib.import_module("beam_pipelines.dicom._pixel_kernels")
     except ImportError:  # built without a C compiler: numpy does the same maths
         return None
 
@@ -181,6 +181,6 @@ def _warn_fallback() -> None:
     if _kernels is None and not _warned:
         _warned = True
         logger.warning(
-            "beam_pipelines._pixel_kernels is not built (no C compiler at install?): "
+            "beam_pipelines.dicom._pixel_kernels is not built (no C compiler at install?): "
             "pixel normalization uses numpy, about 2x slower for uncompressed files"
         )

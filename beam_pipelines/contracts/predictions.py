@@ -3,7 +3,7 @@
 Parquet, one row per image. This module owns the columns and their types;
 writers and readers import it. ``predicted`` is the 0/1 finding at the
 model's operating point (null when the model has none); the operating point
-itself rides in each file's footer (:mod:`analysis.operating_point`).
+itself rides in each file's footer (:mod:`beam_pipelines.contracts.operating_point`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,18 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(SCHEMA.names)
+#: The columns an image brings from its metadata row or record, before scoring.
+IMAGE_COLUMNS: tuple[str, ...] = (
+    "dicom_path",
+    "patient_id",
+    "study_id",
+    "view_position",
+    "age",
+    "sex",
+    "label",
+)
+#: The columns the scorer or trainer adds.
+SCORING_COLUMNS: tuple[str, ...] = ("split", "score", "predicted", "model_id")
 
 
 def to_table(
@@ -57,7 +69,7 @@ def to_table(
         pa.array(columns[f.name], type=f.type) if f.name in columns else pa.nulls(rows, f.type)
         for f in SCHEMA
     ]
-    from analysis.operating_point import footer
+    from beam_pipelines.contracts.operating_point import footer
 
     return pa.Table.from_arrays(arrays, schema=SCHEMA.with_metadata(footer(operating_point)))
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import apache_beam as beam
 
-from beam_pipelines.files import atomic_create, read_bytes, write_text
+from beam_pipelines.storage.files import atomic_create, read_bytes, write_text
 
 KEPT = "kept"
 REJECTED = "rejected"

@@ -23,7 +23,7 @@ import socket
 import time
 from typing import IO, Any
 
-from beam_pipelines.files import is_local
+from beam_pipelines.storage.files import is_local
 
 
 class OutputLocked(RuntimeError):
@@ -101,7 +101,7 @@ class OutputLock:
     def _acquire_object(self) -> None:
         from apache_beam.io.filesystems import FileSystems
 
-        from beam_pipelines.files import read_bytes, write_text
+        from beam_pipelines.storage.files import read_bytes, write_text
 
         if FileSystems.exists(self.path):
             raw = read_bytes(self.path)

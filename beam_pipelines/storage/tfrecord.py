@@ -25,7 +25,7 @@ import google_crc32c
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipelines.files import atomic_create
+from beam_pipelines.storage.files import atomic_create
 
 _MASK_DELTA = 0xA282EAD8
 

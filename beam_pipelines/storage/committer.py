@@ -4,7 +4,7 @@ Every job (preprocess, score, train, analyze) writes through an
 :class:`OutputTransaction` (the output-committer idea of Hadoop and Spark, for
 a whole job):
 
-- The run holds the output's lock (:mod:`beam_pipelines.output_lock`) from
+- The run holds the output's lock (:mod:`beam_pipelines.storage.output_lock`) from
   before any work until after the commit.
 - It writes everything into its own work folder ``<parent>/.<name>.work``,
   never into the output itself.
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from beam_pipelines.files import files_below, is_local, local_path, remove_tree
-from beam_pipelines.output_lock import OutputLock, OutputLocked
+from beam_pipelines.storage.files import files_below, is_local, local_path, remove_tree
+from beam_pipelines.storage.output_lock import OutputLock, OutputLocked
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _exists(path: str) -> bool:
 def _read_json(path: str) -> dict[str, Any] | None:
     if not _exists(path):
         return None
-    from beam_pipelines.files import read_bytes
+    from beam_pipelines.storage.files import read_bytes
 
     try:
         value = json.loads(read_bytes(path))
@@ -144,7 +144,7 @@ def _read_json(path: str) -> dict[str, Any] | None:
 
 
 def _write_json(path: str, value: dict[str, Any]) -> None:
-    from beam_pipelines.files import write_text
+    from beam_pipelines.storage.files import write_text
 
     write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 

@@ -94,7 +94,7 @@ def write(model_dir: str, point: dict[str, Any]) -> None:
 
 def read(model_dir: str) -> dict[str, Any] | None:
     """The operating point stored in a model folder (any Beam filesystem), or None."""
-    from beam_pipelines.files import input_file_problem, read_bytes
+    from beam_pipelines.storage.files import input_file_problem, read_bytes
 
     path = f"{model_dir.rstrip('/')}/{FILE}"
     if input_file_problem(path):
