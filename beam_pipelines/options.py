@@ -8,7 +8,7 @@ import os
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from beam_pipelines.dicom import DecodeOptions
-from beam_pipelines.transforms.rows import allowed_schemes_for, parse_schemes
+from beam_pipelines.storage.paths import allowed_schemes_for, parse_schemes
 
 _BEAM_DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
 

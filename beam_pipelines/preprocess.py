@@ -32,6 +32,8 @@ from beam_pipelines import dicom, malloc_tuning
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
 from beam_pipelines.contracts import records, splits
+from beam_pipelines.contracts.metadata import MetadataError
+from beam_pipelines.contracts.rejects import INTERNAL_ERROR, internal_error_detail, reject
 from beam_pipelines.options import (
     add_decode_arguments,
     add_input_arguments,
@@ -52,25 +54,21 @@ from beam_pipelines.storage.files import (
     remove_tree,
     write_text,
 )
+from beam_pipelines.storage.paths import archive_root_for
 from beam_pipelines.transforms.outcomes import (
-    INTERNAL_ERROR,
     KEPT,
     REJECTED,
     Progress,
     SplitOutcomes,
     WriteRejects,
     block_parts,
-    internal_error_detail,
 )
 from beam_pipelines.transforms.rows import (
-    MetadataError,
     ReadMetadataFn,
     RejectDuplicatePaths,
     ValidateRowFn,
     ValidRow,
-    archive_root_for,
     check_metadata,
-    reject,
 )
 
 logger = logging.getLogger(__name__)

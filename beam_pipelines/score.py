@@ -38,6 +38,8 @@ from beam_pipelines import dicom, malloc_tuning
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
 from beam_pipelines.contracts import records
+from beam_pipelines.contracts.metadata import SCORING_REQUIRED_COLUMNS, MetadataError
+from beam_pipelines.contracts.rejects import INTERNAL_ERROR, internal_error_detail, reject
 from beam_pipelines.options import (
     add_decode_arguments,
     add_input_arguments,
@@ -54,6 +56,7 @@ from beam_pipelines.storage.files import (
     remove_matching,
     write_text,
 )
+from beam_pipelines.storage.paths import archive_root_for
 from beam_pipelines.storage.sharding import shard_count, shard_of
 from beam_pipelines.transforms.inference import (
     InferenceError,
@@ -61,25 +64,19 @@ from beam_pipelines.transforms.inference import (
     model_file_problem,
 )
 from beam_pipelines.transforms.outcomes import (
-    INTERNAL_ERROR,
     KEPT,
     REJECTED,
     Progress,
     SplitOutcomes,
     WriteRejects,
     block_parts,
-    internal_error_detail,
 )
 from beam_pipelines.transforms.rows import (
-    SCORING_REQUIRED_COLUMNS,
-    MetadataError,
     ReadMetadataFn,
     RejectDuplicatePaths,
     ValidateRowFn,
     ValidRow,
-    archive_root_for,
     check_metadata,
-    reject,
 )
 
 logger = logging.getLogger(__name__)

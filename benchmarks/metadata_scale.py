@@ -105,7 +105,8 @@ def _peak_rss_mib() -> float:
 
 def _child(csv_path: str, root: str, mode: str) -> dict[str, Any]:
     """Runs in its own process: validates every row, returns counts, time and memory."""
-    from beam_pipelines.transforms.rows import ValidRow, iter_metadata, read_metadata, validate_row
+    from beam_pipelines.contracts.metadata import iter_metadata
+    from beam_pipelines.transforms.rows import ValidRow, read_metadata, validate_row
 
     baseline = _peak_rss_mib()
     start = time.perf_counter()

@@ -27,7 +27,7 @@ from typing import BinaryIO
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from beam_pipelines.transforms.rows import uri_scheme
+from beam_pipelines.storage.paths import uri_scheme
 
 # (staging file, byte offset, length) of one chunk.
 ChunkRef = tuple[str, int, int]

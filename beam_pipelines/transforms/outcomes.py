@@ -15,41 +15,11 @@ from typing import Any
 
 import apache_beam as beam
 
+from beam_pipelines.contracts.rejects import order as reject_order
 from beam_pipelines.storage.files import atomic_create, read_bytes, write_text
 
 KEPT = "kept"
 REJECTED = "rejected"
-
-#: Reject reason of an input a stage failed on unexpectedly (a bug, not a bad file).
-INTERNAL_ERROR = "internal_error"
-
-
-def internal_error_detail(exc: Exception, stage: str, row: int | None) -> str:
-    """Logs an unexpected exception on one input and returns its reject detail.
-
-    A decoder bug on one file must not fail a job over millions: the input
-    becomes an ``internal_error`` reject instead. The detail and the log line
-    hold the exception's type and its message with quoted values redacted
-    (they may be header values, i.e. PHI); the log adds the traceback's frames
-    (code locations only) and the metadata row, never the path, which can
-    carry a patient's name. Callers let ``MemoryError`` (the worker's
-    problem, not the input's) and non-``Exception`` errors propagate.
-    """
-    import traceback
-
-    from beam_pipelines.dicom import redact
-
-    detail = f"{type(exc).__name__}: {redact(exc)}"
-    frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
-    logging.getLogger(__name__).warning(
-        "%s stage: unexpected error on metadata row %s, rejected as %s: %s\n%s",
-        stage,
-        "(none)" if row is None else row,
-        INTERNAL_ERROR,
-        detail,
-        frames,
-    )
-    return detail
 
 
 class SplitOutcomes(beam.PTransform):
@@ -63,15 +33,10 @@ class SplitOutcomes(beam.PTransform):
         return kept, rejected
 
 
-def _order(record: dict[str, Any]) -> tuple[bool, int, str]:
-    row = record.get("row")
-    return row is None, row or 0, record.get("dicom_path") or ""
-
-
 #: Rejects are grouped by blocks of this many metadata rows: no worker ever
 #: holds more than one block's rejects, however many the archive has.
 REJECT_BLOCK_ROWS = 100_000
-# Rejects without a row (none today) sort after every row, as in _order.
+# Rejects without a row (none today) sort after every row, as in the contract's order.
 _NO_ROW_BLOCK = 2**62
 
 
@@ -107,7 +72,9 @@ class WriteRejects(beam.PTransform):
 
         def write_block(element: tuple[int, Iterable[dict[str, Any]]]) -> tuple[int, str]:
             block, records = element
-            lines = [json.dumps(r, sort_keys=True) + "\n" for r in sorted(records, key=_order)]
+            lines = [
+                json.dumps(r, sort_keys=True) + "\n" for r in sorted(records, key=reject_order)
+            ]
             return block, write_text(f"{path}.part-{block:019d}", "".join(lines))
 
         def concatenate(target: str, parts: list[tuple[int, str]]) -> str:

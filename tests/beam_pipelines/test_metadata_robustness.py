@@ -31,18 +31,21 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipelines import options
-from beam_pipelines.transforms import rows
+from beam_pipelines.contracts.metadata import (
+    SCORING_REQUIRED_COLUMNS,
+    MetadataError,
+    iter_metadata,
+    metadata_text,
+)
+from beam_pipelines.contracts.rejects import VALIDATE_REASONS
+from beam_pipelines.storage.paths import resolve_path
 from beam_pipelines.transforms.outcomes import SplitOutcomes
 from beam_pipelines.transforms.rows import (
-    MetadataError,
     ReadMetadataFn,
     ValidateRowFn,
     ValidRow,
     check_metadata,
-    iter_metadata,
-    metadata_text,
     read_metadata,
-    resolve_path,
     validate_row,
 )
 
@@ -219,7 +222,7 @@ def test_empty_file_is_refused() -> None:
 
 def test_scoring_needs_only_the_path_column() -> None:
     text = "DicomPath\na.dcm\n"
-    ((row, cells),) = iter_metadata(text, rows.SCORING_REQUIRED_COLUMNS)
+    ((row, cells),) = iter_metadata(text, SCORING_REQUIRED_COLUMNS)
     assert isinstance(validate_row(row, cells, "/archive", scoring=True), ValidRow)
 
 
@@ -636,5 +639,5 @@ def test_score_summary_counts_every_reason(
 
 def test_readme_lists_every_validate_reason() -> None:
     readme = (REPO / "README.md").read_text()
-    missing = [r for r in rows.VALIDATE_REASONS if f"`{r}`" not in readme]
+    missing = [r for r in VALIDATE_REASONS if f"`{r}`" not in readme]
     assert not missing, f"README lists no {missing}"

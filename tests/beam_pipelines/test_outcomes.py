@@ -9,9 +9,9 @@ from pathlib import Path
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
 
+from beam_pipelines.contracts.rejects import reject
 from beam_pipelines.storage.files import remove_matching
 from beam_pipelines.transforms.outcomes import WriteRejects, block_parts
-from beam_pipelines.transforms.rows import reject
 
 
 def _write(tmp_path: Path, records: list[dict], block_rows: int) -> list[dict]:

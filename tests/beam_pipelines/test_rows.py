@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from beam_pipelines.transforms.rows import (
-    MetadataError,
-    ValidRow,
-    iter_metadata,
-    resolve_path,
-    validate_row,
-)
+from beam_pipelines.contracts.metadata import MetadataError, iter_metadata
+from beam_pipelines.storage.paths import resolve_path
+from beam_pipelines.transforms.rows import ValidRow, validate_row
 
 HEADER = "PatientID,StudyID,DicomPath,ViewPosition,Abnormal,Age,Sex,Site\n"
 
