@@ -106,8 +106,8 @@ from beam_pipelines.contracts.metadata import (
     VIEW_POSITION,
     format_label,
 )
-from beam_pipelines.preprocess import make_record
 from beam_pipelines.storage import tfrecord
+from beam_pipelines.transforms.decode import make_record
 from beam_pipelines.transforms.rows import ValidRow, validate_row
 
 logger = logging.getLogger(__name__)
@@ -384,9 +384,8 @@ def _record(
     valid = validate_row(row, cells, str(root))
     if not isinstance(valid, ValidRow):
         raise RuntimeError(f"benchmark archive row {row} is invalid: {valid['reason']}")
-    record = make_record(valid, options, "pad")
-    # The job pops its counter fields before serializing.
-    return {key: value for key, value in record.items() if not key.startswith("_")}
+    image, decoded = dicom.decode_model_input(valid.resolved_path, options, policy="pad")
+    return make_record(valid, image, decoded)
 
 
 def _steal_seconds() -> float:

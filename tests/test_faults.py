@@ -251,8 +251,10 @@ def test_memory_error_and_interrupts_still_propagate(
     from beam_pipelines.transforms.rows import ValidRow
 
     row = ValidRow(1, "P1", "S1", "a.dcm", str(tmp_path / "a.dcm"), "PA", True, 40, "F", {})
-    preprocess_fn = preprocess.DecodeAndStageFn(dicom.DecodeOptions(), "pad", str(tmp_path), 0)
-    score_fn = score.DecodeForScoringFn(dicom.DecodeOptions(), "pad")
+    from beam_pipelines.transforms.decode import DecodeAndStageFn, DecodeForScoringFn
+
+    preprocess_fn = DecodeAndStageFn(dicom.DecodeOptions(), "pad", str(tmp_path), 0)
+    score_fn = DecodeForScoringFn(dicom.DecodeOptions(), "pad")
     for error in (MemoryError, KeyboardInterrupt):
 
         def fail(*args: object, error: type[BaseException] = error, **kwargs: object) -> None:

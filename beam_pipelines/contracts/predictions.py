@@ -8,6 +8,7 @@ itself rides in each file's footer (:mod:`beam_pipelines.contracts.operating_poi
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -148,3 +149,43 @@ def score_problem(path: str) -> str | None:
         f"has {bad.size} scores that are not probabilities in [0, 1] (e.g. {example}) "
         f"in rows {shown} (counted from 1)"
     )
+
+
+def summary_file(prefix: str) -> str:
+    """``PREFIX.summary.json``: the scoring run's accounting, written last."""
+    return f"{prefix}.summary.json"
+
+
+def summary(
+    inputs: int,
+    root: str,
+    model_id: str,
+    point: dict[str, Any] | None,
+    pseudonymized: str | None,
+    scored: int,
+    by_reason: dict[str, int],
+    files: list[str],
+    rejects_file: str,
+) -> dict[str, Any]:
+    """The summary of a scoring run: inputs = scored + rejected, files relative to ``root``.
+
+    Raises:
+        RuntimeError: when scored + rejected inputs do not add up.
+    """
+    document: dict[str, Any] = {
+        "inputs": inputs,
+        "scored": scored,
+        "rejected": sum(by_reason.values()),
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "model_id": model_id,
+        "operating_point": point,
+        "pseudonymized": pseudonymized,
+        # Relative to the folder of --output: the files are written elsewhere first.
+        "files": sorted(posixpath.relpath(f, root) for f in files),
+        "rejects_file": posixpath.relpath(rejects_file, root),
+    }
+    if document["scored"] + document["rejected"] != inputs:
+        raise RuntimeError(
+            f"accounting broken: {scored} scored + {document['rejected']} rejected != {inputs}"
+        )
+    return document

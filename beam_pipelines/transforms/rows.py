@@ -19,13 +19,14 @@ from apache_beam.metrics import Metrics
 
 from beam_pipelines.contracts import metadata as md
 from beam_pipelines.contracts.rejects import reject
+from beam_pipelines.privacy import Pseudonymizer
 from beam_pipelines.storage.paths import (
     allowed_schemes_for,
     file_identity,
     resolve_path,
     uri_scheme,
 )
-from beam_pipelines.transforms.outcomes import KEPT, REJECTED
+from beam_pipelines.transforms.outcomes import KEPT, REJECTED, SplitOutcomes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,3 +206,52 @@ class _KeepFirstFn(beam.DoFn):
                     f"same file as row {ordered[0].row}",
                 ),
             )
+
+
+class ReadValidRows(beam.PTransform):
+    """metadata.csv -> (every row read, the valid rows of distinct files, reject records).
+
+    The first stages of both jobs: read (one worker, streaming), spread,
+    validate, pseudonymize (when a key is given: from here on every
+    identifier is a pseudonym, so splits, records, rejects and shard
+    placement never see the originals), and reject later rows of a file
+    already listed.
+    """
+
+    def __init__(
+        self,
+        metadata: str,
+        archive_root: str,
+        allowed_schemes: Collection[str],
+        required: tuple[str, ...] = md.REQUIRED_COLUMNS,
+        scoring: bool = False,
+        pseudonymizer: Pseudonymizer | None = None,
+    ) -> None:
+        super().__init__()
+        self._metadata, self._archive_root = metadata, archive_root
+        self._allowed_schemes, self._required = allowed_schemes, required
+        self._scoring, self._pseudonymizer = scoring, pseudonymizer
+
+    def expand(
+        self, pipeline: beam.pvalue.PBegin
+    ) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
+        rows = (
+            pipeline
+            | "MetadataPath" >> beam.Create([self._metadata])
+            | "ReadMetadata" >> beam.ParDo(ReadMetadataFn(self._required))
+            | "Spread" >> beam.Reshuffle()
+        )
+        validate = ValidateRowFn(self._archive_root, self._scoring, self._allowed_schemes)
+        valid, invalid = (
+            rows | "ValidateRows" >> beam.ParDo(validate) | "RouteValidated" >> SplitOutcomes()
+        )
+        if self._pseudonymizer is not None:
+            valid = valid | "PseudonymizeRows" >> beam.Map(self._pseudonymizer.row)
+            invalid = invalid | "PseudonymizeRejects" >> beam.Map(self._pseudonymizer.record)
+        unique, duplicates = (
+            valid
+            | "RejectDuplicatePaths" >> RejectDuplicatePaths()
+            | "RouteUnique" >> SplitOutcomes()
+        )
+        rejects = (invalid, duplicates) | "RowRejects" >> beam.Flatten()
+        return rows, unique, rejects

@@ -14,8 +14,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from archive_tools.dicom_writer import PixelFormat, RadiographHeader, to_stored, write_dicom
 from beam_pipelines import dicom
 from beam_pipelines.contracts import records
-from beam_pipelines.preprocess import DecodeAndStageFn
 from beam_pipelines.storage import tfrecord
+from beam_pipelines.transforms.decode import DecodeAndStageFn
 from beam_pipelines.transforms.outcomes import SplitOutcomes
 from beam_pipelines.transforms.rows import RejectDuplicatePaths, ValidateRowFn, ValidRow
 
@@ -162,7 +162,7 @@ def test_progress_logs_now_and_then(caplog) -> None:
 
 
 def test_pixel_sums_are_exact_at_the_largest_values() -> None:
-    from beam_pipelines.preprocess import pixel_sums
+    from beam_pipelines.transforms.decode import pixel_sums
 
     stored = np.full(records.IMAGE_SHAPE, 65535, np.uint16)
     stored[0, 0, 0] = 1
@@ -174,7 +174,7 @@ def test_pixel_sums_are_exact_at_the_largest_values() -> None:
 def test_assign_splits_counts_each_splits_rows() -> None:
     import dataclasses
 
-    from beam_pipelines.preprocess import AssignSplits
+    from beam_pipelines.transforms.preprocessing import AssignSplits
 
     # 12 patients, 1-3 rows each; a patient is abnormal if any of its rows is.
     rows = [
@@ -200,9 +200,9 @@ def test_assign_splits_counts_each_splits_rows() -> None:
 
 
 def test_kept_stats_merged_from_parts_equal_one_pass() -> None:
-    from beam_pipelines.preprocess import _KeptStats
+    from beam_pipelines.transforms.preprocessing import KeptStats
 
-    stats = _KeptStats()
+    stats = KeptStats()
     summaries = [
         {
             "split": split,

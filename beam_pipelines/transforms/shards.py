@@ -1,0 +1,161 @@
+"""Sharded, sorted, atomic writes: the one skeleton behind both jobs' output files.
+
+Elements go to a shard by a hash of their path (so a file's content does not
+depend on the runner or on bundle order); every shard of the plan is written,
+even one that hashing left empty; each shard's writer sorts its elements and
+writes its file atomically (temporary name, then rename). Preprocessing
+writes TFRecord shards with it (:class:`WriteShards`), scoring Parquet files
+(:class:`WritePredictions`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+
+from beam_pipelines.contracts import splits
+from beam_pipelines.storage import staging, tfrecord
+from beam_pipelines.storage.files import atomic_create
+from beam_pipelines.storage.sharding import shard_count, shard_of
+from beam_pipelines.transforms.decode import shard_count as records_shard_count
+
+#: Prediction rows per Parquet file when the job is not given a fixed number of files.
+ROWS_PER_SHARD = 200_000
+
+
+class WriteEveryShard(beam.PTransform):
+    """Groups elements by shard and writes each shard of a plan, empty ones included.
+
+    Args:
+        plan: a one-element PCollection the shards follow (row counts).
+        shard_key: (element, plan) -> the element's shard key.
+        every_shard: plan -> the keys of every shard to write.
+        write: (shard key, the shard's elements) -> the written file's path.
+    """
+
+    def __init__(
+        self,
+        plan: beam.PCollection,
+        shard_key: Callable[[Any, Any], Hashable],
+        every_shard: Callable[[Any], Iterable[Hashable]],
+        write: Callable[[Any, list[Any]], str],
+    ) -> None:
+        super().__init__()
+        self._plan, self._shard_key = plan, shard_key
+        self._every_shard, self._write = every_shard, write
+
+    def expand(self, elements: beam.PCollection) -> beam.PCollection:
+        shard_key, every_shard, write = self._shard_key, self._every_shard, self._write
+        keyed = elements | "KeyByShard" >> beam.Map(
+            lambda e, plan: (shard_key(e, plan), e), pvalue.AsSingleton(self._plan)
+        )
+        empty = self._plan | "EveryShard" >> beam.FlatMap(
+            lambda plan: [(key, None) for key in every_shard(plan)]
+        )
+        return (
+            (keyed, empty)
+            | "WithEmptyShards" >> beam.Flatten()
+            | "GroupByShard" >> beam.GroupByKey()
+            | "WriteShard"
+            >> beam.MapTuple(lambda key, values: write(key, [v for v in values if v is not None]))
+        )
+
+
+class WriteShards(beam.PTransform):
+    """Writes ``<out>/<split>/part-SSSSS-of-NNNNN.tfrecord.gz``, byte-identical on reruns.
+
+    Records are ordered inside a shard by a keyed hash of their metadata row
+    (a stable shuffle: an archive listed label by label would otherwise give
+    shards, and so training batches, of one label at a time). Every shard of
+    a split that kept a record is written. Only (row, staged chunk reference)
+    pairs are grouped; the writer streams the staged records (already
+    compressed by the decode stage) into the shard. Staged files are shared
+    by many shards and a runner may retry or recompute a writer, so the job
+    removes them after the run, not here.
+    """
+
+    def __init__(self, out: str, num_shards: int, sizes: beam.PCollection, seed: int = 0) -> None:
+        """sizes: a one-element {split: rows} dict, the counts the decoder sharded by."""
+        super().__init__()
+        self._out, self._num_shards, self._sizes, self._seed = out, num_shards, sizes, seed
+
+    def expand(self, summaries: beam.PCollection) -> beam.PCollection:
+        out, num_shards, seed = self._out, self._num_shards, self._seed
+        # The shards of the splits that kept a record, with the decoder's shard counts.
+        plan = (
+            summaries
+            | "SplitName" >> beam.Map(lambda s: s["split"])
+            | "DistinctSplits" >> beam.Distinct()
+            | "KeptSplits" >> beam.combiners.ToList()
+            | "ShardsPerSplit"
+            >> beam.Map(
+                lambda kept, sizes: {s: records_shard_count(sizes[s], num_shards) for s in kept},
+                pvalue.AsSingleton(self._sizes),
+            )
+        )
+
+        def write(key: tuple[str, int, int], values: list[tuple[int, Any]]) -> str:
+            split, shard, shards = key
+            ordered = sorted((splits.order_key(seed, str(row)), ref) for row, ref in values)
+            path = f"{out}/{split}/part-{shard:05d}-of-{shards:05d}.tfrecord.gz"
+            with contextlib.closing(staging.read_chunks([ref for _, ref in ordered])) as chunks:
+                written = tfrecord.write_compressed_gz(path, chunks)
+            Metrics.counter(WriteShards, f"written_{split}").inc(written)
+            return path
+
+        return (
+            summaries
+            | "RowAndChunk" >> beam.Map(lambda s: (s["shard"], (s["row"], s["staged"])))
+            | "Write"
+            >> WriteEveryShard(
+                plan,
+                shard_key=lambda pair, _: pair[0],
+                every_shard=lambda plan: [
+                    (split, k, shards) for split, shards in plan.items() for k in range(shards)
+                ],
+                write=lambda key, pairs: write(key, [value for _, value in pairs]),
+            )
+        )
+
+
+class WritePredictions(beam.PTransform):
+    """Writes ``PREFIX-SSSSS-of-NNNNN.parquet``: hashed shards, rows sorted by path."""
+
+    def __init__(
+        self, prefix: str, num_shards: int, operating_point: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__()
+        self._prefix, self._num_shards = prefix, num_shards
+        self._operating_point = operating_point
+
+    def expand(self, predictions: beam.PCollection) -> beam.PCollection:
+        prefix, fixed, point = self._prefix, self._num_shards, self._operating_point
+        total = predictions | "CountPredictions" >> beam.combiners.Count.Globally()
+
+        def shards(count: int) -> int:
+            return shard_count(count, fixed, ROWS_PER_SHARD)
+
+        def write(key: tuple[int, int], rows: list[dict[str, Any]]) -> str:
+            import pyarrow.parquet as pq
+
+            from beam_pipelines.contracts import predictions as contract
+
+            shard, count = key
+            rows = sorted(rows, key=lambda p: p["dicom_path"])
+            columns = {name: [row.get(name) for row in rows] for name in contract.COLUMNS}
+            path = f"{prefix}-{shard:05d}-of-{count:05d}.parquet"
+            with atomic_create(path) as handle:
+                pq.write_table(contract.to_table(columns, point), handle)
+            return path
+
+        return predictions | "Write" >> WriteEveryShard(
+            total,
+            shard_key=lambda p, n: (shard_of(p["dicom_path"], shards(n)), shards(n)),
+            every_shard=lambda n: [(k, shards(n)) for k in range(shards(n))],
+            write=write,
+        )
