@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from beam_pipelines.privacy import install_log_filters
+
 EXIT_FAILED = 1
 EXIT_REFUSED = 2
 EXIT_EMPTY = 3
@@ -67,6 +69,7 @@ def main(prog: str, run: Callable[[], Any], describe: Callable[[Any], str]) -> N
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
     )
+    install_log_filters()  # no header value (PHI) in pydicom's log lines or warnings
     verbose = wants_traceback(sys.argv[1:])
     if not verbose:
         for handler in logging.getLogger().handlers:

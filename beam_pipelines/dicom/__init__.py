@@ -65,14 +65,10 @@ import io
 import logging
 import math
 import os
-import re
 import stat
-import threading
 import time
-import warnings
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, BinaryIO, Literal, NamedTuple
 
 import numpy as np
@@ -86,6 +82,7 @@ from pydicom.uid import UID
 
 from beam_pipelines.dicom import pixel_map
 from beam_pipelines.dicom import reduced as reduced_decode
+from beam_pipelines.privacy import quiet_plugin_errors, redact
 
 logger = logging.getLogger(__name__)
 
@@ -132,76 +129,6 @@ COLOR = (
 # Channels of a "grayscale saved as colour" image differ by at most this
 # fraction of full scale on average (lossy YBR round trips add a little).
 _GRAY_TOLERANCE = 0.01
-# What library messages may carry of a header's values (PHI): anything
-# quoted, person names (DICOM PN: Family^Given, with the words before it),
-# dates, UIDs and other long numbers (IDs). Short numbers (sizes, tags, bit
-# depths), byte counts and the standard's own UIDs (1.2.840.10008.*:
-# transfer syntaxes, SOP classes) stay readable.
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-_UNQUOTED_PHI = re.compile(
-    r"(?:[A-Z][\w-]* )*\S*\^\S*"
-    r"|\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b"
-    r"|(?<![\d.])(?!1\.2\.840\.10008\.)\d+(?:\.\d+){3,}\b"
-    r"|\b\d{6,}\b(?!(?:\s*(?:of|vs\.?|/|,|and)\s*\d+)*\s*bytes)"
-)
-# An apostrophe inside a word ("Patient's Age", a name as pydicom quotes it)
-# would pair with the next quote and leave the quoted value in the clear.
-_IN_WORD_APOSTROPHE = re.compile(r"(?<=\w)'(?=\w)")
-
-
-def redact_text(text: str) -> str:
-    """``text`` with quoted values, person names, dates, UIDs and long IDs blanked."""
-    # Quotes first: a quoted name must not take the word before it along.
-    unquoted = _QUOTED.sub("…", _IN_WORD_APOSTROPHE.sub("\u2019", text))
-    return _UNQUOTED_PHI.sub("…", unquoted)
-
-
-class _QuietPluginErrors(logging.Filter):
-    """Drops pydicom's per-plugin tracebacks while this module decodes.
-
-    pydicom logs each failing plugin at ERROR before raising; we turn the
-    failure into a reject record, so a broken file would otherwise print
-    several tracebacks to every worker log.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.active = threading.local()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(self.active, "on", False)
-
-
-_quiet = _QuietPluginErrors()
-logging.getLogger("pydicom.pixels.decoders.base").addFilter(_quiet)
-
-
-class _RedactValues(logging.Filter):
-    """Blanks header values in pydicom's log messages (:func:`redact_text`): they are PHI.
-
-    E.g. "Invalid value for VR AS: '<the value>'" becomes "... VR AS: …".
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = redact_text(record.getMessage()), None
-        return True
-
-
-_redact = _RedactValues()
-for _name in ("pydicom", "pydicom.pixels.utils", "pydicom.pixels.decoders.base"):
-    logging.getLogger(_name).addFilter(_redact)
-# pydicom sends each warning both to its (now redacted) logger and through
-# warnings.warn with the values in clear: drop the unredacted duplicate.
-warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-
-
-@contextmanager
-def _quiet_plugins() -> Iterator[None]:
-    _quiet.active.on = True
-    try:
-        yield
-    finally:
-        _quiet.active.on = False
 
 
 class DicomRejected(Exception):
@@ -1087,7 +1014,7 @@ def _decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
     for plugin in _plugins(decoder.available_plugins, syntax):
         try:
             # as_rgb converts YBR to RGB; index=0 decodes only the first frame.
-            with _quiet_plugins():
+            with quiet_plugin_errors():
                 # pydicom's stub types **kwargs as DecodeOptions; both are documented.
                 array, _ = decoder.as_array(
                     ds,
@@ -1699,11 +1626,6 @@ def _floats(ds: Dataset, keyword: str) -> list[float]:
             return []
         out.append(number)
     return out
-
-
-def redact(exc: BaseException, limit: int = 200) -> str:
-    """An exception message without header values (:func:`redact_text`), shortened."""
-    return redact_text(str(exc)).replace("\n", " ")[:limit]
 
 
 # --------------------------------------------------------------------------

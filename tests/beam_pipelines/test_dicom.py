@@ -418,36 +418,12 @@ _LEAK_PROBE = """
 import logging, sys
 import pydicom.config, pydicom.valuerep
 from beam_pipelines.dicom import decode
+from beam_pipelines.privacy import install_log_filters
 logging.basicConfig(level=logging.DEBUG)
+install_log_filters()
 decode(sys.stdin.buffer.read())
 pydicom.valuerep.validate_value("AS", "SECRETAGE", pydicom.config.WARN)
 """
-
-
-def test_redaction_blanks_what_may_be_header_values_and_keeps_the_rest() -> None:
-    from beam_pipelines.dicom import redact, redact_text
-
-    message = (
-        "bad 'quoted' and \"double\" values, Doe^Jane^M, UID 1.2.840.113619.2.55.3, "
-        "ID 0012345678, born 19500101; expected 2500 x 2048 at (0028,0010), 16 bits"
-    )
-    redacted = redact_text(message)
-    for secret in ("quoted", "double", "Doe", "Jane", "113619", "0012345678", "19500101"):
-        assert secret not in redacted
-    assert "expected 2500 x 2048 at (0028,0010), 16 bits" in redacted
-    assert redact(ValueError(message + "\nsecond line")) == redact_text(message + " second line")
-    # pydicom quotes element names that hold an apostrophe themselves.
-    pydicom_message = (
-        "Invalid buffer for (0010,0030) 'Patient's Birth Date': could not convert "
-        "'1970-01-01' to date; born 1970-01-01, Van Der Berg^Jan, 'Patient's Age' '45 years'"
-    )
-    redacted = redact_text(pydicom_message)
-    for secret in ("1970", "Van", "Der", "Berg", "Jan", "45 years"):
-        assert secret not in redacted, redacted
-    assert redacted.startswith("Invalid buffer for (0010,0030)")
-    # What is not a header value stays: byte counts, the standard's own UIDs.
-    diagnostic = "got 2097152 of 8388608 bytes for 1.2.840.10008.1.2.4.90"
-    assert redact_text(diagnostic) == diagnostic
 
 
 def test_pydicom_messages_about_header_values_do_not_leak_them(tmp_path: Path) -> None:
