@@ -30,174 +30,22 @@ notes), or that lies inside another job's output, is refused.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import errno
-import json
 import logging
 import os
 import posixpath
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from beam_pipelines.storage import files as storage
 from beam_pipelines.storage.files import files_below, is_local, local_path, remove_tree
 from beam_pipelines.storage.output_lock import OutputLock, OutputLocked
+from beam_pipelines.storage.output_target import RECORD, OutputRefused, OutputTarget, _join
 
 logger = logging.getLogger(__name__)
 
-#: The commit record's file name (a folder output) or suffix (a prefix output).
-RECORD = "commit.json"
 _MARKER = ".work.json"
-
-
-class OutputRefused(ValueError):
-    """The output location cannot be used; the message says why (one line)."""
-
-
-def _join(root: str, relative: str) -> str:
-    return f"{root.rstrip('/')}/{relative}" if root else relative
-
-
-@dataclass(frozen=True)
-class OutputTarget:
-    """Where a job's output goes: a folder, or the files of a prefix inside a folder."""
-
-    parent: str
-    name: str
-    folder: bool
-
-    @classmethod
-    def at(cls, path: str, folder: bool) -> OutputTarget:
-        """The target for ``--output_dir`` (folder=True) or a ``--output`` prefix."""
-        stripped = path.rstrip("/")
-        if not stripped or stripped in (".", ".."):
-            raise OutputRefused(f"{path!r} cannot be an output: name a folder of its own")
-        if is_local(stripped):
-            # One spelling per output, so one lock: a symlinked folder is its target.
-            local = local_path(stripped)
-            head, tail = os.path.split(local)
-            stripped = (
-                os.path.realpath(local)
-                if folder
-                else os.path.join(os.path.realpath(head or "."), tail)
-            )
-        parent, name = posixpath.split(stripped)
-        if name in (".", ".."):
-            raise OutputRefused(f"{path!r} cannot be an output: name a folder of its own")
-        return cls(parent or ".", name, folder)
-
-    @property
-    def path(self) -> str:
-        return _join(self.parent, self.name)
-
-    @property
-    def root(self) -> str:
-        """The folder the committed files are relative to."""
-        return self.path if self.folder else self.parent
-
-    @property
-    def work(self) -> str:
-        return _join(self.parent, f".{self.name}.work")
-
-    @property
-    def previous(self) -> str:
-        return _join(self.parent, f".{self.name}.previous")
-
-    @property
-    def lock(self) -> str:
-        return _join(self.parent, f".{self.name}.lock")
-
-    @property
-    def record_name(self) -> str:
-        return RECORD if self.folder else f"{self.name}.{RECORD}"
-
-    def job_path(self) -> str:
-        """What the job writes to: the work folder, or the prefix inside it."""
-        return self.work if self.folder else _join(self.work, self.name)
-
-
-# --------------------------------------------------------------------------
-# Filesystem operations: the OS for local paths, Beam's FileSystems otherwise.
-
-
-def _exists(path: str) -> bool:
-    if is_local(path):
-        return os.path.lexists(local_path(path))
-    from apache_beam.io.filesystems import FileSystems
-
-    return FileSystems.exists(path)
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    if not _exists(path):
-        return None
-    from beam_pipelines.storage.files import read_bytes
-
-    try:
-        value = json.loads(read_bytes(path))
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _write_json(path: str, value: dict[str, Any]) -> None:
-    from beam_pipelines.storage.files import write_text
-
-    write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
-
-
-def _move(source: str, target: str) -> None:
-    """Renames one file into place (replacing a file of that name)."""
-    if is_local(source):
-        os.makedirs(os.path.dirname(local_path(target)) or ".", exist_ok=True)
-        os.replace(local_path(source), local_path(target))
-        return
-    from apache_beam.io.filesystems import FileSystems
-
-    if FileSystems.exists(target):
-        FileSystems.delete([target])
-    FileSystems.rename([source], [target])
-
-
-def _delete(paths: list[str]) -> None:
-    existing = [p for p in paths if _exists(p)]
-    if not existing:
-        return
-    if is_local(existing[0]):
-        for path in existing:
-            os.remove(local_path(path))
-        return
-    from apache_beam.io.filesystems import FileSystems
-
-    FileSystems.delete(existing)
-
-
-def _remove_empty_folders(root: str) -> None:
-    """Removes root and the folders below it that hold no file (local only)."""
-    base = local_path(root)
-    for folder, _, _ in sorted(os.walk(base), key=lambda entry: -len(entry[0])):
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
-
-
-def _exchange(first: str, second: str) -> bool:
-    """Swaps two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange)
-    if result == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), second)
 
 
 def _ancestors(path: str) -> Iterator[str]:
@@ -374,9 +222,11 @@ class OutputTransaction:
         files = [f for f in files_below(self.work) if f not in (_MARKER, self.target.record_name)]
         if last is not None and last in files:
             files = [f for f in files if f != last] + [last]
-        _write_json(_join(self.work, self.target.record_name), {"job": self.job, "files": files})
+        storage.write_json(
+            _join(self.work, self.target.record_name), {"job": self.job, "files": files}
+        )
         self._commit_started = True
-        _delete([_join(self.work, _MARKER)])
+        storage.delete([_join(self.work, _MARKER)])
         if self._file_by_file:
             self._roll_forward()
             self._committed = True
@@ -406,7 +256,7 @@ class OutputTransaction:
                 raise OutputRefused(f"{given} lies inside the output {target.path}: choose another")
         start = target.path if target.folder else _join(target.parent, "x")
         for folder in _ancestors(start):
-            record = _read_json(_join(folder, RECORD))
+            record = storage.read_json(_join(folder, RECORD))
             if record is not None and "job" in record:
                 raise OutputRefused(
                     f"{target.path} lies inside {folder}, an output of {record['job']}: "
@@ -416,7 +266,7 @@ class OutputTransaction:
     def _check_current(self) -> None:
         """Refuses an existing output this job did not write (or that grew foreign files)."""
         target = self.target
-        record = _read_json(_join(target.root, target.record_name))
+        record = storage.read_json(_join(target.root, target.record_name))
         if record is not None and record.get("job") != self.job:
             raise OutputRefused(
                 f"{target.path} is an output of {record.get('job')}, not of {self.job}"
@@ -453,19 +303,19 @@ class OutputTransaction:
     def _recover(self) -> None:
         """Finishes or removes what a killed run left."""
         target = self.target
-        if _exists(target.previous):  # a kill fell between the two renames of a swap
-            if _exists(target.path):
+        if storage.exists(target.previous):  # a kill fell between the two renames of a swap
+            if storage.exists(target.path):
                 self._discard(target.previous)
             else:
                 os.rename(local_path(target.previous), local_path(target.path))
                 logger.warning("Restored the previous output of %s", target.path)
-        if not _exists(target.work):
+        if not storage.exists(target.work):
             return
         if is_local(target.work) and not os.path.isdir(local_path(target.work)):
             raise OutputRefused(
                 f"{target.work} is in the way: it is not a work folder of {self.job}"
             )
-        if _exists(_join(target.work, target.record_name)):
+        if storage.exists(_join(target.work, target.record_name)):
             if self._file_by_file:
                 logger.warning("Completing the commit a killed run began in %s", target.path)
                 self._roll_forward()
@@ -484,11 +334,11 @@ class OutputTransaction:
 
     def _start_work(self) -> None:
         marker = _join(self.work, _MARKER)
-        if _exists(marker):  # resuming
+        if storage.exists(marker):  # resuming
             return
         if is_local(self.work):
             os.makedirs(local_path(self.work), exist_ok=True)
-        _write_json(marker, {"job": self.job, "pid": os.getpid(), "started": time.time()})
+        storage.write_json(marker, {"job": self.job, "pid": os.getpid(), "started": time.time()})
 
     # ---------------------------------------------------------------- commit
 
@@ -500,7 +350,7 @@ class OutputTransaction:
             os.rename(work, out)
             self._committed = True
             return
-        if _exchange(work, out):
+        if storage.exchange(work, out):
             self._committed = True
             replaced = target.work
         else:
@@ -520,9 +370,9 @@ class OutputTransaction:
 
     def _discard(self, folder: str) -> None:
         """Deletes a replaced output's listed files; keeps (and names) anything else."""
-        record = _read_json(_join(folder, RECORD)) or {"files": []}
-        _delete([_join(folder, f) for f in [*record.get("files", []), RECORD, _MARKER]])
-        _remove_empty_folders(folder)
+        record = storage.read_json(_join(folder, RECORD)) or {"files": []}
+        storage.delete([_join(folder, f) for f in [*record.get("files", []), RECORD, _MARKER]])
+        storage.remove_empty_folders(folder)
         if os.path.lexists(local_path(folder)):
             stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
             kept = _join(self.target.parent, f".{self.target.name}.kept-{stamp}")
@@ -533,19 +383,19 @@ class OutputTransaction:
         """Moves the work folder's files into place, record last; then the old files go."""
         target = self.target
         record_path = _join(target.work, target.record_name)
-        record = _read_json(record_path)
+        record = storage.read_json(record_path)
         if record is None:
             raise OutputRefused(f"{record_path} is unreadable: remove {target.work} by hand")
         files: list[str] = list(record["files"])
-        previous = _read_json(_join(target.root, target.record_name))
+        previous = storage.read_json(_join(target.root, target.record_name))
         previous_files = set(previous["files"]) if previous else set()
-        pending = [f for f in [*files, target.record_name] if _exists(_join(target.work, f))]
+        pending = [f for f in [*files, target.record_name] if storage.exists(_join(target.work, f))]
         foreign = [
             f
             for f in pending
             if f != target.record_name
             and f not in previous_files
-            and _exists(_join(target.root, f))
+            and storage.exists(_join(target.root, f))
         ]
         if foreign:
             raise OutputRefused(
@@ -554,12 +404,12 @@ class OutputTransaction:
             )
         for name in pending:
             if name != target.record_name:
-                _move(_join(target.work, name), _join(target.root, name))
+                storage.move(_join(target.work, name), _join(target.root, name))
         # Before the record moves in: a kill here is completed by the next run,
         # which still finds the old record and so still knows what it replaces.
         superseded = sorted(previous_files - set(files))
-        _delete([_join(target.root, f) for f in superseded])
-        _move(_join(target.work, target.record_name), _join(target.root, target.record_name))
+        storage.delete([_join(target.root, f) for f in superseded])
+        storage.move(_join(target.work, target.record_name), _join(target.root, target.record_name))
         remove_tree(target.work)
         if is_local(target.root):
             for name in superseded:  # folders the old files leave empty
@@ -579,7 +429,7 @@ def _remove_empty_parents(path: str, root: str) -> None:
 
 def read_record(target: OutputTarget) -> dict[str, Any] | None:
     """The committed output's record (job, files), or None when there is none."""
-    return _read_json(_join(target.root, target.record_name))
+    return storage.read_json(_join(target.root, target.record_name))
 
 
 def open_output(

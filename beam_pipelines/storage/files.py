@@ -8,14 +8,18 @@ imported only where a function needs it, so the trainer and the analysis
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import glob
+import json
 import os
 import shutil
 import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 @contextmanager
@@ -148,3 +152,83 @@ def remove_matching(patterns: list[str]) -> list[str]:
     if found:
         FileSystems.delete(found)
     return found
+
+
+# --- Whole-output operations (the committer's): the OS for local paths, Beam's FileSystems else.
+
+
+def exists(path: str) -> bool:
+    """Whether a file or folder (or a dangling symlink) is at ``path``."""
+    if is_local(path):
+        return os.path.lexists(local_path(path))
+    from apache_beam.io.filesystems import FileSystems
+
+    return FileSystems.exists(path)
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    """A JSON object file's content; None when missing, unparsable or not an object."""
+    if not exists(path):
+        return None
+    try:
+        value = json.loads(read_bytes(path))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_json(path: str, value: dict[str, Any]) -> None:
+    """Writes a JSON object atomically (sorted keys, indented: the same bytes on reruns)."""
+    write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def move(source: str, target: str) -> None:
+    """Renames one file into place (replacing a file of that name)."""
+    if is_local(source):
+        os.makedirs(os.path.dirname(local_path(target)) or ".", exist_ok=True)
+        os.replace(local_path(source), local_path(target))
+        return
+    from apache_beam.io.filesystems import FileSystems
+
+    if FileSystems.exists(target):
+        FileSystems.delete([target])
+    FileSystems.rename([source], [target])
+
+
+def delete(paths: list[str]) -> None:
+    """Deletes the files of ``paths`` that exist."""
+    existing = [p for p in paths if exists(p)]
+    if not existing:
+        return
+    if is_local(existing[0]):
+        for path in existing:
+            os.remove(local_path(path))
+        return
+    from apache_beam.io.filesystems import FileSystems
+
+    FileSystems.delete(existing)
+
+
+def remove_empty_folders(root: str) -> None:
+    """Removes root and the folders below it that hold no file (local only)."""
+    base = local_path(root)
+    for folder, _, _ in sorted(os.walk(base), key=lambda entry: -len(entry[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def exchange(first: str, second: str) -> bool:
+    """Swaps two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), second)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from beam_pipelines.storage import committer
+from beam_pipelines.storage import committer, files
 from beam_pipelines.storage.committer import OutputRefused, OutputTarget, OutputTransaction
 from beam_pipelines.storage.output_lock import OutputLock, OutputLocked
 
@@ -99,7 +99,7 @@ def test_a_kill_after_the_swap_leaves_the_old_output_whose_listed_files_go(
 def test_without_an_atomic_exchange_a_kill_between_the_renames_is_repaired(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(committer, "_exchange", lambda first, second: False)
+    monkeypatch.setattr(files, "exchange", lambda first, second: False)
     out = tmp_path / "out"
     _run(out, {"part-0": "1"})
     _run(out, {"part-0": "2"})  # the two-rename fallback
@@ -253,7 +253,7 @@ def test_a_failure_inside_a_file_by_file_commit_is_completed_by_the_next_run(
 ) -> None:
     prefix = tmp_path / "p"
     _prefix_run(prefix, {"p-00000-of-00002.parquet": "1", "p-00001-of-00002.parquet": "1"})
-    real_move, moved = committer._move, []
+    real_move, moved = files.move, []
 
     def failing_move(source: str, target: str) -> None:
         if moved:
@@ -261,11 +261,11 @@ def test_a_failure_inside_a_file_by_file_commit_is_completed_by_the_next_run(
         moved.append(source)
         real_move(source, target)
 
-    monkeypatch.setattr(committer, "_move", failing_move)
+    monkeypatch.setattr(files, "move", failing_move)
     with pytest.raises(OSError, match="Input/output"):
         _prefix_run(prefix, {"p-00000-of-00001.parquet": "2", "p.summary.json": "{2}"})
     assert (tmp_path / ".p.work" / "p.commit.json").exists()  # the redo log stays
-    monkeypatch.setattr(committer, "_move", real_move)
+    monkeypatch.setattr(files, "move", real_move)
     with OutputTransaction(OutputTarget.at(str(prefix), folder=False), "xray-score"):
         pass
     assert sorted(_tree(tmp_path)) == [
@@ -280,17 +280,17 @@ def test_a_kill_before_the_record_moves_in_leaves_no_stale_file(
 ) -> None:
     prefix = tmp_path / "p"
     _prefix_run(prefix, {"p-00000-of-00002.parquet": "1", "p-00001-of-00002.parquet": "1"})
-    real_move = committer._move
+    real_move = files.move
 
     def killed_at_the_record(source: str, target: str) -> None:
         if source.endswith(".commit.json"):
             raise KeyboardInterrupt
         real_move(source, target)
 
-    monkeypatch.setattr(committer, "_move", killed_at_the_record)
+    monkeypatch.setattr(files, "move", killed_at_the_record)
     with pytest.raises(KeyboardInterrupt):
         _prefix_run(prefix, {"p-00000-of-00001.parquet": "2"})
-    monkeypatch.setattr(committer, "_move", real_move)
+    monkeypatch.setattr(files, "move", real_move)
     with OutputTransaction(OutputTarget.at(str(prefix), folder=False), "xray-score"):
         pass
     assert sorted(_tree(tmp_path)) == ["p-00000-of-00001.parquet", "p.commit.json"]
@@ -317,7 +317,7 @@ def test_a_failure_after_the_swap_still_counts_as_committed(
 def test_a_failed_second_rename_puts_the_previous_output_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(committer, "_exchange", lambda first, second: False)
+    monkeypatch.setattr(files, "exchange", lambda first, second: False)
     out = tmp_path / "out"
     _run(out, {"part-0": "old"})
     real_rename = os.rename
