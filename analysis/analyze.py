@@ -48,18 +48,9 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: Below this many evaluated patients the report warns that its CIs mean little.
 MIN_PATIENTS_FOR_CI = 10
-_COLUMNS = [
-    "dicom_path",
-    "patient_id",
-    "study_id",
-    "view_position",
-    "age",
-    "sex",
-    "split",
-    "label",
-    "score",
-    "model_id",
-]
+# The contract's columns but the stored finding: the analysis recomputes it at
+# the threshold it evaluates.
+_COLUMNS = [name for name in predictions.COLUMNS if name != "predicted"]
 
 
 def build_parser() -> argparse.ArgumentParser:
