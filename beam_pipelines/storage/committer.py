@@ -41,7 +41,7 @@ from typing import Any
 from beam_pipelines.storage import files as storage
 from beam_pipelines.storage.files import files_below, is_local, local_path, remove_tree
 from beam_pipelines.storage.output_lock import OutputLock, OutputLocked
-from beam_pipelines.storage.output_target import RECORD, OutputRefused, OutputTarget, _join
+from beam_pipelines.storage.output_target import RECORD, OutputRefused, OutputTarget, join_path
 
 logger = logging.getLogger(__name__)
 
@@ -223,10 +223,10 @@ class OutputTransaction:
         if last is not None and last in files:
             files = [f for f in files if f != last] + [last]
         storage.write_json(
-            _join(self.work, self.target.record_name), {"job": self.job, "files": files}
+            join_path(self.work, self.target.record_name), {"job": self.job, "files": files}
         )
         self._commit_started = True
-        storage.delete([_join(self.work, _MARKER)])
+        storage.delete([join_path(self.work, _MARKER)])
         if self._file_by_file:
             self._roll_forward()
             self._committed = True
@@ -254,9 +254,9 @@ class OutputTransaction:
         for given in self._inputs if target.folder else ():
             if given and _inside(given, target.path):
                 raise OutputRefused(f"{given} lies inside the output {target.path}: choose another")
-        start = target.path if target.folder else _join(target.parent, "x")
+        start = target.path if target.folder else join_path(target.parent, "x")
         for folder in _ancestors(start):
-            record = storage.read_json(_join(folder, RECORD))
+            record = storage.read_json(join_path(folder, RECORD))
             if record is not None and "job" in record:
                 raise OutputRefused(
                     f"{target.path} lies inside {folder}, an output of {record['job']}: "
@@ -266,7 +266,7 @@ class OutputTransaction:
     def _check_current(self) -> None:
         """Refuses an existing output this job did not write (or that grew foreign files)."""
         target = self.target
-        record = storage.read_json(_join(target.root, target.record_name))
+        record = storage.read_json(join_path(target.root, target.record_name))
         if record is not None and record.get("job") != self.job:
             raise OutputRefused(
                 f"{target.path} is an output of {record.get('job')}, not of {self.job}"
@@ -315,7 +315,7 @@ class OutputTransaction:
             raise OutputRefused(
                 f"{target.work} is in the way: it is not a work folder of {self.job}"
             )
-        if storage.exists(_join(target.work, target.record_name)):
+        if storage.exists(join_path(target.work, target.record_name)):
             if self._file_by_file:
                 logger.warning("Completing the commit a killed run began in %s", target.path)
                 self._roll_forward()
@@ -333,7 +333,7 @@ class OutputTransaction:
             remove_tree(target.work)
 
     def _start_work(self) -> None:
-        marker = _join(self.work, _MARKER)
+        marker = join_path(self.work, _MARKER)
         if storage.exists(marker):  # resuming
             return
         if is_local(self.work):
@@ -370,50 +370,53 @@ class OutputTransaction:
 
     def _discard(self, folder: str) -> None:
         """Deletes a replaced output's listed files; keeps (and names) anything else."""
-        record = storage.read_json(_join(folder, RECORD)) or {"files": []}
-        storage.delete([_join(folder, f) for f in [*record.get("files", []), RECORD, _MARKER]])
+        record = storage.read_json(join_path(folder, RECORD)) or {"files": []}
+        storage.delete([join_path(folder, f) for f in [*record.get("files", []), RECORD, _MARKER]])
         storage.remove_empty_folders(folder)
         if os.path.lexists(local_path(folder)):
             stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-            kept = _join(self.target.parent, f".{self.target.name}.kept-{stamp}")
+            kept = join_path(self.target.parent, f".{self.target.name}.kept-{stamp}")
             os.rename(local_path(folder), local_path(kept))
             logger.warning("Files the previous output did not list were kept in %s", kept)
 
     def _roll_forward(self) -> None:
         """Moves the work folder's files into place, record last; then the old files go."""
         target = self.target
-        record_path = _join(target.work, target.record_name)
+        record_path = join_path(target.work, target.record_name)
         record = storage.read_json(record_path)
         if record is None:
             raise OutputRefused(f"{record_path} is unreadable: remove {target.work} by hand")
         files: list[str] = list(record["files"])
-        previous = storage.read_json(_join(target.root, target.record_name))
+        previous = storage.read_json(join_path(target.root, target.record_name))
         previous_files = set(previous["files"]) if previous else set()
-        pending = [f for f in [*files, target.record_name] if storage.exists(_join(target.work, f))]
+        listed = [*files, target.record_name]
+        pending = [f for f in listed if storage.exists(join_path(target.work, f))]
         foreign = [
             f
             for f in pending
             if f != target.record_name
             and f not in previous_files
-            and storage.exists(_join(target.root, f))
+            and storage.exists(join_path(target.root, f))
         ]
         if foreign:
             raise OutputRefused(
-                f"{_join(target.root, foreign[0])} exists and no run of {self.job} wrote it: "
+                f"{join_path(target.root, foreign[0])} exists and no run of {self.job} wrote it: "
                 "it is never replaced; move it away or choose another output"
             )
         for name in pending:
             if name != target.record_name:
-                storage.move(_join(target.work, name), _join(target.root, name))
+                storage.move(join_path(target.work, name), join_path(target.root, name))
         # Before the record moves in: a kill here is completed by the next run,
         # which still finds the old record and so still knows what it replaces.
         superseded = sorted(previous_files - set(files))
-        storage.delete([_join(target.root, f) for f in superseded])
-        storage.move(_join(target.work, target.record_name), _join(target.root, target.record_name))
+        storage.delete([join_path(target.root, f) for f in superseded])
+        record = target.record_name
+        storage.move(join_path(target.work, record), join_path(target.root, record))
         remove_tree(target.work)
         if is_local(target.root):
             for name in superseded:  # folders the old files leave empty
-                _remove_empty_parents(local_path(_join(target.root, name)), local_path(target.root))
+                emptied = local_path(join_path(target.root, name))
+                _remove_empty_parents(emptied, local_path(target.root))
 
 
 def _remove_empty_parents(path: str, root: str) -> None:
@@ -429,7 +432,7 @@ def _remove_empty_parents(path: str, root: str) -> None:
 
 def read_record(target: OutputTarget) -> dict[str, Any] | None:
     """The committed output's record (job, files), or None when there is none."""
-    return storage.read_json(_join(target.root, target.record_name))
+    return storage.read_json(join_path(target.root, target.record_name))
 
 
 def open_output(

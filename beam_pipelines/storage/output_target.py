@@ -21,7 +21,8 @@ class OutputRefused(ValueError):
     """The output location cannot be used; the message says why (one line)."""
 
 
-def _join(root: str, relative: str) -> str:
+def join_path(root: str, relative: str) -> str:
+    """``relative`` under ``root`` (any filesystem: joined with a slash)."""
     return f"{root.rstrip('/')}/{relative}" if root else relative
 
 
@@ -55,7 +56,7 @@ class OutputTarget:
 
     @property
     def path(self) -> str:
-        return _join(self.parent, self.name)
+        return join_path(self.parent, self.name)
 
     @property
     def root(self) -> str:
@@ -64,15 +65,15 @@ class OutputTarget:
 
     @property
     def work(self) -> str:
-        return _join(self.parent, f".{self.name}.work")
+        return join_path(self.parent, f".{self.name}.work")
 
     @property
     def previous(self) -> str:
-        return _join(self.parent, f".{self.name}.previous")
+        return join_path(self.parent, f".{self.name}.previous")
 
     @property
     def lock(self) -> str:
-        return _join(self.parent, f".{self.name}.lock")
+        return join_path(self.parent, f".{self.name}.lock")
 
     @property
     def record_name(self) -> str:
@@ -80,4 +81,4 @@ class OutputTarget:
 
     def job_path(self) -> str:
         """What the job writes to: the work folder, or the prefix inside it."""
-        return self.work if self.folder else _join(self.work, self.name)
+        return self.work if self.folder else join_path(self.work, self.name)
