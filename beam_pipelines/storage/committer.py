@@ -410,8 +410,8 @@ class OutputTransaction:
         # which still finds the old record and so still knows what it replaces.
         superseded = sorted(previous_files - set(files))
         storage.delete([join_path(target.root, f) for f in superseded])
-        record = target.record_name
-        storage.move(join_path(target.work, record), join_path(target.root, record))
+        name = target.record_name
+        storage.move(join_path(target.work, name), join_path(target.root, name))
         remove_tree(target.work)
         if is_local(target.root):
             for name in superseded:  # folders the old files leave empty
