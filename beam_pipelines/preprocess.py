@@ -37,7 +37,6 @@ from beam_pipelines.privacy import add_pseudonymize_arguments, pseudonymizer_fro
 from beam_pipelines.storage.committer import open_output
 from beam_pipelines.storage.files import flagged_input_problem, remove_matching, remove_tree
 from beam_pipelines.storage.paths import archive_root_for
-from beam_pipelines.transforms.decode import RECORDS_PER_SHARD
 from beam_pipelines.transforms.outcomes import block_parts
 from beam_pipelines.transforms.preprocessing import (
     Preprocess,
@@ -46,6 +45,7 @@ from beam_pipelines.transforms.preprocessing import (
     staging_dir,
 )
 from beam_pipelines.transforms.rows import ReadValidRows, check_metadata
+from beam_pipelines.transforms.shards import RECORDS_PER_SHARD
 
 logger = logging.getLogger(__name__)
 

@@ -25,11 +25,9 @@ from beam_pipelines.privacy import Pseudonymizer
 from beam_pipelines.storage import sharding, staging, tfrecord
 from beam_pipelines.transforms.outcomes import KEPT, REJECTED, Progress
 from beam_pipelines.transforms.rows import ValidRow
+from beam_pipelines.transforms.shards import record_shards
 
 logger = logging.getLogger(__name__)
-
-#: Records per shard when the job is not given a fixed number of shards.
-RECORDS_PER_SHARD = 1000
 
 
 def decode_or_reject(
@@ -91,11 +89,6 @@ def make_record(
         ),
         "extra": row.extra,
     }
-
-
-def shard_count(records: int, num_shards: int) -> int:
-    """Shards for a split: the fixed number asked for, else one per RECORDS_PER_SHARD."""
-    return sharding.shard_count(records, num_shards, RECORDS_PER_SHARD)
 
 
 def pixel_sums(stored: np.ndarray) -> tuple[int, int, int]:
@@ -172,7 +165,7 @@ class DecodeAndStageFn(beam.DoFn):
         Metrics.counter(stage, f"intensity_{decoded.voi}").inc()
         record = make_record(row, image, decoded, self._pseudonymizer)
         split = assignment[row.patient_id]
-        shards = shard_count(sizes[split], self._num_shards)
+        shards = record_shards(sizes[split], self._num_shards)
         shard = sharding.shard_of(row.dicom_path, shards)
         # Quantized once: the record stores these values and the statistics sum them.
         record["image"] = records.quantize(record["image"])

@@ -22,10 +22,21 @@ from beam_pipelines.contracts import splits
 from beam_pipelines.storage import staging, tfrecord
 from beam_pipelines.storage.files import atomic_create
 from beam_pipelines.storage.sharding import shard_count, shard_of
-from beam_pipelines.transforms.decode import shard_count as records_shard_count
 
-#: Prediction rows per Parquet file when the job is not given a fixed number of files.
+#: Records per TFRecord shard when preprocessing is not given a fixed number of shards.
+RECORDS_PER_SHARD = 1000
+#: Prediction rows per Parquet file when scoring is not given a fixed number of files.
 ROWS_PER_SHARD = 200_000
+
+
+def record_shards(records: int, num_shards: int) -> int:
+    """Shards for a split: the fixed number asked for, else one per RECORDS_PER_SHARD."""
+    return shard_count(records, num_shards, RECORDS_PER_SHARD)
+
+
+def prediction_shards(rows: int, num_shards: int) -> int:
+    """Parquet files for a scoring run: the fixed number asked for, else one per ROWS_PER_SHARD."""
+    return shard_count(rows, num_shards, ROWS_PER_SHARD)
 
 
 class WriteEveryShard(beam.PTransform):
@@ -94,7 +105,7 @@ class WriteShards(beam.PTransform):
             | "KeptSplits" >> beam.combiners.ToList()
             | "ShardsPerSplit"
             >> beam.Map(
-                lambda kept, sizes: {s: records_shard_count(sizes[s], num_shards) for s in kept},
+                lambda kept, sizes: {s: record_shards(sizes[s], num_shards) for s in kept},
                 pvalue.AsSingleton(self._sizes),
             )
         )
@@ -138,7 +149,7 @@ class WritePredictions(beam.PTransform):
         total = predictions | "CountPredictions" >> beam.combiners.Count.Globally()
 
         def shards(count: int) -> int:
-            return shard_count(count, fixed, ROWS_PER_SHARD)
+            return prediction_shards(count, fixed)
 
         def write(key: tuple[int, int], rows: list[dict[str, Any]]) -> str:
             import pyarrow.parquet as pq
