@@ -13,10 +13,11 @@ wastes most of the work. Two codecs can skip it:
 * **JPEG baseline/extended, 8-bit**: libjpeg's scaled inverse DCT decodes at
   1/2, 1/4 or 1/8 scale (Pillow's ``draft``).
 
-This module only decodes stored values; :mod:`beam_pipelines.dicom` decides
-when to use it and applies the same intensity pipeline and resize as the
-full path. A missing glymur or OpenJPEG makes :func:`j2k_available` False
-(with one warning per process), never an error.
+This module decodes stored values and decides when a frame qualifies
+(:func:`decode_reduced`); :mod:`beam_pipelines.dicom.decoding` then applies
+the same intensity pipeline and resize as the full path. A missing glymur or
+OpenJPEG makes :func:`j2k_available` False (with one warning per process),
+never an error.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ import threading
 import warnings
 
 import numpy as np
+import pydicom.encaps
+from pydicom.dataset import Dataset
+
+from beam_pipelines.dicom.header import GRAYSCALE, DicomHeader
 
 logger = logging.getLogger(__name__)
 
@@ -295,3 +300,73 @@ def decode_jpeg_scaled(frame: bytes, min_shape: tuple[int, int]) -> tuple[np.nda
             return None
         scale = round(full_cols / cols)
         return np.asarray(image), scale
+
+
+# --------------------------------------------------------------------------
+# The reduced decode routes
+
+
+def decode_reduced(
+    ds: Dataset, header: DicomHeader, keyword: str, min_shape: tuple[int, int]
+) -> tuple[np.ndarray, str, int] | None:
+    """Frame 0 at a reduced resolution >= ``min_shape``, or None for the full path.
+
+    Only grayscale single-sample JPEG 2000 / 8-bit JPEG whose codestream
+    agrees with the header qualify; anything the fast decoder refuses falls
+    back to the full decoder, which then decodes or rejects it.
+    """
+    syntax = header.transfer_syntax_uid
+    if (
+        keyword != "PixelData"
+        or header.samples_per_pixel != 1
+        or header.photometric_interpretation not in GRAYSCALE
+        or syntax not in J2K_SYNTAXES | JPEG_SYNTAXES
+    ):
+        return None
+    try:
+        frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=header.number_of_frames)
+        if syntax in J2K_SYNTAXES:
+            return _j2k_reduced(frame, header, min_shape)
+        return _jpeg_scaled(frame, header, min_shape)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the full path decodes or rejects with a reason
+        logger.debug("reduced decode refused (%s); decoding in full", type(exc).__name__)
+        return None
+
+
+def _j2k_reduced(
+    frame: bytes, header: DicomHeader, min_shape: tuple[int, int]
+) -> tuple[np.ndarray, str, int] | None:
+    info = read_codestream(frame)
+    if (
+        info is None
+        or info.components != 1
+        or (info.rows, info.columns) != (header.rows, header.columns)
+        # A codestream that disagrees with the header gets pydicom's handling.
+        or info.precision != header.bits_stored
+        or info.signed != (header.pixel_representation == 1)
+    ):
+        return None
+    level = info.level_for(min_shape)
+    if level == 0 or not j2k_available():
+        return None
+    stored = decode_j2k_level(frame, level)
+    if stored.shape != info.shape_at(level) or stored.dtype.kind not in "iu":
+        return None
+    return stored, "j2k_reduced", 1 << level
+
+
+def _jpeg_scaled(
+    frame: bytes, header: DicomHeader, min_shape: tuple[int, int]
+) -> tuple[np.ndarray, str, int] | None:
+    if header.bits_allocated != 8 or header.pixel_representation != 0:
+        return None
+    scaled = decode_jpeg_scaled(frame, min_shape)
+    if scaled is None:
+        return None
+    stored, scale = scaled
+    expected = (-(-header.rows // scale), -(-header.columns // scale))
+    if stored.shape != expected:
+        return None
+    return stored, "jpeg_scaled", scale

@@ -16,8 +16,13 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from archive_tools.dicom_writer import PixelFormat, RadiographHeader, write_dicom
-from beam_pipelines import dicom
-from beam_pipelines.dicom import DecodeOptions, DicomRejected, decode_model_input, read_image
+from beam_pipelines.dicom import (
+    DecodeOptions,
+    DicomRejected,
+    decode_model_input,
+    frames,
+    read_image,
+)
 
 HEADER = RadiographHeader(patient_id="P000001", study_id="S0001")
 
@@ -97,11 +102,11 @@ def test_j2k_of_tiny_tiles_is_rejected() -> None:
 
 def test_gdcm_is_only_a_last_resort() -> None:
     # GDCM aborts the process on malformed input: no except clause catches that.
-    assert dicom._plugins(("gdcm", "pillow", "pylibjpeg")) == ["pillow", "pylibjpeg"]
+    assert frames._plugins(("gdcm", "pillow", "pylibjpeg")) == ["pillow", "pylibjpeg"]
     j2k = "1.2.840.10008.1.2.4.90"  # the fastest plugin for the syntax goes first
-    assert dicom._plugins(("gdcm", "pillow", "pylibjpeg"), j2k) == ["pylibjpeg", "pillow"]
-    assert dicom._plugins(("gdcm",)) == ["gdcm"]
-    assert dicom._plugins(()) == [""]  # native data: pydicom decodes it itself
+    assert frames._plugins(("gdcm", "pillow", "pylibjpeg"), j2k) == ["pylibjpeg", "pillow"]
+    assert frames._plugins(("gdcm",)) == ["gdcm"]
+    assert frames._plugins(()) == [""]  # native data: pydicom decodes it itself
 
 
 def test_codec_panic_is_a_reject() -> None:

@@ -18,8 +18,8 @@ from pydicom.sequence import Sequence
 
 from archive_tools.dicom_writer import PixelFormat, RadiographHeader, build_dataset, to_stored
 from archive_tools.phantom import chest_phantom
-from beam_pipelines import dicom
 from beam_pipelines.dicom import DecodeOptions, decode, decode_model_input, pixel_map
+from beam_pipelines.dicom.image_range import range_sample
 
 HEADER = RadiographHeader(patient_id="P1", study_id="S1")
 BIT_RANGE = DecodeOptions(range_source="bit_range")
@@ -250,22 +250,22 @@ def test_range_sample_averages_two_by_two_blocks() -> None:
     # see none of it, a reduced-resolution decode sees a quarter of it.
     stored = np.zeros((512, 512), dtype=np.uint16)
     stored[1::2, 1::2] = 400
-    values = dicom._range_sample(stored, None)
+    values = range_sample(stored, None)
     assert values.shape == (128, 128) and np.all(values == 100.0)
     # Blocks at every 19th / 16th row / column of a radiograph, inside the image.
-    assert dicom._range_sample(np.zeros((2500, 2048), np.uint16), None).shape == (132, 128)
+    assert range_sample(np.zeros((2500, 2048), np.uint16), None).shape == (132, 128)
     # Too small to stride: every pixel itself.
     small = np.arange(12, dtype=np.uint16).reshape(3, 4)
-    assert np.array_equal(dicom._range_sample(small, None), small)
+    assert np.array_equal(range_sample(small, None), small)
 
 
 def test_range_sample_cleans_unused_high_bits() -> None:
     stored = np.full((8, 8), 0xF000 | 100, dtype=">u2")  # big endian, junk in bits 12-15
-    values = dicom._range_sample(stored, 12)
+    values = range_sample(stored, 12)
     assert values.dtype.isnative and np.all(values == 100)
     # Signed 12-bit -1 as it may sit in 16 bits: sign-extended from bit 12.
     signed = np.full((8, 8), 0x0FFF, dtype="<i2")
-    assert np.all(dicom._range_sample(signed, 12) == -1)
+    assert np.all(range_sample(signed, 12) == -1)
 
 
 def test_range_source_is_validated() -> None:

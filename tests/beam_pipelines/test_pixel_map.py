@@ -10,6 +10,7 @@ import pytest
 
 from beam_pipelines import dicom
 from beam_pipelines.dicom import pixel_map
+from beam_pipelines.dicom.resize import box_factor
 
 needs_kernel = pytest.mark.skipif(
     not pixel_map.kernel_available(), reason="the C kernel is not built"
@@ -188,7 +189,7 @@ def test_model_input_fused_with_the_box_average_matches_the_two_step_path(
         RadiographHeader(patient_id="P1", study_id="S1"),
     )
     fused, decoded = dicom.decode_model_input(str(path))
-    assert decoded.reduction == dicom._box_factor(1100, 900, 224, "pad") > 1
+    assert decoded.reduction == box_factor(1100, 900, 224, "pad") > 1
     assert decoded.image.shape == (-(-1100 // decoded.reduction), -(-900 // decoded.reduction))
     monkeypatch.setattr(pixel_map, "_kernels", None)
     two_step, plain = dicom.decode_model_input(str(path))

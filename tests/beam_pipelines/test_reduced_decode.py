@@ -15,13 +15,13 @@ from archive_tools.phantom import chest_phantom
 from beam_pipelines.dicom import (
     DecodeOptions,
     DicomRejected,
-    _box_factor,
     content_shape,
     decode,
     decode_model_input,
     reduced,
     to_model_input,
 )
+from beam_pipelines.dicom.resize import box_factor
 from tests.beam_pipelines.conftest import DICOM_CORPUS, requires_corpus
 
 HEADER = RadiographHeader(patient_id="P1", study_id="S1")
@@ -115,7 +115,7 @@ def test_j2k_reduced_matches_full_path(rows: int, cols: int, fmt: PixelFormat) -
     full, full_decoded = decode_model_input(data, FULL)
     assert fast_decoded.path == "j2k_reduced" and fast_decoded.reduction >= 4
     # Every pixel decoded; the first box average of the resize done while mapping.
-    assert full_decoded.path == "full" and full_decoded.reduction == _box_factor(
+    assert full_decoded.path == "full" and full_decoded.reduction == box_factor(
         rows, cols, 224, "pad"
     )
     # Never decoded below the size the resize needs.
