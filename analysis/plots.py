@@ -1,19 +1,20 @@
-"""The analysis plots (PNG, matplotlib/seaborn); each function writes one file."""
+"""The analysis plots (PNG, matplotlib/seaborn); each function writes one file.
+
+Figures are made with matplotlib's object API (``Figure``), not pyplot: no
+backend is chosen, no global figure state is kept, and importing this module
+changes nothing in the process (files only; no display on workers or CI).
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; no display on workers or CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from sklearn import metrics as skm
 
 _DPI = 110
 
@@ -22,7 +23,6 @@ def _save(fig: Any, out_dir: str, name: str) -> str:
     path = os.path.join(out_dir, name)
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
-    plt.close(fig)
     return path
 
 
@@ -31,7 +31,8 @@ def history(history_csv: str, out_dir: str) -> str | None:
     frame = pd.read_csv(history_csv)
     if frame.empty:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "auc"), strict=True):
         for prefix, name in (("", "training"), ("val_", "validation")):
             if prefix + metric in frame:
@@ -55,7 +56,8 @@ def roc(
 ) -> str:
     """ROC curve with AUC, its 95% CI and the bootstrap band."""
     fpr, tpr, _ = skm.roc_curve(labels, scores)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
     label = f"AUC {auc:.3f}" + (f" (95% CI {ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
     ax.plot(fpr, tpr, lw=2, label=label)
     if band:
@@ -79,7 +81,8 @@ def roc(
 def precision_recall(labels: np.ndarray, scores: np.ndarray, ap: float, out_dir: str) -> str:
     """Precision–recall curve with average precision and the prevalence baseline."""
     precision, recall, _ = skm.precision_recall_curve(labels, scores)
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
     ax.plot(recall, precision, lw=2, label=f"AP {ap:.3f}")
     ax.axhline(labels.mean(), ls="--", color="grey", label=f"prevalence {labels.mean():.2f}")
     ax.set(
@@ -103,7 +106,8 @@ def confusion(matrix: dict[str, int], threshold: float, out_dir: str) -> str:
             for cr, rr in zip(counts, rates, strict=True)
         ]
     )
-    fig, ax = plt.subplots(figsize=(5, 4.3))
+    fig = Figure(figsize=(5, 4.3))
+    ax = fig.subplots()
     sns.heatmap(
         rates,
         annot=text,
@@ -122,9 +126,8 @@ def confusion(matrix: dict[str, int], threshold: float, out_dir: str) -> str:
 
 def reliability(curve: list[dict], ece: float, brier: float, out_dir: str) -> str:
     """Reliability diagram: observed rate vs mean score per bin, bin sizes below."""
-    fig, (ax, bx) = plt.subplots(
-        2, 1, figsize=(5.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
+    fig = Figure(figsize=(5.5, 6))
+    (ax, bx) = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     means = [b["mean_score"] for b in curve]
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
     ax.plot(
@@ -139,7 +142,8 @@ def reliability(curve: list[dict], ece: float, brier: float, out_dir: str) -> st
 
 def score_distributions(frame: pd.DataFrame, threshold: float, out_dir: str) -> str:
     """Histogram of scores for normal and abnormal cases."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     shown = frame.assign(truth=frame["label"].map({0: "normal", 1: "abnormal"}))
     sns.histplot(
         shown,
@@ -166,7 +170,8 @@ def subgroup_forest(rows: list[dict], overall: float, out_dir: str) -> str | Non
     shown = [r for r in rows if r["roc_auc"] is not None]
     if not shown:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 0.4 * len(shown) + 1.5))
+    fig = Figure(figsize=(6.5, 0.4 * len(shown) + 1.5))
+    ax = fig.subplots()
     y = np.arange(len(shown))[::-1]
     for yi, row in zip(y, shown, strict=True):
         ci = row.get("roc_auc_ci95")
