@@ -21,7 +21,7 @@ from apache_beam.metrics import Metrics
 from beam_pipelines import dicom, malloc_tuning
 from beam_pipelines.contracts import predictions, records
 from beam_pipelines.contracts.rejects import INTERNAL_ERROR, internal_error_detail, reject
-from beam_pipelines.privacy import Pseudonymizer
+from beam_pipelines.privacy import Pseudonymizer, install_log_filters
 from beam_pipelines.storage import sharding, staging, tfrecord
 from beam_pipelines.transforms.outcomes import KEPT, REJECTED, Progress
 from beam_pipelines.transforms.rows import ValidRow
@@ -129,6 +129,8 @@ class DecodeAndStageFn(beam.DoFn):
         self._pseudonymizer = pseudonymizer
 
     def setup(self) -> None:
+        # A worker never runs the CLI: the decoding stage sets up its own process.
+        install_log_filters()
         malloc_tuning.keep_freed_buffers()
         self._progress = Progress("decoded and staged images")
         self._stager = staging.BundleStager(self._staging_dir)
@@ -201,6 +203,7 @@ class DecodeForScoringFn(beam.DoFn):
         self._resize_policy = resize_policy
 
     def setup(self) -> None:
+        install_log_filters()  # as DecodeAndStageFn: workers never run the CLI
         malloc_tuning.keep_freed_buffers()
         self._progress = Progress("decoded images")
 
