@@ -130,7 +130,7 @@ def test_glob_characters_in_outputs_never_reach_a_neighbour(
     assert _tree(tmp_path / "runA") == neighbour
     assert _tree(tmp_path / "run?") == neighbour  # the same output, in its own folder
     # Training and scoring read the shards of 'run?' alone.
-    from trainer.train import check_training_data
+    from trainer.training_data import check_training_data
 
     manifest = json.loads((tmp_path / "run?" / "manifest.json").read_text())
     shards = check_training_data(str(tmp_path / "run?"), manifest)

@@ -213,34 +213,6 @@ def test_init_model_fine_tunes_with_a_frozen_start(
         )
 
 
-def test_a_frozen_start_trains_the_output_layer_alone() -> None:
-    from trainer import train
-    from trainer.models import build_model
-
-    model = build_model("simple_cnn")
-    config = TrainConfig(data_dir="d", output_dir="o", epochs=3, freeze_epochs=1)
-    train._compile(model, config, steps_per_epoch=2, frozen=True)
-    assert [v.path for v in model.trainable_variables] == ["abnormal/kernel", "abnormal/bias"]
-    train._compile(model, config, steps_per_epoch=2, frozen=False)
-    assert len(model.trainable_variables) > 2
-
-
-def test_a_frozen_start_of_an_ensemble_trains_each_members_output_layer() -> None:
-    from trainer import train
-    from trainer.models import build_model
-
-    config = TrainConfig(data_dir="d", output_dir="o", epochs=3, freeze_epochs=1)
-    members = [build_model("simple_cnn", model_name=f"m{k}") for k in range(2)]
-    ensemble = train._average(members, config)
-    train._compile(ensemble, config, steps_per_epoch=2, frozen=True)
-    assert sorted(v.path for v in ensemble.trainable_variables) == [
-        "abnormal/bias",
-        "abnormal/bias",
-        "abnormal/kernel",
-        "abnormal/kernel",
-    ]
-
-
 @pytest.mark.slow
 def test_a_run_stopped_after_its_frozen_phase_resumes_at_the_second_phase(
     trained_model: Path, preprocessed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -277,46 +249,3 @@ def test_a_run_stopped_after_its_frozen_phase_resumes_at_the_second_phase(
     assert starts == [1]  # the frozen phase is not trained again
     with (tmp_path / "b" / "history.csv").open() as handle:
         assert [int(row["epoch"]) for row in csv.DictReader(handle)] == [0, 1, 2]
-
-
-def test_the_second_phase_counts_its_own_epochs_for_early_stopping() -> None:
-    from trainer import train
-
-    config = TrainConfig(
-        data_dir="d", output_dir="o", epochs=8, freeze_epochs=3, early_stopping_patience=2
-    )
-    frozen_phase = [{"epoch": str(e), "val_auc": str(0.9 - 0.1 * e)} for e in range(3)]
-    second = train._callbacks(config, 2, frozen_phase, phase_start=3)
-    plain = train._callbacks(config, 2, frozen_phase)
-    for callbacks, wait in ((second, 0), (plain, 2)):
-        stopping = next(c for c in callbacks if type(c).__name__ == "ResumedEarlyStopping")
-        stopping.on_train_begin()
-        assert stopping.wait == wait
-    best = next(c for c in second if type(c).__name__ == "BestWeights")
-    assert best.best == pytest.approx(0.9)  # the best weights are the whole run's
-
-
-def test_an_epoch_is_one_pass_of_at_least_min_steps_per_epoch() -> None:
-    from trainer.train import steps_in_epoch
-
-    config = TrainConfig(data_dir="d", output_dir="o", global_batch_size=32)
-    assert steps_in_epoch(config, 3771) == 118  # Kermany: one pass
-    assert steps_in_epoch(config, 320) == 100  # NIH dev: ten passes
-    one_pass = TrainConfig(data_dir="d", output_dir="o", min_steps_per_epoch=0)
-    assert steps_in_epoch(one_pass, 320) == 10
-    assert steps_in_epoch(TrainConfig(data_dir="d", output_dir="o", steps_per_epoch=7), 320) == 7
-
-
-def test_the_plateau_schedule_replays_history_as_keras_counts_it() -> None:
-    from trainer import train
-
-    config = TrainConfig(data_dir="d", output_dir="o", early_stopping_patience=6)
-    # Keras' ReduceLROnPlateau needs a gain above min_delta (1e-4) to reset its wait.
-    history = [{"val_auc": v} for v in ("0.8", "0.80005", "0.79", "nan")]
-    plateau = next(
-        c
-        for c in train._callbacks(config, 2, history)
-        if type(c).__name__ == "ResumedReduceLROnPlateau"
-    )
-    plateau.on_train_begin()
-    assert (plateau.best, plateau.wait, plateau.cooldown_counter) == (0.8, 2, 0)

@@ -212,26 +212,3 @@ def test_evaluation_padding_does_not_change_metrics(preprocessed: Path) -> None:
     unweighted = model.evaluate(data.evaluation_dataset(config, files), return_dict=True, verbose=0)
     assert padded["auc"] == pytest.approx(plain["auc"], abs=1e-6)
     assert unweighted["loss"] == pytest.approx(plain["loss"], rel=1e-5)
-
-
-def test_backup_cut_while_written_is_recovered_or_dropped(tmp_path: Path) -> None:
-    import h5py
-
-    from trainer.train import _usable_backup
-
-    backup = tmp_path / "backup"
-    backup.mkdir()
-    (backup / "latest.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(40))  # cut short
-    (backup / "training_metadata.json").write_text('{"epoch": 3}')
-    with h5py.File(backup / "latest.weights.h5.bkp", "w") as handle:
-        handle.create_dataset("w", data=np.zeros(3))
-    (backup / "training_metadata.json.bkp").write_text('{"epoch": 2}')
-    assert _usable_backup(str(backup)) == 2  # the previous, complete backup
-    assert (backup / "latest.weights.h5").read_bytes() == (
-        backup / "latest.weights.h5.bkp"
-    ).read_bytes()
-
-    (backup / "latest.weights.h5").write_bytes(b"garbage")
-    (backup / "latest.weights.h5.bkp").write_bytes(b"garbage")
-    assert _usable_backup(str(backup)) is None  # nothing loadable: start over
-    assert not backup.exists()
