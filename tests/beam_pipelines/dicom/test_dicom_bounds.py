@@ -39,7 +39,7 @@ from beam_pipelines.dicom import (
 )
 
 HEADER = RadiographHeader(patient_id="P000001", study_id="S0001")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
 
 

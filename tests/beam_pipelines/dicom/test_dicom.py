@@ -439,7 +439,7 @@ def test_pydicom_messages_about_header_values_do_not_leak_them(tmp_path: Path) -
         input=_dataset_bytes(ds),
         capture_output=True,
         check=True,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],
     )
     stderr = done.stderr.decode()
     assert "exceeds the maximum length" in stderr  # pydicom did complain

@@ -1,6 +1,6 @@
 """Hostile or broken files the fuzz campaign found: each becomes a reject or a sane image.
 
-(tests/beam_pipelines/test_dicom_fuzz.py searches at random; these pin down
+(tests/fuzz/test_dicom_fuzz.py searches at random; these pin down
 what it found, so a regression fails here with a name.)
 """
 
