@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from archive_tools import synth
-
-LOCAL_RUNNER = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
+from tests.support.runners import LOCAL_RUNNER
 
 
 @pytest.fixture(scope="session")

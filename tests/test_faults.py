@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from beam_pipelines import dicom, preprocess, score
-from tests.conftest import LOCAL_RUNNER
+from tests.support.runners import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
 

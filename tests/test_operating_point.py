@@ -12,7 +12,7 @@ import pytest
 from analysis import analyze
 from beam_pipelines import score
 from beam_pipelines.contracts import operating_point, predictions
-from tests.conftest import LOCAL_RUNNER
+from tests.support.runners import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,8 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, SecondaryCapture
 from archive_tools import import_images
 from archive_tools.dicom_writer import ENCODINGS
 from beam_pipelines.contracts.metadata import COLUMNS, format_dicom_age, parse_age, parse_sex
+from tests.support.data import SHARED_DATA
 
-#: Real radiographs beside the project: <repo>/../shared/data.
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 NIH = SHARED_DATA / "cxr_nih_pneumonia_dev"
 
 

@@ -12,10 +12,9 @@ import pytest
 from beam_pipelines import dicom, preprocess
 from beam_pipelines.contracts import records
 from beam_pipelines.storage import tfrecord
+from tests.support.runners import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
-
-LOCAL = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -31,7 +30,7 @@ def archive(synthetic_archive: Path) -> Path:
 def output(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("preprocessed")
     manifest = preprocess.run(
-        ["--metadata", str(archive / "metadata.csv"), "--output_dir", str(out), *LOCAL]
+        ["--metadata", str(archive / "metadata.csv"), "--output_dir", str(out), *LOCAL_RUNNER]
     )
     return out, manifest
 
@@ -88,7 +87,7 @@ def test_pinned_rerun_moves_no_patient(
             "99",
             "--pin_splits",
             str(out / "splits.csv"),
-            *LOCAL,
+            *LOCAL_RUNNER,
         ]
     )
     assert (rerun / "splits.csv").read_text() == (out / "splits.csv").read_text()
@@ -100,7 +99,9 @@ def test_missing_columns_fail_before_any_work(
     bad = tmp_path / "metadata.csv"
     bad.write_text("PatientID,Path\nP1,a.dcm\n")
     with pytest.raises(SystemExit) as exited:
-        preprocess.run(["--metadata", str(bad), "--output_dir", str(tmp_path / "out"), *LOCAL])
+        preprocess.run(
+            ["--metadata", str(bad), "--output_dir", str(tmp_path / "out"), *LOCAL_RUNNER]
+        )
     assert exited.value.code == 2
     assert "lacks required columns ['DicomPath', 'Abnormal']" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -128,7 +129,7 @@ def test_rerun_is_byte_identical(archive: Path, output: tuple[Path, dict], tmp_p
 
 def test_rerun_replaces_stale_shards(archive: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["--metadata", str(archive / "metadata.csv"), "--output_dir", str(out), *LOCAL]
+    args = ["--metadata", str(archive / "metadata.csv"), "--output_dir", str(out), *LOCAL_RUNNER]
     preprocess.run([*args, "--num_shards", "3"])
     assert len(list((out / "train").glob("part-*"))) == 3
     preprocess.run([*args, "--num_shards", "1"])
@@ -174,7 +175,7 @@ def test_records_of_an_archive_listed_label_by_label_are_mixed_in_shards(
     out = tmp_path / "out"
     preprocess.run(
         ["--metadata", str(by_label), "--archive_root", str(archive), "--output_dir", str(out)]
-        + ["--num_shards", "1", "--seed", "3", *LOCAL]
+        + ["--num_shards", "1", "--seed", "3", *LOCAL_RUNNER]
     )
     row_of: dict[str, int] = {}
     for number, r in enumerate(rows, start=1):

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from beam_pipelines import preprocess
-from tests.beam_pipelines.conftest import output_files
+from tests.support.files import output_files
+from tests.support.runners import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +27,7 @@ def reference(synthetic_archive: Path, tmp_path_factory: pytest.TempPathFactory)
             str(synthetic_archive / "metadata.csv"),
             "--output_dir",
             str(out),
-            "--runner=FnApiRunner",
-            "--direct_running_mode=in_memory",
+            *LOCAL_RUNNER,
         ]
     )
     return output_files(out)

@@ -8,7 +8,7 @@ import pytest
 
 from beam_pipelines import score
 from beam_pipelines.contracts import predictions
-from tests.conftest import LOCAL_RUNNER
+from tests.support.runners import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
 

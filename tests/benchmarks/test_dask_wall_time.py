@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.benchmarks.conftest import BENCHMARKS, loaded_script
+from tests.support.benchmarks import BENCHMARKS, loaded_script
 
 pytest.importorskip("distributed", reason="dask.distributed is not installed")
 

@@ -11,7 +11,7 @@ import pytest
 
 from archive_tools.dicom_writer import ENCODINGS
 from beam_pipelines.dicom.reduced import j2k_available
-from tests.benchmarks.conftest import loaded_script
+from tests.support.benchmarks import loaded_script
 
 _NAME = "decode_benchmark"
 _TINY = ["--rows", "64", "--cols", "48", "--repeats", "1"]

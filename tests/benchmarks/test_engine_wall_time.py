@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.benchmarks.conftest import loaded_script
+from tests.support.benchmarks import loaded_script
 
 
 @pytest.mark.slow

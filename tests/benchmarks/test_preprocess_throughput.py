@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.benchmarks.conftest import loaded_script
+from tests.support.benchmarks import loaded_script
 
 _NAME = "preprocess_throughput"
 _TINY = [

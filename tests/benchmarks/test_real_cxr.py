@@ -14,11 +14,10 @@ from types import ModuleType
 
 import pytest
 
-from tests.benchmarks.conftest import loaded_script
+from tests.support.benchmarks import loaded_script
+from tests.support.data import SHARED_DATA
 
-_ROOT = Path(__file__).resolve().parents[2]
 _NAME = "real_cxr"
-_DATA = _ROOT.parent / "shared" / "data"
 _TINY = [
     "--datasets", "nih",
     "--models", "simple_cnn",
@@ -29,8 +28,8 @@ _TINY = [
 ]  # fmt: skip
 
 requires_data = pytest.mark.skipif(
-    not (_DATA / "cxr_nih_pneumonia_dev" / "labels.csv").is_file()
-    or not (_DATA / "dicom_corpus").is_dir(),
+    not (SHARED_DATA / "cxr_nih_pneumonia_dev" / "labels.csv").is_file()
+    or not (SHARED_DATA / "dicom_corpus").is_dir(),
     reason="../shared/data not present",
 )
 

@@ -9,7 +9,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.benchmarks.conftest import loaded_script
+from tests.support.benchmarks import loaded_script
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.benchmarks.conftest import loaded_script
+from tests.support.benchmarks import loaded_script
 
 _NAME = "score_throughput"
 _TINY = ["--images", "4", "--size", "64", "--encodings", "explicit_le", "--skip_overhead"]

@@ -21,8 +21,8 @@ import pytest
 from beam_pipelines import preprocess, score
 from beam_pipelines.contracts import predictions
 from beam_pipelines.options import pipeline_options
-from tests.beam_pipelines.conftest import output_files
-from tests.conftest import LOCAL_RUNNER
+from tests.support.files import output_files
+from tests.support.runners import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
 distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")

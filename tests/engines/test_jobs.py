@@ -25,8 +25,8 @@ import pytest
 from beam_pipelines import preprocess, score
 from beam_pipelines.contracts import predictions
 from engines import procs, session, tools
-from tests.beam_pipelines.conftest import output_files
-from tests.conftest import LOCAL_RUNNER
+from tests.support.files import output_files
+from tests.support.runners import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ import pytest
 
 from beam_pipelines import preprocess
 from engines import procs
-from tests.beam_pipelines.conftest import output_files
-from tests.conftest import LOCAL_RUNNER
+from tests.support.files import output_files
+from tests.support.runners import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,11 @@ import importlib.util
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from types import ModuleType
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.support.data import REPO
+
+BENCHMARKS = REPO / "benchmarks"
 
 
 @contextmanager
