@@ -82,6 +82,7 @@ from archive_tools.dicom_writer import (
 )
 from archive_tools.phantom import chest_phantom
 from beam_pipelines import dicom, malloc_tuning
+from beam_pipelines.dicom import frames
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def _plugins(encoding: str) -> tuple[str, str]:
     if not syntax.is_encapsulated and syntax != pydicom.uid.DeflatedExplicitVRLittleEndian:
         return "", ""
     available = pydicom.pixels.get_decoder(syntax).available_plugins
-    return (available[0] if available else ""), dicom._plugins(available, syntax)[0]
+    return (available[0] if available else ""), frames.plugin_order(available, syntax)[0]
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -288,7 +289,7 @@ def _benchmark(files: Sequence[BenchFile], repeats: int) -> list[dict[str, Any]]
             "photometric": f.fmt.photometric,
             "rescale": f.fmt.has_rescale,
             "window": f.fmt.has_window,
-            "voi_used": decoded.voi,
+            "voi_used": decoded.intensity_source,
             "inverted": decoded.inverted,
             "stored_dtype": str(bare.dtype),
             "bare_pydicom_ms": bare_ms,
@@ -329,11 +330,11 @@ def _model_input_report(f: BenchFile, t: dict[str, list[float]]) -> dict[str, An
     return {
         "full_ms": full_ms,
         "fast_ms": fast_ms,
-        "fast_path": fast.path,
+        "fast_path": fast.route,
         "reduction": fast.reduction,
         "decoded_shape": list(fast.image.shape),
         "fast_ratio": round(ratio, 3),
-        "within_target": fast.path != "j2k_reduced" or ratio <= TARGET_FAST_RATIO,
+        "within_target": fast.route != "j2k_reduced" or ratio <= TARGET_FAST_RATIO,
         "correlation": round(float(np.corrcoef(fast_image.ravel(), full_image.ravel())[0, 1]), 5),
         "mean_abs_diff": round(float(np.abs(fast_image - full_image).mean()), 5),
         "samples_ms": {k: [round(v, 3) for v in t[k]] for k in ("full", "fast")},

@@ -14,20 +14,21 @@ PS3.4 N.2):
    (``DecodeOptions.voi_index``; ``None`` ignores VOI). The VOI output is
    already in [0, 1]. A window under which fewer than 1% of the pixels are
    unsaturated describes some other image (edited pixels, copied headers)
-   and is ignored (``voi="window_ignored"``; the image is then scaled as in 4).
+   and is ignored (``intensity_source="window_ignored"``; the image is then
+   scaled as in 4).
 4. Without a usable VOI, **scale by the image's actual stored range**
    (:mod:`beam_pipelines.dicom.image_range`), mapped through the modality LUT,
    clipped to [0, 1]:
 
    * Smallest / Largest Image Pixel Value (0028,0106/0107) when they are true
-     (``voi="image_range"``): both present, smallest < largest, inside the
-     stored bit range, at least 99% of a sample of the pixels (~128 x 128
-     means of 2 x 2 blocks, spread over the image) inside them, and the
+     (``intensity_source="image_range"``): both present, smallest < largest,
+     inside the stored bit range, at least 99% of a sample of the pixels
+     (~128 x 128 means of 2 x 2 blocks, spread over the image) inside them, and the
      sample's robust span (below) covering at least half of them (a header
      that echoes the bit range over an image using a few percent of it is
      not the image's range);
    * else the 0.5th and 99.5th percentiles (nearest rank) of that sample
-     (``voi="percentiles"``).
+     (``intensity_source="percentiles"``).
 
    Either range is widened to at least 1/64 of the stored bit range (so a
    near-constant image does not stretch its noise to full contrast; a blank
@@ -35,7 +36,8 @@ PS3.4 N.2):
    A 16-bit image whose values span a few percent of the bit range thus gets
    full contrast instead of a flat mid-grey. ``DecodeOptions(range_source=
    "bit_range")`` restores the earlier rule: the stored bit range (Bits
-   Stored, signed or not) through the modality LUT (``voi="bit_range"``).
+   Stored, signed or not) through the modality LUT
+   (``intensity_source="bit_range"``).
    Never a bare min/max, which one hot pixel would decide. Float pixel data
    has no bit range; it alone uses its min/max (``"min_max"``; a blank frame
    becomes 0).
@@ -46,7 +48,7 @@ an image whose channels agree (a grayscale image saved as RGB, common in
 secondary captures) becomes one channel; a truly coloured image is rejected
 with ``unsupported_photometric`` (``DecodeOptions.color="luminance"`` keeps it
 as ITU-R BT.601 luminance instead). Colour input is scaled by its full bit
-scale (``voi="bit_range"``), whatever ``range_source`` says.
+scale (``intensity_source="bit_range"``), whatever ``range_source`` says.
 
 Steps 2–5 are evaluated over every 8/16-bit value the header allows. When
 the result is a clipped straight line (image or bit range, rescale, LINEAR
@@ -74,7 +76,7 @@ from __future__ import annotations
 
 from beam_pipelines.dicom.dataset import read_dataset
 from beam_pipelines.dicom.decoding import (
-    DECODE_PATHS,
+    DECODE_ROUTES,
     DecodedImage,
     decode,
     decode_model_input,
@@ -83,7 +85,7 @@ from beam_pipelines.dicom.decoding import (
 from beam_pipelines.dicom.errors import REJECT_REASONS, DicomRejected
 from beam_pipelines.dicom.header import COLOR, GRAYSCALE, DicomHeader, read_header
 from beam_pipelines.dicom.options import DEFAULT_OPTIONS, DecodeOptions, RangeSource
-from beam_pipelines.dicom.reading import Source, read_bytes
+from beam_pipelines.dicom.reading import Source, read_source_bytes
 from beam_pipelines.dicom.resize import (
     MODEL_INPUT_SIZE,
     ResizePolicy,
@@ -97,7 +99,7 @@ from beam_pipelines.privacy import redact
 
 __all__ = [
     "COLOR",
-    "DECODE_PATHS",
+    "DECODE_ROUTES",
     "DEFAULT_OPTIONS",
     "GRAYSCALE",
     "MODEL_INPUT_SIZE",
@@ -112,7 +114,7 @@ __all__ = [
     "content_shape",
     "decode",
     "decode_model_input",
-    "read_bytes",
+    "read_source_bytes",
     "read_dataset",
     "read_header",
     "read_image",

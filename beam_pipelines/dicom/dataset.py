@@ -19,7 +19,7 @@ from pydicom.errors import InvalidDicomError
 from beam_pipelines.dicom.errors import DicomRejected
 from beam_pipelines.dicom.header import int_value
 from beam_pipelines.dicom.options import DEFAULT_OPTIONS, DecodeOptions
-from beam_pipelines.dicom.reading import Source, read_bytes
+from beam_pipelines.dicom.reading import Source, read_source_bytes
 from beam_pipelines.privacy import redact
 
 
@@ -37,7 +37,7 @@ def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Da
         DicomRejected: for unreadable, empty, non-DICOM, truncated or
             (inflating past its declared size) too large input.
     """
-    data = read_bytes(source, options.max_file_bytes, options.read_timeout_s)
+    data = read_source_bytes(source, options.max_file_bytes, options.read_timeout_s)
     meta = _file_meta(data)
     deflated = meta.syntax == pydicom.uid.DeflatedExplicitVRLittleEndian
     parsed = _inflate_data_set(data, meta, options) if deflated else data

@@ -42,8 +42,8 @@ class DecodedImage:
             unless ``reduction`` > 1.
         header: the recorded header fields.
         inverted: True when MONOCHROME1 was inverted.
-        voi: which intensity mapping was used (preprocessing counts it as
-            ``intensity_<voi>``): ``"window"`` or ``"voi_lut"`` (the
+        intensity_source: what the intensities were mapped by (preprocessing
+            counts it as ``intensity_<source>``): ``"window"`` or ``"voi_lut"`` (the
             header's VOI); without one, ``"image_range"`` (scaled by the
             header's true Smallest / Largest Image Pixel Value) or
             ``"percentiles"`` (by the 0.5th / 99.5th percentiles of the
@@ -53,7 +53,7 @@ class DecodedImage:
             input, or an image range the modality LUT flattens to nothing);
             ``"min_max"`` (float pixel data only).
         color_converted: True when a colour encoding was reduced to gray.
-        path: how the pixels were decoded: ``"full"``, ``"j2k_reduced"`` (a
+        route: how the pixels were decoded: ``"full"``, ``"j2k_reduced"`` (a
             JPEG 2000 resolution level) or ``"jpeg_scaled"`` (JPEG DCT scaling).
         reduction: each side of ``image`` is the original's divided by this
             (rounded up); 1 on the full path.
@@ -62,14 +62,14 @@ class DecodedImage:
     image: np.ndarray
     header: DicomHeader
     inverted: bool
-    voi: str
+    intensity_source: str
     color_converted: bool
-    path: str = "full"
+    route: str = "full"
     reduction: int = 1
 
 
-#: Every value of :attr:`DecodedImage.path`.
-DECODE_PATHS: tuple[str, ...] = ("full", "j2k_reduced", "jpeg_scaled")
+#: Every value of :attr:`DecodedImage.route`.
+DECODE_ROUTES: tuple[str, ...] = ("full", "j2k_reduced", "jpeg_scaled")
 
 
 def decode(source: Source | Dataset, options: DecodeOptions = DEFAULT_OPTIONS) -> DecodedImage:
@@ -102,7 +102,7 @@ def decode_model_input(
     is still at least the size :func:`to_model_input` shrinks them to (never
     below), then go through exactly the same intensity pipeline and resize
     as a full decode. Everything else, and any stream the reduced decoder
-    refuses, takes the full path; ``DecodedImage.path`` says which was used.
+    refuses, takes the full path; ``DecodedImage.route`` says which was used.
 
     Returns:
         The ``(size, size, 1)`` float32 model input and the decoded image.
@@ -138,9 +138,9 @@ def _decode(
     if reduced_frame is None:
         native = frames.native_view(ds, header)
         stored = native if native is not None else frames.decode_first_frame(ds, header)
-        path, reduction = "full", 1
+        route, reduction = "full", 1
     else:
-        stored, path, reduction = reduced_frame
+        stored, route, reduction = reduced_frame
     photometric = header.photometric_interpretation
     if header.samples_per_pixel == 1 and photometric in GRAYSCALE:
         inverted = photometric == "MONOCHROME1"
@@ -150,12 +150,14 @@ def _decode(
         box = 1
         if model_input is not None and reduced_frame is None:
             box = box_factor(header.rows, header.columns, *model_input)
-        image, voi, boxed = normalize_gray(
+        image, source, boxed = normalize_gray(
             stored, ds, header, options, pixel_keyword, inverted, raw_bits, box
         )
-        return DecodedImage(image, header, inverted, voi, False, path, reduction * boxed)
+        return DecodedImage(image, header, inverted, source, False, route, reduction * boxed)
     image = color_to_gray(stored, ds, header, options)
-    return DecodedImage(image, header, inverted=False, voi="bit_range", color_converted=True)
+    return DecodedImage(
+        image, header, inverted=False, intensity_source="bit_range", color_converted=True
+    )
 
 
 def read_image(source: Source | Dataset, options: DecodeOptions = DEFAULT_OPTIONS) -> np.ndarray:

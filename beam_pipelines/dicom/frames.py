@@ -119,7 +119,7 @@ def decode_first_frame(ds: Dataset, header: DicomHeader) -> np.ndarray:
         )
     array = None
     failures = []
-    for plugin in _plugins(decoder.available_plugins, syntax):
+    for plugin in plugin_order(decoder.available_plugins, syntax):
         try:
             # as_rgb converts YBR to RGB; index=0 decodes only the first frame.
             with quiet_plugin_errors():
@@ -164,7 +164,7 @@ _FASTEST_PLUGINS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _plugins(available: tuple[str, ...], syntax: str = "") -> list[str]:
+def plugin_order(available: tuple[str, ...], syntax: str = "") -> list[str]:
     """Plugin names to try: the fastest for the syntax, then pydicom's order, GDCM last.
 
     GDCM comes only when nothing else can decode the syntax: on malformed

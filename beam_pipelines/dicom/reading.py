@@ -22,7 +22,7 @@ from beam_pipelines.privacy import redact
 Source = str | bytes | bytearray | memoryview | BinaryIO
 
 
-def read_bytes(
+def read_source_bytes(
     source: Source,
     max_bytes: int = DEFAULT_OPTIONS.max_file_bytes,
     read_timeout_s: float = DEFAULT_OPTIONS.read_timeout_s,

@@ -103,7 +103,7 @@ def pixel_sums(stored: np.ndarray) -> tuple[int, int, int]:
 
 def _count_decode(stage: type, decoded: dicom.DecodedImage) -> None:
     Metrics.counter(stage, "decoded").inc()
-    Metrics.counter(stage, f"decode_path_{decoded.path}").inc()
+    Metrics.counter(stage, f"decode_path_{decoded.route}").inc()
 
 
 class DecodeAndStageFn(beam.DoFn):
@@ -164,7 +164,7 @@ class DecodeAndStageFn(beam.DoFn):
         _count_decode(stage, decoded)
         if decoded.inverted:
             Metrics.counter(stage, "monochrome1_inverted").inc()
-        Metrics.counter(stage, f"intensity_{decoded.voi}").inc()
+        Metrics.counter(stage, f"intensity_{decoded.intensity_source}").inc()
         record = make_record(row, image, decoded, self._pseudonymizer)
         split = assignment[row.patient_id]
         shards = record_shards(sizes[split], self._num_shards)

@@ -1050,7 +1050,7 @@ def test_seeds_decode_and_take_the_expected_path(name: str) -> None:
     assert image.shape == (spec.rows, spec.cols)
     _, decoded = decode_model_input(seed.data, FUZZ_OPTIONS)
     expected = {"j2k_reduced": "j2k_reduced", "jpeg_scaled": "jpeg_scaled"}.get(name, "full")
-    assert decoded.path == expected
+    assert decoded.route == expected
     # The offsets the mutations use agree with pydicom's parse.
     ds = pydicom.dcmread(io.BytesIO(seed.data))
     assert [e.tag for e in seed.layout.body_elements] == [int(e.tag) for e in ds]

@@ -95,7 +95,7 @@ def test_lossless_decode_matches_truth(encoding: str, name: str) -> None:
     result = decode(_file(stored, fmt, encoding), BIT_RANGE)
     assert result.image.dtype == np.float32
     assert result.image.shape == truth.shape
-    assert result.voi == "bit_range"
+    assert result.intensity_source == "bit_range"
     assert result.inverted == (fmt.photometric == "MONOCHROME1")
     np.testing.assert_allclose(result.image, from_stored(stored, fmt), atol=1e-6)
     # Quantization to the stored bit depth is the only loss.
@@ -128,7 +128,7 @@ def test_blank_image_does_not_divide_by_zero(value: float, in_image_range: float
     # The image range's minimum span is centred on the value, inside the bit
     # range: black stays black, white white, anything else mid-grey.
     result = decode(data)
-    assert result.voi == "percentiles" and np.isfinite(result.image).all()
+    assert result.intensity_source == "percentiles" and np.isfinite(result.image).all()
     np.testing.assert_allclose(result.image, in_image_range, atol=1e-6)
 
 
@@ -147,14 +147,16 @@ def test_window_applies_after_rescale_then_inversion(photometric: str) -> None:
     expected = _linear_window(stored * 0.5 - 100.0, 600.0, 900.0)
     if photometric == "MONOCHROME1":
         expected = 1.0 - expected
-    assert result.voi == "window"
+    assert result.intensity_source == "window"
     np.testing.assert_allclose(result.image, expected, atol=1e-6)
     # The window wins over the image range: the same pixels either way.
     assert np.array_equal(result.image, read_image(_file(stored, fmt), BIT_RANGE))
     # Ignoring VOI gives the bit-range result instead.
     plain = read_image(_file(stored, fmt), DecodeOptions(voi_index=None, range_source="bit_range"))
     np.testing.assert_allclose(plain, from_stored(stored, fmt), atol=1e-6)
-    assert decode(_file(stored, fmt), DecodeOptions(voi_index=None)).voi == "percentiles"
+    assert (
+        decode(_file(stored, fmt), DecodeOptions(voi_index=None)).intensity_source == "percentiles"
+    )
 
 
 def test_second_window_and_sigmoid_function() -> None:
@@ -175,12 +177,12 @@ def test_window_that_misses_the_image_is_ignored() -> None:
     truth = 0.6 + 0.3 * _truth()  # every modality value far above the window
     stored = to_stored(truth, fmt)
     result = decode(_file(stored, fmt), BIT_RANGE)
-    assert result.voi == "window_ignored"
+    assert result.intensity_source == "window_ignored"
     np.testing.assert_allclose(result.image, from_stored(stored, fmt), atol=1e-6)
     # By default the image is then scaled by its own range, like one without
     # a window: the 30% of the bit range it uses becomes full contrast.
     own = decode(_file(stored, fmt))
-    assert own.voi == "window_ignored"
+    assert own.intensity_source == "window_ignored"
     assert own.image.min() == 0.0 and own.image.max() == 1.0
     assert own.image.std() > 2.5 * result.image.std()
     assert np.corrcoef(own.image.ravel(), truth.ravel())[0, 1] > 0.99

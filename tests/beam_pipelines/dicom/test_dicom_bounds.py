@@ -33,9 +33,9 @@ from beam_pipelines.dicom import (
     DicomRejected,
     decode,
     decode_model_input,
-    read_bytes,
     read_dataset,
     read_image,
+    read_source_bytes,
 )
 
 HEADER = RadiographHeader(patient_id="P000001", study_id="S0001")
@@ -101,7 +101,7 @@ def test_directory_is_rejected(tmp_path: Path) -> None:
 def test_character_device_is_not_read(device: str) -> None:
     if not os.path.exists(device):
         pytest.skip(f"no {device}")
-    rejected = _within(5, lambda: read_bytes(device))
+    rejected = _within(5, lambda: read_source_bytes(device))
     assert (rejected.reason, rejected.detail) == (
         "unreadable",
         "not a regular file (character device)",
@@ -174,12 +174,12 @@ class _SlowStream:
 
 def test_slow_read_gives_up_after_the_budget() -> None:
     started = time.monotonic()
-    rejected = _rejected(lambda: read_bytes(_SlowStream(), read_timeout_s=0.2))  # type: ignore[arg-type]
+    rejected = _rejected(lambda: read_source_bytes(_SlowStream(), read_timeout_s=0.2))  # type: ignore[arg-type]
     assert rejected.reason == "unreadable"
     assert rejected.detail.startswith("reading took longer than 0.2 s")
     assert time.monotonic() - started < 2
     # A trickle that ends within its budget is read whole.
-    assert read_bytes(_SlowStream(5000), read_timeout_s=5) == bytes(5000)  # type: ignore[arg-type]
+    assert read_source_bytes(_SlowStream(5000), read_timeout_s=5) == bytes(5000)  # type: ignore[arg-type]
 
 
 def test_read_timeout_comes_from_the_options_for_remote_paths(

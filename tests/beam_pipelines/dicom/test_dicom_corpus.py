@@ -94,12 +94,14 @@ def test_image_range_leaves_windowed_files_alone_and_lifts_the_rest() -> None:
         except DicomRejected:
             continue
         old = decode(path, bit_range)
-        modes[new.voi] = modes.get(new.voi, 0) + 1
-        if new.voi in ("window", "voi_lut", "min_max"):
-            assert old.voi == new.voi and np.array_equal(new.image, old.image), row["path"]
+        modes[new.intensity_source] = modes.get(new.intensity_source, 0) + 1
+        if new.intensity_source in ("window", "voi_lut", "min_max"):
+            assert old.intensity_source == new.intensity_source and np.array_equal(
+                new.image, old.image
+            ), row["path"]
             continue
-        assert new.voi in ("image_range", "percentiles", "window_ignored"), row["path"]
-        assert old.voi in ("bit_range", "window_ignored"), row["path"]
+        assert new.intensity_source in ("image_range", "percentiles", "window_ignored"), row["path"]
+        assert old.intensity_source in ("bit_range", "window_ignored"), row["path"]
         assert new.image.std() >= 0.95 * old.image.std(), row["path"]
         lifted += new.image.std() > 2 * old.image.std() + 0.01
     # When written: 52 with a window or VOI LUT; 65 by percentiles (CT, MR,

@@ -102,11 +102,11 @@ def test_j2k_of_tiny_tiles_is_rejected() -> None:
 
 def test_gdcm_is_only_a_last_resort() -> None:
     # GDCM aborts the process on malformed input: no except clause catches that.
-    assert frames._plugins(("gdcm", "pillow", "pylibjpeg")) == ["pillow", "pylibjpeg"]
+    assert frames.plugin_order(("gdcm", "pillow", "pylibjpeg")) == ["pillow", "pylibjpeg"]
     j2k = "1.2.840.10008.1.2.4.90"  # the fastest plugin for the syntax goes first
-    assert frames._plugins(("gdcm", "pillow", "pylibjpeg"), j2k) == ["pylibjpeg", "pillow"]
-    assert frames._plugins(("gdcm",)) == ["gdcm"]
-    assert frames._plugins(()) == [""]  # native data: pydicom decodes it itself
+    assert frames.plugin_order(("gdcm", "pillow", "pylibjpeg"), j2k) == ["pylibjpeg", "pillow"]
+    assert frames.plugin_order(("gdcm",)) == ["gdcm"]
+    assert frames.plugin_order(()) == [""]  # native data: pydicom decodes it itself
 
 
 def test_codec_panic_is_a_reject() -> None:

@@ -58,8 +58,10 @@ def test_narrow_sixteen_bit_image_gets_full_contrast_from_percentiles() -> None:
     data = _bytes(stored, SIXTEEN)
     flat = decode(data, BIT_RANGE)
     result = decode(data)
-    assert flat.voi == "bit_range" and flat.image.std() < 0.01  # the bug: flat mid-grey
-    assert result.voi == "percentiles"
+    assert (
+        flat.intensity_source == "bit_range" and flat.image.std() < 0.01
+    )  # the bug: flat mid-grey
+    assert result.intensity_source == "percentiles"
     assert result.image.std() > 0.15
     # Nearly the same ramp as the bit range's, only stretched: 0.5% of the
     # sample's block means clip at each end (somewhat more of the noisier
@@ -81,7 +83,7 @@ def test_true_smallest_and_largest_pixel_values_are_the_range() -> None:
     result = decode(
         _bytes(stored, SIXTEEN, SmallestImagePixelValue=small, LargestImagePixelValue=large)
     )
-    assert result.voi == "image_range"
+    assert result.intensity_source == "image_range"
     np.testing.assert_allclose(result.image, _scaled(stored, small, large), atol=ATOL)
     assert result.image.min() == 0.0 and result.image.max() == 1.0
 
@@ -93,7 +95,7 @@ def test_header_range_tolerates_a_lossy_overshoot() -> None:
     result = decode(
         _bytes(stored, SIXTEEN, SmallestImagePixelValue=small, LargestImagePixelValue=large)
     )
-    assert result.voi == "image_range"
+    assert result.intensity_source == "image_range"
     np.testing.assert_allclose(result.image, _scaled(stored, small, large), atol=ATOL)
 
 
@@ -116,7 +118,7 @@ def test_untrue_header_range_falls_back_to_percentiles(case: str) -> None:
         "one": dict(LargestImagePixelValue=large),  # Smallest missing
     }[case]
     result = decode(_bytes(stored, fmt, **elements))
-    assert result.voi == "percentiles"
+    assert result.intensity_source == "percentiles"
     assert np.array_equal(result.image, decode(_bytes(stored, fmt)).image)
     assert result.image.std() > 0.15
 
@@ -129,7 +131,7 @@ def test_signed_rescaled_image_range_goes_through_the_modality_lut() -> None:
     result = decode(
         _bytes(stored, fmt, SmallestImagePixelValue=small, LargestImagePixelValue=large)
     )
-    assert result.voi == "image_range"
+    assert result.intensity_source == "image_range"
     # A positive slope keeps the order: the same as scaling the stored values.
     np.testing.assert_allclose(result.image, _scaled(stored, small, large), atol=ATOL)
     # A negative slope flips the modality values and so the image (as with the bit range).
@@ -153,14 +155,18 @@ def test_monochrome1_is_still_inverted() -> None:
     for extra in ({}, {"SmallestImagePixelValue": 0}):  # percentiles; Largest missing too
         two = decode(_bytes(mono2, SIXTEEN, **extra))
         one = decode(_bytes(mono1, mono1_fmt, **extra))
-        assert one.inverted and not two.inverted and one.voi == two.voi == "percentiles"
+        assert (
+            one.inverted
+            and not two.inverted
+            and one.intensity_source == two.intensity_source == "percentiles"
+        )
         # Same display image: MONOCHROME1 stores 1 - display, and is inverted back.
         assert np.abs(one.image - two.image).mean() < 0.01
     small, large = int(mono1.min()), int(mono1.max())
     one = decode(
         _bytes(mono1, mono1_fmt, SmallestImagePixelValue=small, LargestImagePixelValue=large)
     )
-    assert one.voi == "image_range"
+    assert one.intensity_source == "image_range"
     np.testing.assert_allclose(one.image, 1.0 - _scaled(mono1, small, large), atol=ATOL)
 
 
@@ -170,7 +176,7 @@ def test_constant_and_near_constant_images_are_defined(value: int) -> None:
     rng = np.random.default_rng(value)
     blank = np.full((64, 64), value, dtype=np.uint16)
     result = decode(_bytes(blank, fmt))
-    assert result.voi == "percentiles" and np.isfinite(result.image).all()
+    assert result.intensity_source == "percentiles" and np.isfinite(result.image).all()
     assert len(np.unique(result.image)) == 1
     expected = {0: 0.0, 1000: 0.5, 4095: 1.0}[value]
     np.testing.assert_allclose(result.image, expected, atol=ATOL)
@@ -181,7 +187,7 @@ def test_constant_and_near_constant_images_are_defined(value: int) -> None:
     assert np.isfinite(image).all() and image.max() - image.min() <= 6 / 63 + 1e-6
     # Also a constant header range (Smallest == Largest): refused, still defined.
     same = decode(_bytes(blank, fmt, SmallestImagePixelValue=value, LargestImagePixelValue=value))
-    assert same.voi == "percentiles"
+    assert same.intensity_source == "percentiles"
     assert np.array_equal(same.image, result.image)
 
 
@@ -219,7 +225,11 @@ def _windowed_cases() -> list:
 @pytest.mark.parametrize(("name", "data"), _windowed_cases())
 def test_windowed_images_are_unchanged(name: str, data: bytes) -> None:
     default, old = decode(data), decode(data, BIT_RANGE)
-    assert default.voi == old.voi == ("voi_lut" if name == "voi_lut" else "window")
+    assert (
+        default.intensity_source
+        == old.intensity_source
+        == ("voi_lut" if name == "voi_lut" else "window")
+    )
     assert np.array_equal(default.image, old.image)
     model, _ = decode_model_input(data)
     assert np.array_equal(model, decode_model_input(data, BIT_RANGE)[0])

@@ -127,7 +127,11 @@ def test_decode_is_identical_without_the_kernel(
     with_kernel = dicom.decode(str(path))
     monkeypatch.setattr(pixel_map, "_kernels", None)
     without = dicom.decode(str(path))
-    assert with_kernel.voi == without.voi == ("window" if window else "percentiles")
+    assert (
+        with_kernel.intensity_source
+        == without.intensity_source
+        == ("window" if window else "percentiles")
+    )
     np.testing.assert_array_equal(with_kernel.image, without.image)
 
 
@@ -193,5 +197,5 @@ def test_model_input_fused_with_the_box_average_matches_the_two_step_path(
     assert decoded.image.shape == (-(-1100 // decoded.reduction), -(-900 // decoded.reduction))
     monkeypatch.setattr(pixel_map, "_kernels", None)
     two_step, plain = dicom.decode_model_input(str(path))
-    assert plain.reduction == 1 and plain.voi == decoded.voi
+    assert plain.reduction == 1 and plain.intensity_source == decoded.intensity_source
     np.testing.assert_allclose(fused, two_step, rtol=0, atol=2.4e-7)

@@ -113,9 +113,9 @@ def test_j2k_reduced_matches_full_path(rows: int, cols: int, fmt: PixelFormat) -
     data = _radiograph(rows, cols, fmt, "j2k")
     fast, fast_decoded = decode_model_input(data)
     full, full_decoded = decode_model_input(data, FULL)
-    assert fast_decoded.path == "j2k_reduced" and fast_decoded.reduction >= 4
+    assert fast_decoded.route == "j2k_reduced" and fast_decoded.reduction >= 4
     # Every pixel decoded; the first box average of the resize done while mapping.
-    assert full_decoded.path == "full" and full_decoded.reduction == box_factor(
+    assert full_decoded.route == "full" and full_decoded.reduction == box_factor(
         rows, cols, 224, "pad"
     )
     # Never decoded below the size the resize needs.
@@ -129,7 +129,10 @@ def test_j2k_reduced_matches_full_path(rows: int, cols: int, fmt: PixelFormat) -
     padding[top : top + target[0], left : left + target[1]] = False
     assert not fast[padding].any() and not full[padding].any()
     assert fast_decoded.header == full_decoded.header
-    assert (fast_decoded.voi, fast_decoded.inverted) == (full_decoded.voi, full_decoded.inverted)
+    assert (fast_decoded.intensity_source, fast_decoded.inverted) == (
+        full_decoded.intensity_source,
+        full_decoded.inverted,
+    )
 
 
 def _narrow_radiograph(
@@ -170,9 +173,9 @@ def test_reduced_paths_choose_the_full_paths_image_range(
     data = _narrow_radiograph(1250, 1024, fmt, encoding, span, header_range)
     fast, fast_decoded = decode_model_input(data)
     full, full_decoded = decode_model_input(data, FULL)
-    assert fast_decoded.path == path and full_decoded.path == "full"
+    assert fast_decoded.route == path and full_decoded.route == "full"
     mode = "image_range" if header_range else "percentiles"
-    assert fast_decoded.voi == full_decoded.voi == mode
+    assert fast_decoded.intensity_source == full_decoded.intensity_source == mode
     # Full contrast inside the padding, where the bit range gives a near-flat image.
     rows, cols = content_shape(1250, 1024)
     left = (224 - cols) // 2
@@ -187,9 +190,9 @@ def test_jpeg_scaled_matches_full_path() -> None:
     data = _radiograph(1500, 1203, PixelFormat(bits_stored=8), "jpeg_baseline")
     fast, fast_decoded = decode_model_input(data)
     full, full_decoded = decode_model_input(data, FULL)
-    assert fast_decoded.path == "jpeg_scaled" and fast_decoded.reduction == 4
+    assert fast_decoded.route == "jpeg_scaled" and fast_decoded.reduction == 4
     assert fast_decoded.image.shape == (375, 301)
-    assert full_decoded.path == "full"
+    assert full_decoded.route == "full"
     assert _correlation(fast, full) >= MIN_CORRELATION
     assert np.abs(fast - full).mean() < 0.01
 
@@ -197,7 +200,7 @@ def test_jpeg_scaled_matches_full_path() -> None:
 def test_full_resolution_option_is_the_full_decode() -> None:
     data = _radiograph(600, 500, PixelFormat(bits_stored=12), "j2k")
     image, decoded = decode_model_input(data, FULL)
-    assert decoded.path == "full"
+    assert decoded.route == "full"
     # Equal but for float32 rounding of the fused box average (2 ulps).
     np.testing.assert_allclose(image, to_model_input(decode(data).image), rtol=0, atol=2.4e-7)
 
@@ -206,7 +209,7 @@ def test_full_resolution_option_is_the_full_decode() -> None:
 def test_other_syntaxes_take_the_full_path(encoding: str) -> None:
     data = _radiograph(600, 500, PixelFormat(bits_stored=12), encoding)
     image, decoded = decode_model_input(data)
-    assert decoded.path == "full"
+    assert decoded.route == "full"
     assert np.array_equal(image, to_model_input(decode(data).image))
 
 
@@ -214,7 +217,7 @@ def test_small_image_is_decoded_in_full() -> None:
     # 300 px is less than 2 x 224: no level is both coarser and big enough.
     data = _radiograph(300, 260, PixelFormat(bits_stored=12), "j2k")
     _, decoded = decode_model_input(data)
-    assert decoded.path == "full"
+    assert decoded.route == "full"
 
 
 def test_missing_openjpeg_falls_back_with_one_warning(
@@ -226,7 +229,7 @@ def test_missing_openjpeg_falls_back_with_one_warning(
     with caplog.at_level(logging.WARNING, logger="beam_pipelines.dicom.reduced"):
         first, decoded = decode_model_input(data)
         decode_model_input(data)
-    assert decoded.path == "full"
+    assert decoded.route == "full"
     assert np.array_equal(first, decode_model_input(data, FULL)[0])
     warnings = [r for r in caplog.records if r.name == "beam_pipelines.dicom.reduced"]
     assert len(warnings) == 1 and "libopenjp2" in warnings[0].getMessage()
@@ -240,7 +243,7 @@ def test_fast_decoder_failure_falls_back_to_the_full_path(monkeypatch: pytest.Mo
     monkeypatch.setattr(reduced, "decode_j2k_level", broken)
     data = _radiograph(1000, 800, PixelFormat(bits_stored=12), "j2k")
     image, decoded = decode_model_input(data)
-    assert decoded.path == "full"
+    assert decoded.route == "full"
     assert np.array_equal(image, decode_model_input(data, FULL)[0])
 
 
@@ -253,7 +256,7 @@ def test_corrupt_j2k_is_rejected_like_the_full_path() -> None:
     for options in (DecodeOptions(), FULL):
         try:
             image, decoded = decode_model_input(bytes(data), options)
-            outcomes.append(("ok", decoded.path))
+            outcomes.append(("ok", decoded.route))
             assert np.isfinite(image).all() and 0.0 <= image.min() <= image.max() <= 1.0
         except DicomRejected as rejected:
             outcomes.append(("rejected", rejected.reason))
@@ -304,8 +307,8 @@ def test_real_corpus_fast_path_fidelity() -> None:
             continue
         fast, fast_decoded = decode_model_input(path)
         assert fast_decoded.header == full_decoded.header, row["path"]
-        assert fast_decoded.voi == full_decoded.voi, row["path"]
-        if fast_decoded.path == "full":
+        assert fast_decoded.intensity_source == full_decoded.intensity_source, row["path"]
+        if fast_decoded.route == "full":
             assert np.array_equal(fast, full), row["path"]
             continue
         correlation = _correlation(fast, full)
