@@ -63,8 +63,8 @@ def _texts(folder: Path) -> dict[str, str]:
         if not path.is_file():
             continue
         if path.name.endswith(".tfrecord.gz"):
-            records = [records.parse_example(r) for r in tfrecord.read_tfrecord_gz(str(path))]
-            texts[str(path)] = repr([{k: v for k, v in r.items() if k != "image"} for r in records])
+            parsed = [records.parse_example(r) for r in tfrecord.read_tfrecord_gz(str(path))]
+            texts[str(path)] = repr([{k: v for k, v in r.items() if k != "image"} for r in parsed])
         elif path.suffix == ".parquet":
             texts[str(path)] = pd.read_parquet(path).to_csv()
         elif path.suffix == ".gz":
