@@ -57,17 +57,17 @@ def model_id(config: TrainConfig, manifest_bytes: bytes) -> str:
 
 def predict_split(model: Any, config: TrainConfig, split: str, model_id: str) -> dict[str, list]:
     """Scores one split in record order; returns columns of the predictions contract."""
+    from beam_pipelines.contracts import predictions, records
     from trainer import data
 
-    columns: dict[str, list] = {
-        key: []
-        for key in ("dicom_path", "patient_id", "study_id", "view_position", "age", "sex", "label")
-    }
+    columns: dict[str, list] = {key: [] for key in predictions.IMAGE_COLUMNS}
+    # The record's string features among them are decoded; age and label are integers.
+    texts = [key for key in predictions.IMAGE_COLUMNS if key in records.STRING_FEATURES]
     scores: list[float] = []
     for batch in data.evaluation_dataset(config, data.shard_files(config.data_dir, split), True):
         # A direct call, outside the strategy: any batch size, no replica split.
         scores.extend(np.asarray(model(batch["image"], training=False)).reshape(-1).tolist())
-        for key in ("dicom_path", "patient_id", "study_id", "view_position", "sex"):
+        for key in texts:
             columns[key].extend(v.decode("utf-8") for v in batch[key].numpy())
         columns["age"].extend(int(a) if a >= 0 else None for a in batch["age"].numpy())
         columns["label"].extend(int(v) for v in batch["label"].numpy())
