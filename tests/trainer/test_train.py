@@ -95,15 +95,15 @@ def test_exported_model_reloads_and_predicts_the_same(trained: Path, preprocesse
     import keras
     import tensorflow as tf
 
-    records = [
+    examples = [
         records.parse_example(r)
         for path in sorted((preprocessed / "validation").glob("*.tfrecord.gz"))
         for r in tfrecord.read_tfrecord_gz(str(path))
     ][:6]
-    images = np.stack([r["image"] for r in records])
+    images = np.stack([r["image"] for r in examples])
     table = predictions.read(str(trained / "predictions" / "validation.parquet")).to_pydict()
     expected = dict(zip(table["dicom_path"], table["score"], strict=True))
-    wanted = np.array([expected[r["dicom_path"]] for r in records], np.float32)
+    wanted = np.array([expected[r["dicom_path"]] for r in examples], np.float32)
 
     served = tf.saved_model.load(str(trained / "model")).signatures["serving_default"]
     scores = next(iter(served(tf.constant(images)).values())).numpy().reshape(-1)
