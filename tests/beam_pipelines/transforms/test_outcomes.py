@@ -1,17 +1,43 @@
-"""beam_pipelines.transforms.outcomes: the rejects file is sorted, whole, written by blocks."""
+"""beam_pipelines.transforms.outcomes: kept or rejected routed; the rejects file, by blocks."""
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipelines.contracts.rejects import reject
 from beam_pipelines.storage.files import remove_matching
-from beam_pipelines.transforms.outcomes import WriteRejects, block_parts
+from beam_pipelines.transforms.outcomes import (
+    KEPT,
+    REJECTED,
+    Progress,
+    SplitOutcomes,
+    WriteRejects,
+    block_parts,
+)
+
+
+def test_split_outcomes_routes_kept_values_and_reject_records() -> None:
+    outcomes = [
+        (KEPT, ("a.dcm", 1)),
+        (REJECTED, reject(2, "b.dcm", "decode", "not_dicom", "")),
+        (KEPT, ("c.dcm", 3)),
+        (REJECTED, reject(4, "d.dcm", "validate", "bad_label", "")),
+    ]
+    with TestPipeline() as pipeline:
+        kept, rejected = pipeline | beam.Create(outcomes) | SplitOutcomes()
+        assert_that(kept, equal_to([("a.dcm", 1), ("c.dcm", 3)]), label="kept")
+        assert_that(
+            rejected | beam.Map(lambda r: (r["row"], r["reason"])),
+            equal_to([(2, "not_dicom"), (4, "bad_label")]),
+            label="rejected",
+        )
 
 
 def _write(tmp_path: Path, records: list[dict], block_rows: int) -> list[dict]:
@@ -39,3 +65,17 @@ def test_rejects_are_sorted_by_row_then_path_across_blocks(tmp_path: Path) -> No
 
 def test_no_rejects_still_writes_an_empty_file(tmp_path: Path) -> None:
     assert _write(tmp_path, [], block_rows=10) == []
+
+
+def test_progress_logs_now_and_then(caplog) -> None:
+    progress = Progress("things", every=0.0)
+    with caplog.at_level(logging.INFO, logger="beam_pipelines.transforms.outcomes"):
+        for _ in range(3):
+            progress.tick()
+    assert "things: 3 so far" in caplog.text
+    quiet = Progress("things", every=3600)
+    with caplog.at_level(logging.INFO, logger="beam_pipelines.transforms.outcomes"):
+        caplog.clear()
+        for _ in range(100):
+            quiet.tick()
+    assert not caplog.text
