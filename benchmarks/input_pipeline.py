@@ -11,7 +11,7 @@ with 256-512 px images is written with ``xray-synth`` and preprocessed with
   same with ``augment=False`` (``input_no_augment``) shows what augmentation
   costs. The dataset is built once per measure and reused across repeats,
   so its start-up (file listing, shuffle buffer fill) is part of the warm-up.
-* ``train`` (per model): the model built and compiled as ``trainer/train.py``
+* ``train`` (per model): the model built and compiled as ``trainer/fit.py``
   does (Adam, ``BinaryCrossentropy(reduction="mean_with_sample_weight")``,
   weighted AUC/accuracy/precision/recall), then ``model.train_on_batch`` on
   one cached batch with per-example weights (class weights become sample
@@ -251,7 +251,7 @@ class TrainMeasure:
             pixel_mean=pixel_stats.get("mean") or 0.5,
             pixel_std=pixel_stats.get("std") or 0.25,
         )
-        # As trainer/train.py compiles it (default config: no XLA, no cosine).
+        # As trainer/fit.py compiles it (default config: no XLA, no cosine).
         model.compile(
             optimizer=keras.optimizers.Adam(1e-3),
             loss=keras.losses.BinaryCrossentropy(reduction="mean_with_sample_weight"),
@@ -408,7 +408,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "notes": [
             "input: trainer.data.training_dataset, default TrainConfig (augmentation on), "
             "iterated alone",
-            "train: model.train_on_batch on one cached batch, compiled as trainer/train.py does",
+            "train: model.train_on_batch on one cached batch, compiled as trainer/fit.py does",
             "ratio = median input images/s / median train images/s; target >= 5",
             "both use the same cores one after the other; in training they share them",
         ],
