@@ -1,8 +1,9 @@
-"""Small inputs for transform tests: validated rows and synthetic DICOM radiographs."""
+"""Small inputs for transform tests: validated rows, synthetic DICOMs, prediction rows."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,3 +32,20 @@ def write_radiograph(
     header = RadiographHeader(patient, study, patient_age=age, patient_sex=sex)
     write_dicom(path, to_stored(image, fmt), fmt, "explicit_le", header)
     return path
+
+
+def prediction_row(path: str, score: float, model_id: str = "m") -> dict[str, Any]:
+    """A row of the predictions contract (every column; the finding at threshold 0.5)."""
+    return {
+        "dicom_path": path,
+        "patient_id": "P1",
+        "study_id": None,
+        "view_position": "PA",
+        "age": 40,
+        "sex": "F",
+        "split": None,
+        "label": None,
+        "score": score,
+        "predicted": int(score >= 0.5),
+        "model_id": model_id,
+    }
