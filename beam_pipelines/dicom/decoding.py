@@ -16,7 +16,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from beam_pipelines.dicom import frames, reduced
+import beam_pipelines.dicom.frames as frames
+import beam_pipelines.dicom.reduced as reduced
 from beam_pipelines.dicom.dataset import read_dataset
 from beam_pipelines.dicom.errors import DicomRejected
 from beam_pipelines.dicom.header import GRAYSCALE, DicomHeader, read_header

@@ -15,7 +15,7 @@ import pydicom.encaps
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from beam_pipelines.dicom import reduced
+import beam_pipelines.dicom.reduced as reduced
 from beam_pipelines.dicom.errors import DicomRejected
 from beam_pipelines.dicom.header import COLOR, GRAYSCALE, DicomHeader
 from beam_pipelines.dicom.options import DecodeOptions

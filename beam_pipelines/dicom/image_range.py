@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from beam_pipelines.dicom import pixel_map
+import beam_pipelines.dicom.pixel_map as pixel_map
 from beam_pipelines.dicom.header import DicomHeader, element_value
 
 # Robust ends of an image without a window: 0.5% of the sampled block means

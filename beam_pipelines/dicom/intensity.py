@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from beam_pipelines.dicom import pixel_map
+import beam_pipelines.dicom.pixel_map as pixel_map
 from beam_pipelines.dicom.errors import DicomRejected
 from beam_pipelines.dicom.header import (
     DicomHeader,

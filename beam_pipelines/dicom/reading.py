@@ -1,9 +1,9 @@
 """The bytes of a DICOM source (path, URI, bytes or file object), read within bounds.
 
-Local files are read directly (regular files only); anything else goes
-through Beam's FileSystems, imported lazily inside :func:`_read_path`, the
-one function that opens non-local paths, so decoding local files never
-imports Beam.
+Local files are read directly (regular files only); anything else through
+:func:`beam_pipelines.storage.files.open_stored` (Beam's FileSystems, which
+that module imports only for a non-local path), so this package never
+imports Beam itself and decoding local files never loads it.
 """
 
 from __future__ import annotations
@@ -52,23 +52,19 @@ def read_source_bytes(
 
 
 def _read_path(path: str, max_bytes: int, timeout_s: float) -> bytes:
-    from beam_pipelines.storage.files import is_local, local_path
+    from beam_pipelines.storage import files
 
-    if is_local(path):
-        return _read_local(local_path(path), max_bytes, timeout_s)
-    # Imported lazily: Beam's FileSystems pulls in the whole SDK.
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
-
+    if files.is_local(path):
+        return _read_local(files.local_path(path), max_bytes, timeout_s)
     try:
-        # UNCOMPRESSED: a DICOM named *.gz must not be silently gunzipped.
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        # As stored: a DICOM named *.gz must not be silently gunzipped.
+        with files.open_stored(path) as handle:
             return _read_limited(handle, max_bytes, timeout_s)
     except FileNotFoundError as exc:
         raise DicomRejected("missing_file", "no file at the given path") from exc
     except OSError as exc:
         # Beam wraps "not found" in BeamIOError (an OSError) on some filesystems.
-        if not FileSystems.exists(path):
+        if not files.exists(path):
             raise DicomRejected("missing_file", "no file at the given path") from exc
         raise DicomRejected("unreadable", f"{type(exc).__name__}: {redact(exc)}") from exc
 

@@ -63,14 +63,18 @@ def write_text(path: str, text: str) -> str:
 
 def read_bytes(path: str) -> bytes:
     """Reads a whole file (no decompression, whatever its name)."""
+    with open_stored(path) as handle:
+        return handle.read()
+
+
+def open_stored(path: str) -> BinaryIO:
+    """Opens a file for reading its bytes as stored: no decompression, whatever its name."""
     if is_local(path):
-        with open(local_path(path), "rb") as local:
-            return local.read()
+        return open(local_path(path), "rb")
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        return handle.read()
+    return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
 def is_local(path: str) -> bool:
