@@ -21,7 +21,7 @@ import pytest
 from beam_pipelines.contracts import records
 from beam_pipelines.privacy import Pseudonymizer
 from beam_pipelines.storage import tfrecord
-from tests.conftest import LOCAL_RUNNER
+from tests.support.runners import LOCAL_RUNNER
 
 KEY = b"a-test-key-of-more-than-16-bytes"
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from beam_pipelines.dicom import REJECT_REASONS, DecodeOptions, DicomRejected, decode
-from tests.beam_pipelines.conftest import DICOM_CORPUS, requires_corpus
+from tests.support.data import DICOM_CORPUS, requires_corpus
 
 pytestmark = [requires_corpus, pytest.mark.real_data]
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from beam_pipelines.dicom import DecodeOptions, decode, read_dataset
-from tests.beam_pipelines.conftest import DICOM_CORPUS, requires_corpus
+from tests.support.data import DICOM_CORPUS, requires_corpus
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 tf = pytest.importorskip("tensorflow")

@@ -22,7 +22,7 @@ from beam_pipelines.dicom import (
     to_model_input,
 )
 from beam_pipelines.dicom.resize import box_factor
-from tests.beam_pipelines.conftest import DICOM_CORPUS, requires_corpus
+from tests.support.data import DICOM_CORPUS, requires_corpus
 
 HEADER = RadiographHeader(patient_id="P1", study_id="S1")
 FULL = DecodeOptions(reduced_resolution=False)
