@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
-# Re-exported for the dicom tests that still import them from here (until retargeted).
-from tests.support.data import DICOM_CORPUS, requires_corpus  # noqa: F401
 from tests.support.runners import free_port, wait_for_port
 
 
 @pytest.fixture
 def service() -> Iterator:
+    """start(module, *args) runs ``python -m module`` on a free port ({port} in args)."""
     started: list[subprocess.Popen] = []
 
     def start(module: str, *args: str) -> int:
