@@ -28,10 +28,9 @@ import pytest
 
 from beam_pipelines import preprocess, score
 from beam_pipelines.contracts import predictions
+from tests.support.runners import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
-
-FAST = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -123,10 +122,10 @@ def test_glob_characters_in_outputs_never_reach_a_neighbour(
     synthetic_archive: Path, trained_model: Path, tmp_path: Path
 ) -> None:
     metadata = str(synthetic_archive / "metadata.csv")
-    preprocess.run(["--metadata", metadata, "--output_dir", str(tmp_path / "runA"), *FAST])
+    preprocess.run(["--metadata", metadata, "--output_dir", str(tmp_path / "runA"), *LOCAL_RUNNER])
     neighbour = _tree(tmp_path / "runA")
-    preprocess.run(["--metadata", metadata, "--output_dir", str(tmp_path / "run?"), *FAST])
-    preprocess.run(["--metadata", metadata, "--output_dir", str(tmp_path / "run?"), *FAST])
+    preprocess.run(["--metadata", metadata, "--output_dir", str(tmp_path / "run?"), *LOCAL_RUNNER])
+    preprocess.run(["--metadata", metadata, "--output_dir", str(tmp_path / "run?"), *LOCAL_RUNNER])
     assert _tree(tmp_path / "runA") == neighbour
     assert _tree(tmp_path / "run?") == neighbour  # the same output, in its own folder
     # Training and scoring read the shards of 'run?' alone.
@@ -138,9 +137,13 @@ def test_glob_characters_in_outputs_never_reach_a_neighbour(
 
     model = str(trained_model / "model")
     scores = tmp_path / "s"
-    score.run(["--model", model, "--metadata", metadata, "--output", str(scores / "keep"), *FAST])
+    score.run(
+        ["--model", model, "--metadata", metadata, "--output", str(scores / "keep"), *LOCAL_RUNNER]
+    )
     kept = _tree(scores)
-    score.run(["--model", model, "--metadata", metadata, "--output", str(scores / "k?ep"), *FAST])
+    score.run(
+        ["--model", model, "--metadata", metadata, "--output", str(scores / "k?ep"), *LOCAL_RUNNER]
+    )
     assert {k: v for k, v in _tree(scores).items() if "k?ep" not in k} == kept
 
 
@@ -156,7 +159,7 @@ def _scored(synthetic_archive: Path, trained_model: Path, prefix: Path) -> dict[
             str(synthetic_archive / "metadata.csv"),
             "--output",
             str(prefix),
-            *FAST,
+            *LOCAL_RUNNER,
         ]
     )
     return _tree(prefix.parent)
@@ -189,13 +192,13 @@ def test_disk_full_fails_in_one_line_and_keeps_the_last_output(
     with _tmpfs(tmp_path / "small", "size=24m") as disk:
         out = disk / "out"
         args = ["--metadata", str(synthetic_archive / "metadata.csv"), "--output_dir", str(out)]
-        preprocess.run([*args, *FAST])
+        preprocess.run([*args, *LOCAL_RUNNER])
         before = _tree(out)
         used = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         free = shutil.disk_usage(disk).free
         # Leave less room than one more output needs.
         (disk / "filler").write_bytes(b"\0" * max(0, free - used // 3))
-        done = _job("beam_pipelines.preprocess", *args, *FAST)
+        done = _job("beam_pipelines.preprocess", *args, *LOCAL_RUNNER)
         line = _refused(done, 1)
         assert "No space left on device" in line, line
         assert _tree(out) == before
@@ -277,14 +280,14 @@ def test_all_rejected_or_header_only_metadata_exits_3_and_keeps_the_last_output(
     before = _tree(out)
     missing = tmp_path / "missing.csv"
     missing.write_text("PatientID,DicomPath,Abnormal\nP1,nowhere/a.dcm,1\nP2,nowhere/b.dcm,0\n")
-    done = _preprocess(missing, out, *FAST)
+    done = _preprocess(missing, out, *LOCAL_RUNNER)
     line = _refused(done, 3, "no row was kept", '"missing_file": 2', "is unchanged")
     assert _tree(out) == before
     assert "rejects.jsonl" in line
 
     header_only = tmp_path / "header.csv"
     header_only.write_text("PatientID,DicomPath,Abnormal\n")
-    done = _preprocess(header_only, out, *FAST)
+    done = _preprocess(header_only, out, *LOCAL_RUNNER)
     _refused(done, 3, "no row was kept: 0 rows")
     assert _tree(out) == before
 

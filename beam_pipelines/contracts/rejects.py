@@ -61,7 +61,7 @@ def internal_error_detail(exc: Exception, stage: str, row: int | None) -> str:
     """
     import traceback
 
-    from beam_pipelines.dicom import redact
+    from beam_pipelines.privacy import redact
 
     detail = f"{type(exc).__name__}: {redact(exc)}"
     frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()

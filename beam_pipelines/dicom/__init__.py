@@ -93,8 +93,8 @@ from beam_pipelines.dicom.resize import (
     to_model_input,
 )
 
-# Defined in beam_pipelines.privacy; kept here for the callers that redact
-# decode errors as dicom.redact.
+# Defined in beam_pipelines.privacy; re-exported for users who redact
+# decode errors as dicom.redact (its import path before the privacy module).
 from beam_pipelines.privacy import redact
 
 __all__ = [

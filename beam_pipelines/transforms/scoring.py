@@ -24,6 +24,7 @@ from beam_pipelines import dicom
 from beam_pipelines.contracts import predictions, records
 from beam_pipelines.contracts.metadata import SCORING_REQUIRED_COLUMNS
 from beam_pipelines.contracts.rejects import reject
+from beam_pipelines.privacy import redact
 from beam_pipelines.storage import tfrecord
 from beam_pipelines.storage.files import write_text
 from beam_pipelines.transforms.decode import DecodeForScoringFn, prediction_columns
@@ -60,7 +61,7 @@ class ReadShardsFn(beam.DoFn):
         except Exception as exc:  # whatever the file holds, the other shards go on
             Metrics.counter(self.__class__, "rejected_corrupt_shard").inc()
             detail = (
-                f"{type(exc).__name__}: {dicom.redact(exc)}; {read} records read before it "
+                f"{type(exc).__name__}: {redact(exc)}; {read} records read before it "
                 "(scored); the rest of the shard is lost"
             )
             logger.warning("Shard %s is corrupt after %d records: %s", path, read, detail)

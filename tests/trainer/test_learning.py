@@ -8,7 +8,7 @@ import pytest
 
 from archive_tools import synth
 from beam_pipelines import preprocess
-from tests.conftest import LOCAL_RUNNER
+from tests.support.runners import LOCAL_RUNNER
 from trainer import train
 
 pytestmark = pytest.mark.slow
