@@ -181,9 +181,9 @@ def read_json(path: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def write_json(path: str, value: dict[str, Any]) -> None:
+def write_json(path: str, value: dict[str, Any]) -> str:
     """Writes a JSON object atomically (sorted keys, indented: the same bytes on reruns)."""
-    write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+    return write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def move(source: str, target: str) -> None:

@@ -33,6 +33,18 @@ class SplitOutcomes(beam.PTransform):
         return kept, rejected
 
 
+class CountByReason(beam.PTransform):
+    """Reject records -> one {reason: count} dict (empty when nothing was rejected)."""
+
+    def expand(self, rejects: beam.PCollection) -> beam.PCollection:
+        return (
+            rejects
+            | "Reason" >> beam.Map(lambda r: r["reason"])
+            | "Count" >> beam.combiners.Count.PerElement()
+            | "ToDict" >> beam.combiners.ToDict()
+        )
+
+
 #: Rejects are grouped by blocks of this many metadata rows: no worker ever
 #: holds more than one block's rejects, however many the archive has.
 REJECT_BLOCK_ROWS = 100_000

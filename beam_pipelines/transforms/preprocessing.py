@@ -8,7 +8,6 @@ outputs' paths, so a manifest means a complete output).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,9 +17,9 @@ from apache_beam import pvalue
 from beam_pipelines import dicom
 from beam_pipelines.contracts import manifest, records, splits
 from beam_pipelines.privacy import Pseudonymizer
-from beam_pipelines.storage.files import write_text
+from beam_pipelines.storage.files import write_json, write_text
 from beam_pipelines.transforms.decode import DecodeAndStageFn
-from beam_pipelines.transforms.outcomes import SplitOutcomes, WriteRejects
+from beam_pipelines.transforms.outcomes import CountByReason, SplitOutcomes, WriteRejects
 from beam_pipelines.transforms.rows import ValidRow
 from beam_pipelines.transforms.shards import WriteShards
 
@@ -202,12 +201,7 @@ class WriteManifest(beam.PTransform):
     def expand(self, rows: beam.PCollection) -> beam.PCollection:
         out, written, settings = self._out, self._written, self._settings
         rejects_path = self._rejects | "WriteRejects" >> WriteRejects(rejects_file(out))
-        reject_counts = (
-            self._rejects
-            | "Reason" >> beam.Map(lambda r: r["reason"])
-            | "CountRejects" >> beam.combiners.Count.PerElement()
-            | "RejectDict" >> beam.combiners.ToDict()
-        )
+        reject_counts = self._rejects | "CountRejects" >> CountByReason()
 
         def write(
             input_rows: int,
@@ -219,8 +213,7 @@ class WriteManifest(beam.PTransform):
         ) -> str:
             files = {"shards": shards, "rejects": rejects, "splits": splits_csv}
             document = manifest.build(input_rows, settings, out, kept_stats, rejected, files)
-            text = json.dumps(document, indent=2, sort_keys=True) + "\n"
-            return write_text(f"{out}/{manifest.FILE}", text)
+            return write_json(f"{out}/{manifest.FILE}", document)
 
         return (
             rows

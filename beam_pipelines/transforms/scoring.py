@@ -8,7 +8,6 @@ rejects and, last, the summary.
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
 from collections.abc import Collection, Iterator
@@ -26,10 +25,16 @@ from beam_pipelines.contracts.metadata import SCORING_REQUIRED_COLUMNS
 from beam_pipelines.contracts.rejects import reject
 from beam_pipelines.privacy import redact
 from beam_pipelines.storage import tfrecord
-from beam_pipelines.storage.files import write_text
+from beam_pipelines.storage.files import write_json
 from beam_pipelines.transforms.decode import DecodeForScoringFn, prediction_columns
 from beam_pipelines.transforms.inference import InferenceError, KerasModelHandler
-from beam_pipelines.transforms.outcomes import KEPT, REJECTED, SplitOutcomes, WriteRejects
+from beam_pipelines.transforms.outcomes import (
+    KEPT,
+    REJECTED,
+    CountByReason,
+    SplitOutcomes,
+    WriteRejects,
+)
 from beam_pipelines.transforms.rows import ReadValidRows
 from beam_pipelines.transforms.shards import WritePredictions
 
@@ -224,12 +229,7 @@ class WriteScores(beam.PTransform):
         )
         rejects_file = self._rejects | "WriteRejects" >> WriteRejects(self._rejects_path)
         scored = self._predictions | "CountScored" >> beam.combiners.Count.Globally()
-        by_reason = (
-            self._rejects
-            | "Reason" >> beam.Map(lambda r: r["reason"])
-            | "CountReasons" >> beam.combiners.Count.PerElement()
-            | "ReasonDict" >> beam.combiners.ToDict()
-        )
+        by_reason = self._rejects | "CountReasons" >> CountByReason()
 
         def write(count: int, *outputs: Any) -> str:
             root = posixpath.dirname(prefix)
@@ -241,8 +241,7 @@ class WriteScores(beam.PTransform):
                 fields["pseudonymized"],
                 *outputs,
             )
-            path = predictions.summary_file(prefix)
-            return write_text(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
+            return write_json(predictions.summary_file(prefix), document)
 
         return (
             inputs

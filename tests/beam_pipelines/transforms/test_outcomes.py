@@ -16,6 +16,7 @@ from beam_pipelines.storage.files import remove_matching
 from beam_pipelines.transforms.outcomes import (
     KEPT,
     REJECTED,
+    CountByReason,
     Progress,
     SplitOutcomes,
     WriteRejects,
@@ -49,6 +50,19 @@ def _write(tmp_path: Path, records: list[dict], block_rows: int) -> list[dict]:
     assert remove_matching([block_parts(str(target))]) or not records
     assert [p.name for p in target.parent.iterdir()] == ["rejects.jsonl"]
     return [json.loads(line) for line in target.read_text().splitlines()]
+
+
+def test_count_by_reason_gives_one_dict_even_when_nothing_was_rejected() -> None:
+    records = [
+        reject(1, "a.dcm", "decode", "unreadable", "x"),
+        reject(2, "b.dcm", "decode", "unreadable", "y"),
+        reject(3, "c.dcm", "validate", "bad_label", "z"),
+    ]
+    with TestPipeline() as pipeline:
+        counted = pipeline | "Some" >> beam.Create(records) | "CountSome" >> CountByReason()
+        none = pipeline | "None" >> beam.Create([]) | "CountNone" >> CountByReason()
+        assert_that(counted, equal_to([{"unreadable": 2, "bad_label": 1}]), label="some")
+        assert_that(none, equal_to([{}]), label="none")
 
 
 def test_rejects_are_sorted_by_row_then_path_across_blocks(tmp_path: Path) -> None:
