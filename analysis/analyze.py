@@ -156,34 +156,12 @@ def _analyze(
     warnings: list[str] = []
     leak = m.leakage(frame)
     if leak["patients_in_several_splits"]:
-        message = (
+        _warn(
+            warnings,
             f"LEAKAGE: {leak['patients_in_several_splits']} patients appear in more than "
-            "one split; evaluation metrics are optimistic"
+            "one split; evaluation metrics are optimistic",
         )
-        logger.warning(message)
-        warnings.append(message)
-
-    labelled = frame.dropna(subset=["label"])
-    if args.split == "all":
-        evaluated = labelled
-    else:
-        evaluated = labelled[labelled["split"] == args.split]
-        if evaluated.empty and labelled["split"].isna().all():
-            warnings.append(
-                f"predictions carry no split; evaluating all {len(labelled)} labelled rows"
-            )
-            evaluated = labelled
-    if evaluated.empty or evaluated["label"].nunique() < 2:
-        parser.error(f"split {args.split!r} has no labelled rows of both classes to evaluate")
-    patients = evaluated["patient_id"].nunique(dropna=True)
-    if patients < MIN_PATIENTS_FOR_CI:
-        message = (
-            f"only {patients} patients in the evaluated split: the 95% confidence intervals "
-            f"(patient bootstrap) mean little below {MIN_PATIENTS_FOR_CI}"
-        )
-        logger.warning(message)
-        warnings.append(message)
-    evaluated = m.aggregate(evaluated, args.level, args.aggregate)
+    labelled, evaluated = _evaluated_rows(parser, args, frame, warnings)
     validation = m.aggregate(
         labelled[labelled["split"] == "validation"], args.level, args.aggregate
     )
@@ -197,15 +175,13 @@ def _analyze(
         rule, points[0] if points else None, args.split, validation, evaluated, warnings
     )
     if args.level != "image" and chosen_on.startswith("model operating point"):
-        message = (
+        _warn(
+            warnings,
             f"the model's operating point was chosen on images; here it is applied to the "
             f"{args.aggregate} of each {args.level}'s image scores, so its sensitivity and "
             "specificity differ from the model card's (pass --threshold youden to choose one "
-            f"on {args.level}-level validation scores)"
+            f"on {args.level}-level validation scores)",
         )
-        logger.warning(message)
-        warnings.append(message)
-
     headline = m.summarize(evaluated, threshold, args.bootstrap, args.seed)
     # Subgroup intervals use fewer resamples: there are many subgroups.
     extras = [c for c in evaluated.columns if c not in _COLUMNS and c not in ("row",)]
@@ -225,16 +201,7 @@ def _analyze(
         "subgroups": groups,
         "leakage": leak,
         "bootstrap": {"replicates": args.bootstrap, "seed": args.seed, "unit": "patient"},
-        "provenance": {
-            "prediction_files": files,
-            "rows": int(len(frame)),
-            "rows_per_split": {
-                str(k): int(v)
-                for k, v in frame["split"].fillna("none").value_counts().sort_index().items()
-            },
-            "model_ids": sorted(frame["model_id"].dropna().unique().tolist()),
-            "manifest_sha256": _digest(args.manifest),
-        },
+        "provenance": _provenance(frame, files, args.manifest),
         "warnings": warnings,
     }
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
@@ -244,6 +211,55 @@ def _analyze(
         handle.write("\n")
     report.write(os.path.join(out, "report.html"), document, plot_files)
     return document
+
+
+def _warn(warnings: list[str], message: str) -> None:
+    """Logs a warning and keeps it for metrics.json and the report."""
+    logger.warning(message)
+    warnings.append(message)
+
+
+def _evaluated_rows(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    frame: pd.DataFrame,
+    warnings: list[str],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(labelled rows, the rows evaluated: the split asked for, aggregated by --level)."""
+    labelled = frame.dropna(subset=["label"])
+    if args.split == "all":
+        evaluated = labelled
+    else:
+        evaluated = labelled[labelled["split"] == args.split]
+        if evaluated.empty and labelled["split"].isna().all():
+            warnings.append(
+                f"predictions carry no split; evaluating all {len(labelled)} labelled rows"
+            )
+            evaluated = labelled
+    if evaluated.empty or evaluated["label"].nunique() < 2:
+        parser.error(f"split {args.split!r} has no labelled rows of both classes to evaluate")
+    patients = evaluated["patient_id"].nunique(dropna=True)
+    if patients < MIN_PATIENTS_FOR_CI:
+        _warn(
+            warnings,
+            f"only {patients} patients in the evaluated split: the 95% confidence intervals "
+            f"(patient bootstrap) mean little below {MIN_PATIENTS_FOR_CI}",
+        )
+    return labelled, m.aggregate(evaluated, args.level, args.aggregate)
+
+
+def _provenance(frame: pd.DataFrame, files: list[str], manifest: str | None) -> dict[str, Any]:
+    """Which files and rows the analysis read, and the preprocessing manifest's digest."""
+    return {
+        "prediction_files": files,
+        "rows": int(len(frame)),
+        "rows_per_split": {
+            str(k): int(v)
+            for k, v in frame["split"].fillna("none").value_counts().sort_index().items()
+        },
+        "model_ids": sorted(frame["model_id"].dropna().unique().tolist()),
+        "manifest_sha256": _digest(manifest),
+    }
 
 
 def _threshold(
