@@ -17,6 +17,10 @@ one model per worker process). Outputs:
 - ``<dir of PREFIX>/rejects/<name>.jsonl``: inputs that could not be scored,
   with reasons;
 - ``PREFIX.summary.json``: inputs = scored + rejected, per reason.
+
+``--output DIR/`` (or an existing folder) means files with ordinary names in
+that folder: ``part-SSSSS-of-NNNNN.parquet``, ``rejects/rejects.jsonl``,
+``summary.json`` (``contracts.predictions.scoring_files``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import posixpath
 from typing import Any
 
@@ -43,7 +48,12 @@ from beam_pipelines.options import (
 )
 from beam_pipelines.privacy import add_pseudonymize_arguments, pseudonymizer_from_args
 from beam_pipelines.storage.committer import open_output
-from beam_pipelines.storage.files import flagged_input_problem, remove_matching
+from beam_pipelines.storage.files import (
+    flagged_input_problem,
+    is_local,
+    local_path,
+    remove_matching,
+)
 from beam_pipelines.storage.paths import archive_root_for
 from beam_pipelines.transforms.inference import model_file_problem
 from beam_pipelines.transforms.outcomes import block_parts
@@ -66,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--metadata", help="metadata.csv of the archive (labels optional).")
     source.add_argument("--dicom_glob", help="Glob of DICOM files, e.g. 'gs://b/archive/**.dcm'.")
     source.add_argument("--data_dir", help="Preprocessed output: scores every split's shards.")
-    parser.add_argument("--output", required=True, help="Output prefix, e.g. predictions/archive.")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="A prefix (predictions/archive: archive-*.parquet, archive.summary.json) or a "
+        "folder (predictions/ or an existing folder: part-*.parquet, summary.json).",
+    )
     parser.add_argument("--archive_root", help="Root of DicomPath (default: the CSV's folder).")
     add_input_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=32, help="Largest inference batch.")
@@ -144,11 +159,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     beam_options = pipeline_options(beam_args)
     # Locked and checked before any work; the files are written to a private
     # work folder and renamed into place, summary last, once complete.
+    folder = _names_a_folder(args.output)
     output = open_output(
-        "--output", args.output, "xray-score", folder=False, inputs=(args.metadata or "",)
+        "--output", args.output, "xray-score", folder=folder, inputs=(args.metadata or "",)
     )
-    name = output.target.name
-    prefix, rejects_path = f"{output.work}/{name}", f"{output.work}/rejects/{name}.jsonl"
+    paths = predictions.scoring_files(output.work, None if folder else output.target.name)
     point, pseudonymizer = plan["point"], plan["pseudonymizer"]
     with output:
         with beam.Pipeline(options=beam_options) as pipeline:
@@ -171,18 +186,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 scored = scored | "PseudonymizePredictions" >> beam.Map(pseudonymizer.record)
                 rejects = rejects | "PseudonymizeRejects" >> beam.Map(pseudonymizer.record)
             fields = {key: plan[key] for key in ("model_id", "point", "pseudonymized")}
-            _ = inputs | "Write" >> WriteScores(
-                prefix, rejects_path, args.num_shards, scored, rejects, fields
-            )
-        remove_matching([block_parts(rejects_path)])  # after the run: see WriteRejects
-        with FileSystems.open(predictions.summary_file(prefix)) as handle:
+            _ = inputs | "Write" >> WriteScores(paths, args.num_shards, scored, rejects, fields)
+        remove_matching([block_parts(paths["rejects"])])  # after the run: see WriteRejects
+        with FileSystems.open(paths["summary"]) as handle:
             summary = json.loads(handle.read())
         output.commit_unless_empty(
             summary["scored"],
             f"nothing was scored: {summary['inputs']} inputs, rejected "
             f"{json.dumps(summary['rejected_by_reason'])}",
             rejects=summary["rejects_file"],
-            last=posixpath.basename(predictions.summary_file(prefix)),
+            last=posixpath.basename(paths["summary"]),
         )
     logger.info(
         "Scored %d of %d inputs (%d rejected) -> %s",
@@ -192,6 +205,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         args.output,
     )
     return summary
+
+
+def _names_a_folder(output: str) -> bool:
+    """``--output DIR/`` or an existing folder: files with ordinary names in that folder."""
+    return output.endswith("/") or (is_local(output) and os.path.isdir(local_path(output)))
 
 
 def _preflight(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:

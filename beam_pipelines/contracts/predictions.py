@@ -151,9 +151,27 @@ def score_problem(path: str) -> str | None:
     )
 
 
-def summary_file(prefix: str) -> str:
-    """``PREFIX.summary.json``: the scoring run's accounting, written last."""
-    return f"{prefix}.summary.json"
+def scoring_files(root: str, name: str | None) -> dict[str, str]:
+    """Where a scoring run's files go under ``root``: ``prefix``, ``summary``, ``rejects``.
+
+    A prefix output (``--output DIR/NAME``): ``NAME-SSSSS-of-NNNNN.parquet``,
+    ``NAME.summary.json`` and ``rejects/NAME.jsonl``. A folder output
+    (``--output DIR/``, or an existing folder; ``name`` None): ordinary names,
+    ``part-SSSSS-of-NNNNN.parquet``, ``summary.json``, ``rejects/rejects.jsonl``.
+    The summary is written last.
+    """
+    root = root.rstrip("/")
+    if name is None:
+        return {
+            "prefix": f"{root}/part",
+            "summary": f"{root}/summary.json",
+            "rejects": f"{root}/rejects/rejects.jsonl",
+        }
+    return {
+        "prefix": f"{root}/{name}",
+        "summary": f"{root}/{name}.summary.json",
+        "rejects": f"{root}/rejects/{name}.jsonl",
+    }
 
 
 def summary(

@@ -211,23 +211,23 @@ class WriteScores(beam.PTransform):
 
     def __init__(
         self,
-        prefix: str,
-        rejects_path: str,
+        paths: dict[str, str],
         num_shards: int,
         predictions: beam.PCollection,
         rejects: beam.PCollection,
         summary_fields: dict[str, Any],
     ) -> None:
         super().__init__()
-        self._prefix, self._rejects_path, self._num_shards = prefix, rejects_path, num_shards
+        self._paths, self._num_shards = paths, num_shards
         self._predictions, self._rejects, self._fields = predictions, rejects, summary_fields
 
     def expand(self, inputs: beam.PCollection) -> beam.PCollection:
-        prefix, fields = self._prefix, self._fields
+        paths, fields = self._paths, self._fields
+        prefix = paths["prefix"]
         files = self._predictions | "WritePredictions" >> WritePredictions(
             prefix, self._num_shards, fields["point"]
         )
-        rejects_file = self._rejects | "WriteRejects" >> WriteRejects(self._rejects_path)
+        rejects_file = self._rejects | "WriteRejects" >> WriteRejects(paths["rejects"])
         scored = self._predictions | "CountScored" >> beam.combiners.Count.Globally()
         by_reason = self._rejects | "CountReasons" >> CountByReason()
 
@@ -241,7 +241,7 @@ class WriteScores(beam.PTransform):
                 fields["pseudonymized"],
                 *outputs,
             )
-            return write_json(predictions.summary_file(prefix), document)
+            return write_json(paths["summary"], document)
 
         return (
             inputs

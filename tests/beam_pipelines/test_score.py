@@ -192,3 +192,32 @@ def test_a_corrupt_shard_is_one_reject_and_the_rest_is_scored(
     record = json.loads(line)
     assert (record["dicom_path"], record["stage"]) == (str(bad), "read_shard")
     assert f"{readable} records read before it" in record["detail"]
+
+
+@pytest.mark.parametrize("typed", ["slash", "existing"])
+def test_an_output_folder_gets_ordinary_names(
+    preprocessed: Path, trained_model: Path, tmp_path: Path, typed: str
+) -> None:
+    folder = tmp_path / "scores"
+    if typed == "existing":
+        folder.mkdir()
+    given = f"{folder}/" if typed == "slash" else str(folder)
+    args = ["--model", str(trained_model / "model"), "--data_dir", str(preprocessed)]
+    summary = score.run([*args, "--output", given, *LOCAL_RUNNER])
+
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert names == [
+        "commit.json",
+        "part-00000-of-00001.parquet",
+        "rejects/rejects.jsonl",
+        "summary.json",
+    ]
+    # Beside the folder only its lock: no "-00000-of-00001.parquet", no hidden summary.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".scores.lock", "scores"]
+    assert summary["files"] == ["part-00000-of-00001.parquet"]
+    assert summary["rejects_file"] == "rejects/rejects.jsonl"
+    assert json.loads((folder / "summary.json").read_text()) == summary
+    assert len(_scores(folder / "part")) == summary["scored"] > 0
+    # A rerun into the committed folder replaces it (its own files are known).
+    again = score.run([*args, "--output", str(folder), *LOCAL_RUNNER])
+    assert again == summary
