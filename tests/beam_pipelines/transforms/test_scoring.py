@@ -189,7 +189,13 @@ def test_write_scores_writes_predictions_rejects_then_a_summary_that_reconciles(
     tmp_path: Path,
 ) -> None:
     work = tmp_path / "work"
-    prefix, rejects_path = work / "scores", work / "rejects" / "scores.jsonl"
+    paths = predictions.scoring_files(str(work), "scores")
+    prefix = work / "scores"
+    assert paths == {
+        "prefix": str(prefix),
+        "summary": f"{prefix}.summary.json",
+        "rejects": str(work / "rejects" / "scores.jsonl"),
+    }
     rows = [prediction_row("b.dcm", 0.75), prediction_row("a.dcm", 0.25)]
     rejected = [reject(3, "c.dcm", "decode", "not_dicom", "no preamble")]
     point = {"rule": "fixed", "threshold": 0.5, "chosen_on": "--threshold"}
@@ -200,7 +206,7 @@ def test_write_scores_writes_predictions_rejects_then_a_summary_that_reconciles(
         summary = (
             pipeline
             | "Inputs" >> beam.Create(range(3))
-            | WriteScores(str(prefix), str(rejects_path), 0, scored, rejects, fields)
+            | WriteScores(paths, 0, scored, rejects, fields)
         )
         assert_that(summary, equal_to([f"{prefix}.summary.json"]))
     text = (work / "scores.summary.json").read_text()
@@ -219,4 +225,5 @@ def test_write_scores_writes_predictions_rejects_then_a_summary_that_reconciles(
     }
     table = predictions.read([str(work / "scores-00000-of-00001.parquet")])
     assert table.to_pylist() == rows[::-1]  # sorted by path
-    assert [json.loads(line) for line in rejects_path.read_text().splitlines()] == rejected
+    lines = Path(paths["rejects"]).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == rejected
