@@ -5,8 +5,9 @@ wastes most of the work. Two codecs can skip it:
 
 * **JPEG 2000** (and HTJ2K) codestreams carry a wavelet resolution pyramid:
   OpenJPEG decodes level ``r`` (each side divided by ``2**r``, rounded up)
-  without computing the finer levels. Reached through glymur, which binds the
-  system's OpenJPEG (``libopenjp2``, 2.3 or newer). Neither pylibjpeg-openjpeg
+  without computing the finer levels. Reached through glymur, with the
+  system's OpenJPEG (``libopenjp2``, 2.4 or newer) when glymur finds one, else
+  the copy Pillow's wheel bundles (:func:`j2k_library`). Neither pylibjpeg-openjpeg
   nor imagecodecs expose the level, and Pillow's own ``reduce`` computes the
   reduced size by rounding instead of rounding up, so its decoder fails on
   half the image sizes.
@@ -17,18 +18,22 @@ This module decodes stored values and decides when a frame qualifies
 (:func:`decode_reduced`); :mod:`beam_pipelines.dicom.decoding` then applies
 the same intensity pipeline and resize as the full path. A missing glymur or
 OpenJPEG makes :func:`j2k_available` False (with one warning per process),
-never an error.
+never an error. Nothing is looked up at import: the first J2K image decides.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import importlib
+import importlib.util
 import io
 import logging
 import os
 import tempfile
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pydicom.encaps
@@ -213,42 +218,142 @@ def frame_shape(frame: bytes) -> tuple[int, int] | None:
 # JPEG 2000 through glymur
 
 _lock = threading.Lock()
-_j2k_state: dict[str, object] = {}
+_j2k_state: dict[str, str | None] = {}
+
+#: glymur 0.14 refuses to read with an OpenJPEG older than 2.4.0.
+_MIN_OPENJPEG = (2, 4)
+#: Where Pillow's wheels keep their OpenJPEG, relative to site-packages:
+#: auditwheel's ``<dist>.libs`` (Linux; ``Pillow.libs`` before Pillow 11) and
+#: delocate's ``PIL/.dylibs`` (macOS). The file names carry a hash and the version.
+_PILLOW_OPENJPEG_GLOBS = (
+    "pillow.libs/libopenjp2*.so*",
+    "Pillow.libs/libopenjp2*.so*",
+    "PIL/.dylibs/libopenjp2*.dylib",
+)
 
 
 def j2k_available() -> bool:
     """True when glymur and an OpenJPEG it can use are installed.
 
-    Checked once per process; the first False logs one warning naming what
-    to install, and every J2K image then takes the full path.
+    Checked once per process, see :func:`j2k_library`; when False every J2K
+    image takes the full path.
+    """
+    return j2k_library() is not None
+
+
+def j2k_library() -> str | None:
+    """The OpenJPEG library glymur decodes with, or None when there is none.
+
+    The system's library when glymur finds one (2.4+), else the copy Pillow's
+    wheel bundles, which glymur is then pointed at. Decided once per process,
+    on the first call: one INFO line names the library, or one warning says
+    what to install.
     """
     with _lock:
-        if "available" not in _j2k_state:
+        if "library" not in _j2k_state:
             problem = _j2k_problem()
-            _j2k_state["available"] = problem is None
-            if problem is not None:
+            library = None if problem is not None else _glymur_library()
+            _j2k_state["library"] = library
+            if library is not None:
+                logger.info("JPEG 2000 images are decoded at reduced resolution with %s", library)
+            else:
                 logger.warning(
                     "JPEG 2000 images will be decoded at full resolution (slower): %s. "
-                    "Install glymur and OpenJPEG 2.3+ (Debian/Ubuntu: apt-get install "
-                    "libopenjp2-7; conda: openjpeg) on every worker.",
+                    "Install glymur and OpenJPEG 2.4+ (Debian/Ubuntu: apt-get install "
+                    "libopenjp2-7; conda: openjpeg), or Pillow from its wheel, which bundles "
+                    "libopenjp2, on every worker.",
                     problem,
                 )
-        return bool(_j2k_state["available"])
+        return _j2k_state["library"]
 
 
 def _j2k_problem() -> str | None:
+    """None once glymur has an OpenJPEG 2.4+, else why not."""
     try:
         import glymur
     except Exception as exc:  # ImportError, or a broken install
         return f"glymur cannot be imported ({type(exc).__name__})"
-    version = str(getattr(glymur.version, "openjpeg_version", "0.0.0"))
+    found = str(getattr(glymur.version, "openjpeg_version", "0.0.0"))
+    if _version_tuple(found) >= _MIN_OPENJPEG:
+        return None
+    bundled = _pillow_openjpeg()
+    if bundled is None:
+        return (
+            f"glymur found no OpenJPEG 2.4+ library (version {found}), nor does Pillow bundle one"
+        )
     try:
-        major, minor = (int(part) for part in version.split(".")[:2])
-    except ValueError:
-        return f"unknown OpenJPEG version {version!r}"
-    if (major, minor) < (2, 3):
-        return f"glymur found no OpenJPEG 2.3+ library (version {version})"
+        _point_glymur_at(bundled)
+    except Exception as exc:
+        return f"glymur cannot use Pillow's OpenJPEG {bundled} ({type(exc).__name__}: {exc})"
     return None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return (0, 0)
+
+
+def _library_version(path: str) -> str:
+    """What ``opj_version()`` of the OpenJPEG library at ``path`` says."""
+    library = ctypes.CDLL(path)
+    library.opj_version.restype = ctypes.c_char_p
+    return bytes(library.opj_version()).decode("ascii", "replace")
+
+
+def _pillow_openjpeg() -> str | None:
+    """The newest OpenJPEG 2.4+ Pillow's wheel bundles, or None (not found or too old)."""
+    spec = importlib.util.find_spec("PIL")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    site = Path(next(iter(spec.submodule_search_locations))).parent
+    best: tuple[tuple[int, ...], str] | None = None
+    for pattern in _PILLOW_OPENJPEG_GLOBS:
+        for candidate in site.glob(pattern):
+            try:
+                version = _version_tuple(_library_version(str(candidate)))
+            except (OSError, AttributeError):  # not loadable here, or not OpenJPEG
+                continue
+            if version >= _MIN_OPENJPEG and (best is None or version > best[0]):
+                best = (version, str(candidate))
+    return None if best is None else best[1]
+
+
+def _point_glymur_at(path: str) -> None:
+    """Has glymur load the OpenJPEG at ``path``, changing only glymur's own modules.
+
+    glymur binds its library when ``glymur.lib.openjp2`` is imported and
+    shapes its ctypes structures by that library's version, so setting
+    ``OPENJP2`` afterwards is not enough: the module is re-executed (and
+    ``glymur.version``, which records the version) while glymur's own lookup
+    answers ``path``. Every other glymur module reaches both through the
+    module object, which a reload keeps.
+    """
+    import glymur.config
+    import glymur.lib.openjp2
+    import glymur.version
+
+    lookup = glymur.config._determine_full_path
+    glymur.config._determine_full_path = lambda name: (
+        Path(path) if name == "openjp2" else lookup(name)
+    )
+    try:
+        importlib.reload(glymur.lib.openjp2)
+        importlib.reload(glymur.version)
+    finally:
+        glymur.config._determine_full_path = lookup
+    loaded = str(glymur.version.openjpeg_version)
+    if _version_tuple(loaded) < _MIN_OPENJPEG:
+        raise RuntimeError(f"glymur reports OpenJPEG {loaded}")
+
+
+def _glymur_library() -> str:
+    """The library glymur uses: its OpenJPEG version and path (or name)."""
+    import glymur
+
+    name = getattr(glymur.lib.openjp2.OPENJP2, "_name", "libopenjp2")
+    return f"OpenJPEG {glymur.version.openjpeg_version} ({name})"
 
 
 def _scratch_dir() -> str | None:
@@ -263,6 +368,8 @@ def decode_j2k_level(frame: bytes, level: int) -> np.ndarray:
     Raises:
         Exception: whatever glymur or OpenJPEG raise for a bad stream.
     """
+    if not j2k_available():  # also points glymur at Pillow's OpenJPEG when needed
+        raise RuntimeError("glymur has no OpenJPEG 2.4+ library to decode with")
     import glymur
 
     suffix = ".jp2" if frame[4:8] == b"jP  " else ".j2k"

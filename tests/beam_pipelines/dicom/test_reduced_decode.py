@@ -29,7 +29,7 @@ FULL = DecodeOptions(reduced_resolution=False)
 MIN_CORRELATION = 0.995
 
 requires_openjpeg = pytest.mark.skipif(
-    not reduced.j2k_available(), reason="glymur or OpenJPEG 2.3+ not installed"
+    not reduced.j2k_available(), reason="glymur has no OpenJPEG 2.4+ (system or Pillow's copy)"
 )
 
 
