@@ -18,6 +18,7 @@ from beam_pipelines.dicom import (
     content_shape,
     decode,
     decode_model_input,
+    pixel_map,
     reduced,
     to_model_input,
 )
@@ -114,10 +115,10 @@ def test_j2k_reduced_matches_full_path(rows: int, cols: int, fmt: PixelFormat) -
     fast, fast_decoded = decode_model_input(data)
     full, full_decoded = decode_model_input(data, FULL)
     assert fast_decoded.route == "j2k_reduced" and fast_decoded.reduction >= 4
-    # Every pixel decoded; the first box average of the resize done while mapping.
-    assert full_decoded.route == "full" and full_decoded.reduction == box_factor(
-        rows, cols, 224, "pad"
-    )
+    # Every pixel decoded; the first box average of the resize done while
+    # mapping, where the C kernel is built (else Pillow's resize does it all).
+    boxed = box_factor(rows, cols, 224, "pad") if pixel_map.kernel_available() else 1
+    assert full_decoded.route == "full" and full_decoded.reduction == boxed
     # Never decoded below the size the resize needs.
     assert min(np.subtract(fast_decoded.image.shape, content_shape(rows, cols))) >= 0
     assert _correlation(fast, full) >= MIN_CORRELATION
