@@ -1,6 +1,6 @@
 """Bad metadata.csv through the jobs: exit before any work, or every reject reconciled.
 
-The policy (README, "metadata.csv: what is read, what is rejected"):
+The policy (docs/metadata.md):
 undecodable or structurally broken rows, paths leaving the archive root and
 URIs of schemes not allowed reject their row; a file that is unusable as a
 whole stops the job with exit 2 before any output is touched. The rules
@@ -236,7 +236,7 @@ def test_score_summary_counts_every_reason(
     assert [(r["row"], r["reason"]) for r in rejects] == _EXPECTED_REJECTS
 
 
-def test_readme_lists_every_validate_reason() -> None:
-    readme = (REPO / "README.md").read_text()
-    missing = [r for r in VALIDATE_REASONS if f"`{r}`" not in readme]
-    assert not missing, f"README lists no {missing}"
+def test_docs_list_every_validate_reason() -> None:
+    page = (REPO / "docs" / "metadata.md").read_text()
+    missing = [r for r in VALIDATE_REASONS if f"`{r}`" not in page]
+    assert not missing, f"docs/metadata.md lists no {missing}"
