@@ -2,8 +2,8 @@
 
 ``xray-analyze --predictions 'PATH/*.parquet' --output_dir DIR [--history RESULTS/history.csv]
 [--threshold model|youden|0.5|sens=0.9|spec=0.9|ppv=0.8] [--split test]
-[--level image|study|patient] [--aggregate max|mean] [--bootstrap 1000] [--seed 0]``
-(also ``python -m analysis.analyze``).
+[--level image|study|patient] [--aggregate max|mean] [--bootstrap 1000] [--seed 0]
+[--gallery EXPLAIN_DIR]`` (also ``python -m analysis.analyze``).
 
 Writes ``DIR/metrics.json`` (schema below), ``DIR/plots/*.png`` and
 ``DIR/report.html``. By default the threshold is the model's operating point,
@@ -19,7 +19,9 @@ sensitivity, specificity, ppv, npv, f1, calibration{brier, ece, bins,
 reliability[]}, ci95{auc, average_precision, sensitivity, specificity,
 replicates_used, roc_band}), ``subgroups[]`` (attribute, value, n,
 prevalence, roc_auc, roc_auc_ci95, sensitivity, specificity), ``leakage``,
-``bootstrap`` (replicates, seed, unit), ``provenance``, ``warnings``.
+``bootstrap`` (replicates, seed, unit), ``provenance``, ``warnings``; with ``--gallery``
+also ``gallery`` (dir, split, threshold, files: the example images the report embeds,
+``xray-explain``'s output, :mod:`beam_pipelines.contracts.gallery`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from analysis import metrics as m
 from analysis import plots, report
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
-from beam_pipelines.contracts import operating_point, predictions
+from beam_pipelines.contracts import gallery, operating_point, predictions
 from beam_pipelines.storage.committer import open_output
 from beam_pipelines.storage.files import flagged_input_problem
 
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--history", help="The trainer's history.csv, for the training plot.")
     parser.add_argument("--manifest", help="The preprocessing manifest.json, for provenance.")
+    parser.add_argument(
+        "--gallery",
+        help="xray-explain's output folder: the report shows its example images (Grad-CAM).",
+    )
     parser.add_argument(
         "--threshold",
         default="model",
@@ -134,11 +140,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         refuse(parser.prog, problem)
     try:
         frame, files = load(args.predictions)
+        examples = gallery.read(args.gallery) if args.gallery else None
     except (FileNotFoundError, ValueError) as exc:
         refuse(parser.prog, str(exc))
     output = open_output("--output_dir", args.output_dir, "xray-analyze", inputs=tuple(files))
     with output:
-        document = _analyze(parser, args, rule, frame, files, output.work)
+        document = _analyze(parser, args, rule, frame, files, output.work, examples)
         output.commit(last="metrics.json")
     logger.info("Analysis written to %s", args.output_dir)
     return document
@@ -151,8 +158,12 @@ def _analyze(
     frame: pd.DataFrame,
     files: list[str],
     out: str,
+    examples: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Computes the metrics and writes metrics.json, plots/ and report.html into ``out``."""
+    """Computes the metrics and writes metrics.json, plots/ and report.html into ``out``.
+
+    ``examples``: the gallery index of ``--gallery``, whose images the report shows.
+    """
     warnings: list[str] = []
     leak = m.leakage(frame)
     if leak["patients_in_several_splits"]:
@@ -204,13 +215,33 @@ def _analyze(
         "provenance": _provenance(frame, files, args.manifest),
         "warnings": warnings,
     }
+    if examples is not None:
+        document["gallery"] = _gallery(args.gallery, examples, args.split, warnings)
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
     plot_files = _plots(document, evaluated, args.history, os.path.join(out, "plots"))
     with open(os.path.join(out, "metrics.json"), "w") as handle:
         json.dump(document, handle, indent=2, sort_keys=True, allow_nan=False)
         handle.write("\n")
-    report.write(os.path.join(out, "report.html"), document, plot_files)
+    shown = (args.gallery, examples) if examples is not None else None
+    report.write(os.path.join(out, "report.html"), document, plot_files, shown)
     return document
+
+
+def _gallery(
+    folder: str, examples: dict[str, Any], split: str, warnings: list[str]
+) -> dict[str, Any]:
+    """metrics.json's account of the example gallery the report shows."""
+    if examples["split"] != split:
+        _warn(
+            warnings,
+            f"the example gallery shows the {examples['split']} split; the metrics are of {split}",
+        )
+    return {
+        "dir": folder,
+        "split": examples["split"],
+        "threshold": examples["threshold"],
+        "files": [image["file"] for image in examples["images"]],
+    }
 
 
 def _warn(warnings: list[str], message: str) -> None:

@@ -165,21 +165,55 @@ def score_distributions(frame: pd.DataFrame, threshold: float, out_dir: str) -> 
     return _save(fig, out_dir, "score_distributions.png")
 
 
+def forest_limits(values: list[float]) -> tuple[float, float]:
+    """The AUC axis of a forest plot: every value inside, with a margin beyond each end.
+
+    The margin (5% of the span, at least 0.01) keeps a whisker that ends at
+    1.0, and its cap, clear of the plot's edge.
+    """
+    margin = 0.05 * max(max(values) - min(values), 0.2)
+    return max(min(values) - margin, -0.02), min(max(values) + margin, 1.02)
+
+
 def subgroup_forest(rows: list[dict], overall: float, out_dir: str) -> str | None:
-    """AUC with 95% CI per subgroup."""
+    """AUC with 95% CI per subgroup.
+
+    Whiskers end in caps and the x axis reaches past every interval (an AUC
+    interval often ends at 1.0), so no whisker is cut at the plot's edge.
+    """
     shown = [r for r in rows if r["roc_auc"] is not None]
     if not shown:
         return None
     fig = Figure(figsize=(6.5, 0.4 * len(shown) + 1.5))
     ax = fig.subplots()
     y = np.arange(len(shown))[::-1]
+    ends = [overall, 0.5]
     for yi, row in zip(y, shown, strict=True):
         ci = row.get("roc_auc_ci95")
+        auc = row["roc_auc"]
         if ci:
-            ax.plot(ci, [yi, yi], color="tab:blue", lw=2)
-        ax.plot(row["roc_auc"], yi, "s", color="tab:blue")
+            ax.errorbar(
+                auc,
+                yi,
+                xerr=[[auc - ci[0]], [ci[1] - auc]],
+                fmt="s",
+                color="tab:blue",
+                lw=2,
+                capsize=4,
+                clip_on=False,
+            )
+            ends.extend(ci)
+        else:
+            ax.plot(auc, yi, "s", color="tab:blue", clip_on=False)
+        ends.append(auc)
     ax.axvline(overall, color="grey", ls="--", label=f"overall {overall:.3f}")
+    ax.axvline(0.5, color="lightgrey", ls=":", label="chance (0.5)")
     ax.set_yticks(y, [f"{r['attribute']}={r['value']} (n={r['n']})" for r in shown])
-    ax.set(xlabel="ROC AUC (95% CI)", title="AUC by subgroup", xlim=(0, 1))
+    ax.set(
+        xlabel="ROC AUC (95% CI)",
+        title="AUC by subgroup",
+        xlim=forest_limits(ends),
+        ylim=(-0.7, len(shown) - 0.3),
+    )
     ax.legend(loc="lower left")
     return _save(fig, out_dir, "subgroup_auc.png")

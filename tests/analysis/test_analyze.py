@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from analysis import analyze
-from beam_pipelines.contracts import predictions
+from analysis import analyze, plots
+from beam_pipelines.contracts import gallery, predictions
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,7 @@ def test_metrics_document(analysed: Path) -> None:
     assert low < headline["roc_auc"] < high
     assert {r["attribute"] for r in document["subgroups"]} == {"sex", "age_band", "view_position"}
     assert document["leakage"] == {"checked": True, "patients_in_several_splits": 0}
+    assert "gallery" not in document  # only with --gallery
 
 
 def test_every_plot_is_written_and_not_blank(analysed: Path) -> None:
@@ -106,6 +107,119 @@ def test_report_is_self_contained(analysed: Path) -> None:
     assert text.count("data:image/png;base64,") == 7
     assert "simple_cnn-test" in text and "Subgroups" in text
     assert 'src="http' not in text
+
+
+def test_the_history_plot_is_full_width(analysed: Path) -> None:
+    text = (analysed / "report.html").read_text()
+    assert '<figure class="wide"><img alt="Training history"' in text
+    assert "figure.wide img { width: 100%; max-width: 100%; }" in text
+    assert text.count('<figure class="wide">') == 1
+
+
+def test_forest_axis_reaches_past_every_interval() -> None:
+    low, high = plots.forest_limits([0.42, 0.73, 1.0, 0.5])
+    assert low < 0.42 and 1.0 < high <= 1.02
+    low, high = plots.forest_limits([0.0, 0.3])
+    assert -0.02 <= low < 0.0 and high > 0.3
+
+
+def _gallery(folder: Path, split: str = "test", pseudonymized: str | None = "f00d") -> Path:
+    """A gallery folder as xray-explain writes it: two images, PNGs of flat colours."""
+    images = []
+    for group, score, label, predicted in (
+        ("false_positive", 0.93, 0, 1),
+        ("true_negative", 0.12, 0, 0),
+    ):
+        image = {
+            "group": group,
+            "rank": 1,
+            "file": gallery.image_file(group, 1),
+            "score": score,
+            "label": label,
+            "predicted": predicted,
+            "view_position": "PA",
+            "patient_id": f"pseudo-{group}",
+            "dicom_path": f"{group}.dcm",
+        }
+        (folder / gallery.FOLDER).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (452, 224), (200, 40, 40)).save(folder / image["file"])
+        images.append(image)
+    available = {"false_positive": 5, "true_negative": 9}
+    document = gallery.build(
+        split, 0.61, "model operating point", "m", ["relu"], pseudonymized, available, images
+    )
+    gallery.write(str(folder), document)
+    return folder
+
+
+def test_report_shows_the_gallery(prediction_files: Path, tmp_path: Path) -> None:
+    folder = _gallery(tmp_path / "explain")
+    document = analyze.run(
+        [
+            "--predictions",
+            str(prediction_files / "*.parquet"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--bootstrap",
+            "0",
+            "--gallery",
+            str(folder),
+        ]
+    )
+    assert document["gallery"] == {
+        "dir": str(folder),
+        "split": "test",
+        "threshold": 0.61,
+        "files": ["gallery/false_positive_1.png", "gallery/true_negative_1.png"],
+    }
+    text = (tmp_path / "out" / "report.html").read_text()
+    assert text.count("data:image/png;base64,") == 6 + 2
+    assert "Most confident false positives <small>(1 of 5 in the split)</small>" in text
+    assert "Most confident false negatives <small>(0 of 0 in the split)</small>" in text
+    assert "score <b>0.930</b> · label normal · called abnormal · view PA" in text
+    assert "pseudo-false_positive" in text and "true_negative.dcm" in text
+    assert "Patient ids and paths are pseudonyms (key f00d)" in text
+    assert not any("gallery" in warning for warning in document["warnings"])
+
+
+def test_a_gallery_of_another_split_is_flagged(prediction_files: Path, tmp_path: Path) -> None:
+    folder = _gallery(tmp_path / "explain", split="validation", pseudonymized=None)
+    document = analyze.run(
+        [
+            "--predictions",
+            str(prediction_files / "*.parquet"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--bootstrap",
+            "0",
+            "--gallery",
+            str(folder),
+        ]
+    )
+    assert any("gallery shows the validation split" in w for w in document["warnings"])
+    text = (tmp_path / "out" / "report.html").read_text()
+    assert "the archive's own (the data was not pseudonymized)" in text
+
+
+def test_a_broken_gallery_is_refused(
+    prediction_files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _gallery(tmp_path / "explain")
+    (folder / gallery.image_file("true_negative", 1)).unlink()
+    with pytest.raises(SystemExit) as stopped:
+        analyze.run(
+            [
+                "--predictions",
+                str(prediction_files / "*.parquet"),
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--gallery",
+                str(folder),
+            ]
+        )
+    assert stopped.value.code == 2
+    assert "true_negative_1.png, which is missing" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_renders_in_chromium(analysed: Path, tmp_path: Path) -> None:
