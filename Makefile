@@ -48,9 +48,12 @@ demo: install
 		--epochs $(DEMO_EPOCHS) --early_stopping_patience 6
 	$(BIN)/xray-score --model $(DEMO_DIR)/results/model --metadata $(DEMO_DIR)/archive/metadata.csv \
 		--output $(DEMO_DIR)/predictions/archive
+	$(BIN)/xray-explain --model $(DEMO_DIR)/results/model \
+		--predictions $(DEMO_DIR)/results/predictions/test.parquet \
+		--data_dir $(DEMO_DIR)/preprocessed --output_dir $(DEMO_DIR)/explain
 	$(BIN)/xray-analyze --predictions '$(DEMO_DIR)/results/predictions/*.parquet' \
 		--history $(DEMO_DIR)/results/history.csv --manifest $(DEMO_DIR)/preprocessed/manifest.json \
-		--output_dir $(DEMO_DIR)/analysis
+		--gallery $(DEMO_DIR)/explain --output_dir $(DEMO_DIR)/analysis
 	@echo
 	@echo "Demo finished. Archive: $(DEMO_DIR)/archive  shards: $(DEMO_DIR)/preprocessed"
 	@echo "model: $(DEMO_DIR)/results/model  archive scores: $(DEMO_DIR)/predictions"
