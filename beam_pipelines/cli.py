@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from beam_pipelines.console import Console
 from beam_pipelines.privacy import install_log_filters
 
 EXIT_FAILED = 1
@@ -65,17 +66,21 @@ class _FirstLineOfBeamErrors(logging.Filter):
 
 
 def main(prog: str, run: Callable[[], Any], describe: Callable[[Any], str]) -> NoReturn:
-    """Runs a job from its console script and exits with a documented code."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
-    )
-    install_log_filters()  # no header value (PHI) in pydicom's log lines or warnings
+    """Runs a job from its console script and exits with a documented code.
+
+    Without ``--verbose`` the terminal shows the job's warnings, one progress
+    bar and the summary line; everything else goes to the log file
+    (:mod:`beam_pipelines.console`), named once at the start.
+    """
     verbose = wants_traceback(sys.argv[1:])
-    if not verbose:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_FirstLineOfBeamErrors())
+    console = Console(prog, sys.argv[1:], verbose)
     try:
-        result = run()
+        with console:
+            install_log_filters()  # no header value (PHI) in pydicom's log lines or warnings
+            if not verbose:
+                for handler in logging.getLogger().handlers:
+                    handler.addFilter(_FirstLineOfBeamErrors())
+            result = run()
     except EmptyRun as exc:
         print(f"{prog}: warning: {exc}", file=sys.stderr)
         sys.exit(EXIT_EMPTY)
@@ -89,7 +94,12 @@ def main(prog: str, run: Callable[[], Any], describe: Callable[[Any], str]) -> N
     except Exception as exc:
         if verbose:
             raise
-        print(f"{prog}: error: {one_line(exc)} (--verbose shows the traceback)", file=sys.stderr)
+        if console.log is not None:
+            logging.getLogger(prog).error("%s failed", prog, exc_info=exc)
+            where = f"the traceback is in {console.log}"
+        else:
+            where = "--verbose shows the traceback"
+        print(f"{prog}: error: {one_line(exc)} ({where})", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     print(describe(result))
     sys.exit(0)

@@ -37,6 +37,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
+from beam_pipelines.console import announce_total_later
 from beam_pipelines.contracts import predictions
 from beam_pipelines.contracts.metadata import SCORING_REQUIRED_COLUMNS, MetadataError
 from beam_pipelines.options import (
@@ -57,7 +58,7 @@ from beam_pipelines.storage.files import (
 from beam_pipelines.storage.paths import archive_root_for
 from beam_pipelines.transforms.inference import model_file_problem
 from beam_pipelines.transforms.outcomes import block_parts
-from beam_pipelines.transforms.rows import check_metadata
+from beam_pipelines.transforms.rows import check_metadata, count_rows
 from beam_pipelines.transforms.scoring import ReadExamples, Score, WriteScores
 from beam_pipelines.transforms.shards import ROWS_PER_SHARD
 
@@ -110,6 +111,19 @@ def _shard_pattern(data_dir: str) -> str:
     return f"{glob.escape(data_dir.rstrip('/'))}/*/part-*.tfrecord.gz"
 
 
+def _input_count(args: argparse.Namespace) -> int | None:
+    """How many images the run will read (for the progress bar), or None when unknown."""
+    if args.metadata:
+        return count_rows(args.metadata, SCORING_REQUIRED_COLUMNS)
+    if args.dicom_glob:
+        return len(FileSystems.match([args.dicom_glob])[0].metadata_list)
+    path = f"{args.data_dir.rstrip('/')}/manifest.json"
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as handle:
+        return int(json.loads(handle.read())["kept"])
+
+
 def _shards_pseudonym_key(data_dir: str) -> str | None:
     """The key fingerprint preprocessing recorded for these shards, or None."""
     path = f"{data_dir.rstrip('/')}/manifest.json"
@@ -156,6 +170,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     plan = _preflight(parser, args)
+    announce_total_later(lambda: _input_count(args))
     beam_options = pipeline_options(beam_args)
     # Locked and checked before any work; the files are written to a private
     # work folder and renamed into place, summary last, once complete.

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from beam_pipelines import dicom, preprocess, score
+from tests.support.files import is_job_log
 from tests.support.runners import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ def _files(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in root.rglob("*")
-        if p.is_file() and not p.name.endswith(".lock")
+        if p.is_file() and not p.name.endswith(".lock") and not is_job_log(p)
     }
 
 
@@ -113,6 +114,7 @@ def test_killed_preprocessing_keeps_the_last_output_and_a_rerun_writes_it_again(
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".out.lock",
         "killed.log",
+        "logs",  # the job's own log, beside its output
         "out",
         "rerun.log",
     ]

@@ -28,17 +28,22 @@ import pytest
 
 from beam_pipelines import preprocess, score
 from beam_pipelines.contracts import predictions
+from tests.support.files import is_job_log
 from tests.support.runners import LOCAL_RUNNER
 
 pytestmark = pytest.mark.slow
 
 
 def _tree(root: Path) -> dict[str, str]:
-    """Digest of every file below root (hidden ones too), lock files aside."""
+    """Digest of every file below root (hidden ones too), lock files and job logs aside.
+
+    A job's log (``logs/<job>.log`` beside its output) grows with every run,
+    refused ones too; it is not part of any output.
+    """
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.name.endswith(".lock")
+        if p.is_file() and not p.name.endswith(".lock") and not is_job_log(p)
     }
 
 
@@ -202,7 +207,8 @@ def test_disk_full_fails_in_one_line_and_keeps_the_last_output(
         line = _refused(done, 1)
         assert "No space left on device" in line, line
         assert _tree(out) == before
-        assert sorted(p.name for p in disk.iterdir()) == [".out.lock", "filler", "out"]
+        # Beside the output: its lock and the job's log (which says what failed).
+        assert sorted(p.name for p in disk.iterdir()) == [".out.lock", "filler", "logs", "out"]
 
 
 def test_concurrent_runs_never_mix_one_is_refused_naming_the_holder(

@@ -53,7 +53,11 @@ def _run(module: str, *args: str) -> str:
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout + done.stderr
+    # The terminal names the job's log file once; everything else the job said is there.
+    (named,) = [line for line in done.stderr.splitlines() if ": log: " in line]
+    log = Path(named.split(": log: ", 1)[1]).read_text()
+    assert "INFO" in log  # the log holds what the terminal did not show
+    return done.stdout + done.stderr + log
 
 
 def _texts(folder: Path) -> dict[str, str]:

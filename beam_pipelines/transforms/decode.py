@@ -145,6 +145,7 @@ class DecodeAndStageFn(beam.DoFn):
 
     def finish_bundle(self) -> None:
         self._stager.close()
+        self._progress.flush()
 
     def teardown(self) -> None:
         self._stager.close()
@@ -206,6 +207,9 @@ class DecodeForScoringFn(beam.DoFn):
         install_log_filters()  # as DecodeAndStageFn: workers never run the CLI
         malloc_tuning.keep_freed_buffers()
         self._progress = Progress("decoded images")
+
+    def finish_bundle(self) -> None:
+        self._progress.flush()
 
     def process(self, element: ValidRow | str) -> Iterator[Any]:
         self._progress.tick()

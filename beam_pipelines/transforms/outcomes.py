@@ -110,28 +110,39 @@ class WriteRejects(beam.PTransform):
 
 
 class Progress:
-    """Logs a worker's progress now and then (every ``every`` seconds), never per element.
+    """A worker's progress: for the driver's bar, and in the log now and then, never per element.
 
     Beam counters are only reported at the end by the local runners; this
-    keeps long stages visibly alive in the worker logs.
+    keeps long stages visibly alive: the count goes to the driver's progress
+    folder (:func:`beam_pipelines.console.count`) every ``report`` seconds and
+    at :meth:`flush`, and a log line is written every ``every`` seconds.
     """
 
-    def __init__(self, what: str, every: float = 30.0) -> None:
-        self._what, self._every = what, every
+    def __init__(self, what: str, every: float = 30.0, report: float = 0.5) -> None:
+        self._what, self._every, self._report = what, every, report
         self._count = 0
-        self._start = self._last = 0.0
+        self._start = self._last = self._reported = 0.0
 
     def tick(self) -> None:
-        """Counts one element; logs when ``every`` seconds have passed since the last line."""
+        """Counts one element; reports and logs when their intervals have passed."""
         import time
 
         now = time.monotonic()
         if not self._count:
-            self._start = self._last = now
+            self._start = self._last = self._reported = now
         self._count += 1
+        if now - self._reported >= self._report:
+            self.flush()
+            self._reported = now
         if now - self._last >= self._every:
             self._last = now
             rate = self._count / max(now - self._start, 1e-9)
             logging.getLogger(__name__).info(
                 "%s: %d so far in this worker (%.1f/s)", self._what, self._count, rate
             )
+
+    def flush(self) -> None:
+        """Reports the count so far to the driver's progress bar (when it has one)."""
+        from beam_pipelines.console import count
+
+        count(f"{id(self):x}", self._count)

@@ -60,6 +60,11 @@ def read_metadata(
         yield from md.iter_metadata(text, required)
 
 
+def count_rows(path: str, required: tuple[str, ...] = md.REQUIRED_COLUMNS) -> int:
+    """The data rows of metadata.csv (streamed; for a progress bar's total)."""
+    return sum(1 for _ in read_metadata(path, required))
+
+
 def check_metadata(path: str, required: tuple[str, ...] = md.REQUIRED_COLUMNS) -> None:
     """Reads only the header of metadata.csv: the check a job makes before any work.
 

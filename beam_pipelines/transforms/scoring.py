@@ -32,6 +32,7 @@ from beam_pipelines.transforms.outcomes import (
     KEPT,
     REJECTED,
     CountByReason,
+    Progress,
     SplitOutcomes,
     WriteRejects,
 )
@@ -50,11 +51,18 @@ class ReadShardsFn(beam.DoFn):
     job goes on with the other shards.
     """
 
+    def setup(self) -> None:
+        self._progress = Progress("read records")
+
+    def finish_bundle(self) -> None:
+        self._progress.flush()
+
     def process(self, path: str) -> Iterator[tuple[str, Any]]:
         split = posixpath.basename(posixpath.dirname(path))
         read = 0
         try:
             for serialized in tfrecord.read_tfrecord_gz(path):
+                self._progress.tick()
                 record = records.parse_example(serialized)
                 meta = prediction_columns(
                     split=split, **{k: record[k] for k in predictions.IMAGE_COLUMNS}

@@ -1,0 +1,81 @@
+"""A job's terminal: the log file beside the output, one progress bar, everything on request."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from beam_pipelines import console
+from tests.support.data import REPO
+from tests.support.runners import LOCAL_RUNNER
+
+
+def test_the_log_goes_beside_the_output_named_by_the_job() -> None:
+    assert console.log_path("xray-train", ["--output_dir", "/x/results/"]) == (
+        "/x/logs/xray-train.log"
+    )
+    assert console.log_path("xray-score", ["--output=/x/scores/archive"]) == (
+        "/x/scores/logs/xray-score.log"
+    )
+    assert console.log_path("xray-score", ["--output", "gs://b/scores"]) is None
+    assert console.log_path("xray-score", ["--model", "m"]) is None
+
+
+def test_workers_counts_add_up_for_the_driver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(console.PROGRESS_ENV, str(tmp_path))
+    console.count("a", 3)
+    console.count("b", 4)
+    console.count("a", 5)  # a worker's later count replaces its earlier one
+    console.announce_total(20)
+    assert console._read(str(tmp_path)) == (9, 20)
+
+
+def test_without_a_progress_folder_counting_does_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(console.PROGRESS_ENV, raising=False)
+    console.count("a", 3)  # no error, no file anywhere
+    assert list(tmp_path.iterdir()) == []
+
+
+def _preprocess(archive: Path, out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    script = "from beam_pipelines.entry_points import preprocess; preprocess()"
+    return subprocess.run(
+        [sys.executable, "-c", script, "--metadata", str(archive / "metadata.csv")]
+        + ["--output_dir", str(out), *flags, *LOCAL_RUNNER],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_a_run_is_quiet_its_log_holds_everything_and_verbose_shows_it_live(
+    synthetic_archive: Path, tmp_path: Path
+) -> None:
+    with (synthetic_archive / "metadata.csv").open(newline="") as handle:
+        rows = sum(1 for _ in csv.DictReader(handle))
+    done = _preprocess(synthetic_archive, tmp_path / "pre")
+    assert done.returncode == 0, done.stderr[-3000:]
+    terminal = done.stdout + done.stderr
+    lines = terminal.replace("\r", "\n").splitlines()
+    log = tmp_path / "logs" / "xray-preprocess.log"
+    assert f"xray-preprocess: log: {log}" in lines  # named once
+    assert sum(": log: " in line for line in lines) == 1
+    assert len(terminal.splitlines()) <= 30
+    assert "INFO" not in terminal and "WARNING" not in terminal, terminal[-2000:]
+    assert f"/{rows} " in terminal  # the bar knows the total (images done / rows)
+    assert done.stdout.startswith("xray-preprocess: ") and " kept " in done.stdout
+    text = log.read_text()
+    assert "INFO apache_beam" in text and "Preprocessed" in text  # Beam's and the job's lines
+
+    verbose = _preprocess(synthetic_archive, tmp_path / "pre2", "--verbose")
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "INFO" in verbose.stderr and ": log: " not in verbose.stderr
