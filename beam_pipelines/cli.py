@@ -77,7 +77,7 @@ def main(prog: str, run: Callable[[], Any], describe: Callable[[Any], str]) -> N
     try:
         with console:
             install_log_filters()  # no header value (PHI) in pydicom's log lines or warnings
-            if not verbose:
+            if not verbose and console.log is None:  # logging live: keep Beam's errors short
                 for handler in logging.getLogger().handlers:
                     handler.addFilter(_FirstLineOfBeamErrors())
             result = run()
@@ -94,8 +94,7 @@ def main(prog: str, run: Callable[[], Any], describe: Callable[[Any], str]) -> N
     except Exception as exc:
         if verbose:
             raise
-        if console.log is not None:
-            logging.getLogger(prog).error("%s failed", prog, exc_info=exc)
+        if console.log is not None:  # the console wrote the traceback there
             where = f"the traceback is in {console.log}"
         else:
             where = "--verbose shows the traceback"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -122,6 +123,8 @@ class Progress:
         self._what, self._every, self._report = what, every, report
         self._count = 0
         self._start = self._last = self._reported = 0.0
+        # Unique for the run: a later instance at a reused address must not overwrite this count.
+        self._key = uuid.uuid4().hex
 
     def tick(self) -> None:
         """Counts one element; reports and logs when their intervals have passed."""
@@ -145,4 +148,4 @@ class Progress:
         """Reports the count so far to the driver's progress bar (when it has one)."""
         from beam_pipelines.console import count
 
-        count(f"{id(self):x}", self._count)
+        count(self._key, self._count)

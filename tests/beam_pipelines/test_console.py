@@ -14,15 +14,12 @@ from tests.support.data import REPO
 from tests.support.runners import LOCAL_RUNNER
 
 
-def test_the_log_goes_beside_the_output_named_by_the_job() -> None:
-    assert console.log_path("xray-train", ["--output_dir", "/x/results/"]) == (
-        "/x/logs/xray-train.log"
-    )
-    assert console.log_path("xray-score", ["--output=/x/scores/archive"]) == (
-        "/x/scores/logs/xray-score.log"
-    )
-    assert console.log_path("xray-score", ["--output", "gs://b/scores"]) is None
-    assert console.log_path("xray-score", ["--model", "m"]) is None
+def test_the_output_location_comes_from_the_output_flag() -> None:
+    assert console.output_location(["--output_dir", "/x/results/"]) == ("/x", "results")
+    assert console.output_location(["--output=/x/scores/archive"]) == ("/x/scores", "archive")
+    assert console.output_location(["--output", "gs://b/scores"]) is None
+    assert console.output_location(["--output_dir", "/"]) is None
+    assert console.output_location(["--model", "m"]) is None
 
 
 def test_workers_counts_add_up_for_the_driver(
@@ -34,6 +31,21 @@ def test_workers_counts_add_up_for_the_driver(
     console.count("a", 5)  # a worker's later count replaces its earlier one
     console.announce_total(20)
     assert console._read(str(tmp_path)) == (9, 20)
+
+
+def test_progress_of_a_new_instance_never_overwrites_an_earlier_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from beam_pipelines.transforms.outcomes import Progress
+
+    monkeypatch.setenv(console.PROGRESS_ENV, str(tmp_path))
+    for ticks in (100, 5):  # the second may reuse the first's address
+        progress = Progress("decoded")
+        for _ in range(ticks):
+            progress.tick()
+        progress.flush()
+        del progress
+    assert console._read(str(tmp_path)) == (105, None)
 
 
 def test_without_a_progress_folder_counting_does_nothing(
@@ -75,6 +87,15 @@ def test_a_run_is_quiet_its_log_holds_everything_and_verbose_shows_it_live(
     assert done.stdout.startswith("xray-preprocess: ") and " kept " in done.stdout
     text = log.read_text()
     assert "INFO apache_beam" in text and "Preprocessed" in text  # Beam's and the job's lines
+
+    # Refused before any work (inside another job's output): one line, nothing left behind.
+    refused = _preprocess(synthetic_archive, tmp_path / "pre" / "inside")
+    assert refused.returncode == 2
+    assert [line for line in refused.stderr.splitlines() if line.strip()] == [
+        line for line in refused.stderr.splitlines() if ": error: " in line
+    ]
+    assert not (tmp_path / "pre" / "logs").exists()
+    assert log.read_text().count("==== xray-preprocess") == 1
 
     verbose = _preprocess(synthetic_archive, tmp_path / "pre2", "--verbose")
     assert verbose.returncode == 0, verbose.stderr[-3000:]

@@ -106,8 +106,8 @@ def test_score_cli_missing_columns_exit_before_any_output(
     assert done.returncode == 2, done.stderr
     assert "lacks required columns ['DicomPath']" in done.stderr
     assert "Traceback" not in done.stderr
-    # The earlier output untouched; beside it only the job's log.
-    assert sorted(p.name for p in out.iterdir()) == ["archive.summary.json", "logs"]
+    # The earlier output untouched, nothing beside it (a refused run leaves no log).
+    assert sorted(p.name for p in out.iterdir()) == ["archive.summary.json"]
 
 
 def test_cli_bad_allowed_schemes_exit(tmp_path: Path) -> None:
