@@ -28,7 +28,7 @@ rounds, alternating which goes first (base, head; head, base; ...), and the
 report gives every round, the medians and ``ratio`` (head median / base
 median; above 1 is a slowdown). The reorganization promises the same bytes:
 ``identical`` says whether, in every round, each job's output files (all but
-the ``.lock`` files) are the same on both sides, and ``differing`` names those
+the ``.lock`` files and the jobs' logs) are the same on both sides, and ``differing`` names those
 that are not.
 
     .venv/bin/python benchmarks/revision_wall_time.py --images 600 --rounds 3 > revision.json
@@ -163,7 +163,12 @@ def _commands(job: str, metadata: Path, out: Path, model: Path) -> list[str]:
 
 def _outputs(job: str, out: Path) -> dict[str, bytes]:
     files = _files(out / ("pre" if job == "preprocess" else "scores"))
-    return {name: data for name, data in files.items() if not name.endswith(".lock")}
+    # Locks name their holder; a job's log (logs/<job>.log beside a scoring prefix) is no output.
+    return {
+        name: data
+        for name, data in files.items()
+        if not name.endswith(".lock") and not (name.startswith("logs/") and name.endswith(".log"))
+    }
 
 
 def _model(workdir: Path, metadata: Path, cwd: Path) -> Path:
