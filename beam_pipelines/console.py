@@ -24,6 +24,7 @@ import contextlib
 import logging
 import logging.handlers
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -106,13 +107,37 @@ def _read(folder: str) -> tuple[int, int | None]:
     return done, total
 
 
+# How the local runner relays a worker's log record to the driver (one line).
+_RELAYED_FROM = re.compile(r'log_location: "[^"]*/(?:' + "|".join(_OWN_LOGGERS) + r')/[^"]*"')
+_RELAYED_MESSAGE = re.compile(r'message: "((?:[^"\\]|\\.)*)"')
+
+
+def _relayed_own_message(record: logging.LogRecord) -> str | None:
+    """The message of a job's own record that a Beam worker logged and the runner relayed."""
+    if not record.name.startswith("apache_beam.runners"):
+        return None
+    text = record.getMessage()
+    found = _RELAYED_MESSAGE.search(text)
+    return found.group(1) if found and _RELAYED_FROM.search(text) else None
+
+
 class _OwnWarnings(logging.Filter):
+    """The job's own warnings, also those its code logged inside a Beam worker."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING and record.name.startswith(_OWN_LOGGERS)
+        if record.levelno < logging.WARNING:
+            return False
+        return record.name.startswith(_OWN_LOGGERS) or _relayed_own_message(record) is not None
 
 
 class _AboveTheBar(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes a record above the progress bar (through tqdm) instead of across it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        relayed = _relayed_own_message(record)
+        if relayed is not None:  # the worker's message alone, not the relay's envelope
+            record = logging.makeLogRecord({**record.__dict__, "msg": relayed, "args": ()})
+        return super().format(record)
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,29 @@ def test_the_output_location_comes_from_the_output_flag() -> None:
     assert console.output_location(["--output", "gs://b/scores"]) is None
     assert console.output_location(["--output_dir", "/"]) is None
     assert console.output_location(["--model", "m"]) is None
+
+
+def test_a_jobs_warning_relayed_from_a_worker_reaches_the_terminal() -> None:
+    relayed = (
+        'Worker: severity: WARN timestamp {   seconds: 1 } message: "Shard s is corrupt after 3 '
+        'records: \\"x\\"" log_location: "/repo/beam_pipelines/transforms/scoring.py:80" '
+        'thread: "MainThread"'
+    )
+    beam_own = relayed.replace("/repo/beam_pipelines/transforms/scoring.py", "/x/apache_beam/a.py")
+    name = "apache_beam.runners.portability.local_job_service"
+
+    def record(message: str, level: int = logging.WARNING) -> logging.LogRecord:
+        return logging.LogRecord(name, level, "f", 1, message, (), None)
+
+    keep = console._OwnWarnings()
+    assert keep.filter(record(relayed))
+    assert not keep.filter(record(beam_own))  # Beam's own chatter stays in the log
+    assert not keep.filter(record(relayed, logging.INFO))
+    shown = console._AboveTheBar(io.StringIO())
+    shown.setFormatter(logging.Formatter("job: %(levelname)s %(message)s"))
+    assert shown.format(record(relayed)) == (
+        'job: WARNING Shard s is corrupt after 3 records: \\"x\\"'
+    )
 
 
 def test_workers_counts_add_up_for_the_driver(
