@@ -38,7 +38,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
 from beam_pipelines.console import announce_total_later
-from beam_pipelines.contracts import predictions
+from beam_pipelines.contracts import manifest, predictions
 from beam_pipelines.contracts.metadata import SCORING_REQUIRED_COLUMNS, MetadataError
 from beam_pipelines.options import (
     add_decode_arguments,
@@ -117,21 +117,23 @@ def _input_count(args: argparse.Namespace) -> int | None:
         return count_rows(args.metadata, SCORING_REQUIRED_COLUMNS)
     if args.dicom_glob:
         return len(FileSystems.match([args.dicom_glob])[0].metadata_list)
-    path = f"{args.data_dir.rstrip('/')}/manifest.json"
+    found = _shards_manifest(args.data_dir)
+    return None if found is None else int(found["kept"])
+
+
+def _shards_manifest(data_dir: str) -> dict[str, Any] | None:
+    """The manifest.json preprocessing wrote beside the shards, or None when there is none."""
+    path = f"{data_dir.rstrip('/')}/{manifest.FILE}"
     if not FileSystems.exists(path):
         return None
     with FileSystems.open(path) as handle:
-        return int(json.loads(handle.read())["kept"])
+        return dict(json.loads(handle.read()))
 
 
 def _shards_pseudonym_key(data_dir: str) -> str | None:
     """The key fingerprint preprocessing recorded for these shards, or None."""
-    path = f"{data_dir.rstrip('/')}/manifest.json"
-    if not FileSystems.exists(path):
-        return None
-    with FileSystems.open(path) as handle:
-        settings = json.loads(handle.read()).get("options", {})
-    return settings.get("pseudonymized")
+    found = _shards_manifest(data_dir)
+    return None if found is None else found.get("options", {}).get("pseudonymized")
 
 
 def _operating_point(model_dir: str, threshold: float | None) -> dict[str, Any] | None:
