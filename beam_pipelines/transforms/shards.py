@@ -46,7 +46,9 @@ class WriteEveryShard(beam.PTransform):
         plan: a one-element PCollection the shards follow (row counts).
         shard_key: (element, plan) -> the element's shard key.
         every_shard: plan -> the keys of every shard to write.
-        write: (shard key, the shard's elements) -> the written file's path.
+        write: (shard key, the shard's values) -> the written file's path.
+        value: element -> what the shard's writer needs of it (default: all of it);
+            only that crosses the shuffle.
     """
 
     def __init__(
@@ -55,15 +57,18 @@ class WriteEveryShard(beam.PTransform):
         shard_key: Callable[[Any, Any], Hashable],
         every_shard: Callable[[Any], Iterable[Hashable]],
         write: Callable[[Any, list[Any]], str],
+        value: Callable[[Any], Any] | None = None,
     ) -> None:
         super().__init__()
         self._plan, self._shard_key = plan, shard_key
         self._every_shard, self._write = every_shard, write
+        self._value = value or (lambda element: element)
 
     def expand(self, elements: beam.PCollection) -> beam.PCollection:
         shard_key, every_shard, write = self._shard_key, self._every_shard, self._write
+        value = self._value
         keyed = elements | "KeyByShard" >> beam.Map(
-            lambda e, plan: (shard_key(e, plan), e), pvalue.AsSingleton(self._plan)
+            lambda e, plan: (shard_key(e, plan), value(e)), pvalue.AsSingleton(self._plan)
         )
         empty = self._plan | "EveryShard" >> beam.FlatMap(
             lambda plan: [(key, None) for key in every_shard(plan)]
@@ -119,18 +124,14 @@ class WriteShards(beam.PTransform):
             Metrics.counter(WriteShards, f"written_{split}").inc(written)
             return path
 
-        return (
-            summaries
-            | "RowAndChunk" >> beam.Map(lambda s: (s["shard"], (s["row"], s["staged"])))
-            | "Write"
-            >> WriteEveryShard(
-                plan,
-                shard_key=lambda pair, _: pair[0],
-                every_shard=lambda plan: [
-                    (split, k, shards) for split, shards in plan.items() for k in range(shards)
-                ],
-                write=lambda key, pairs: write(key, [value for _, value in pairs]),
-            )
+        return summaries | "Write" >> WriteEveryShard(
+            plan,
+            shard_key=lambda s, _: s["shard"],
+            every_shard=lambda plan: [
+                (split, k, shards) for split, shards in plan.items() for k in range(shards)
+            ],
+            write=write,
+            value=lambda s: (s["row"], s["staged"]),
         )
 
 
