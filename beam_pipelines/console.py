@@ -174,6 +174,7 @@ class Console:
         self._handle: IO[str] | None = None
         self._to_file: logging.StreamHandler | None = None  # type: ignore[type-arg]
         self._settled = False
+        self._succeeded = False  # set on exit: the bar then fills to its total
         self.terminal: IO[str] = sys.stderr
 
     def __enter__(self) -> Console:
@@ -292,8 +293,6 @@ class Console:
                 if bar is not None:
                     bar.close()
                 return
-
-    _succeeded = False
 
     def __exit__(
         self,
