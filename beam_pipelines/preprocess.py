@@ -24,7 +24,6 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
-from beam_pipelines.console import announce_total_later
 from beam_pipelines.contracts import manifest, splits
 from beam_pipelines.contracts.metadata import MetadataError
 from beam_pipelines.options import (
@@ -45,7 +44,7 @@ from beam_pipelines.transforms.preprocessing import (
     rejects_file,
     staging_dir,
 )
-from beam_pipelines.transforms.rows import ReadValidRows, check_metadata, count_rows
+from beam_pipelines.transforms.rows import ReadValidRows, check_metadata
 from beam_pipelines.transforms.shards import RECORDS_PER_SHARD
 
 logger = logging.getLogger(__name__)
@@ -103,7 +102,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     plan = _preflight(parser, args)
-    announce_total_later(lambda: count_rows(args.metadata))
     options = pipeline_options(beam_args)
     # Locked and checked before any work; everything is written to a private
     # work folder that replaces the previous output only once complete.

@@ -58,7 +58,7 @@ from beam_pipelines.storage.files import (
 from beam_pipelines.storage.paths import archive_root_for
 from beam_pipelines.transforms.inference import model_file_problem
 from beam_pipelines.transforms.outcomes import block_parts
-from beam_pipelines.transforms.rows import check_metadata, count_rows
+from beam_pipelines.transforms.rows import check_metadata
 from beam_pipelines.transforms.scoring import ReadExamples, Score, WriteScores
 from beam_pipelines.transforms.shards import ROWS_PER_SHARD
 
@@ -112,9 +112,12 @@ def _shard_pattern(data_dir: str) -> str:
 
 
 def _input_count(args: argparse.Namespace) -> int | None:
-    """How many images the run will read (for the progress bar), or None when unknown."""
+    """How many images the run will read (for the progress bar), or None when unknown.
+
+    From a metadata.csv the reading stage announces its row count itself.
+    """
     if args.metadata:
-        return count_rows(args.metadata, SCORING_REQUIRED_COLUMNS)
+        return None
     if args.dicom_glob:
         return len(FileSystems.match([args.dicom_glob])[0].metadata_list)
     found = _shards_manifest(args.data_dir)

@@ -17,6 +17,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from beam_pipelines.console import announce_total
 from beam_pipelines.contracts import metadata as md
 from beam_pipelines.contracts.rejects import reject
 from beam_pipelines.privacy import Pseudonymizer
@@ -58,11 +59,6 @@ def read_metadata(
     """:func:`~beam_pipelines.contracts.metadata.iter_metadata` streamed from a file."""
     with open_metadata(path) as text:
         yield from md.iter_metadata(text, required)
-
-
-def count_rows(path: str, required: tuple[str, ...] = md.REQUIRED_COLUMNS) -> int:
-    """The data rows of metadata.csv (streamed; for a progress bar's total)."""
-    return sum(1 for _ in read_metadata(path, required))
 
 
 def check_metadata(path: str, required: tuple[str, ...] = md.REQUIRED_COLUMNS) -> None:
@@ -149,14 +145,18 @@ class ReadMetadataFn(beam.DoFn):
 
     One sequential read keeps row numbers exact and handles quoted newlines;
     only one row is held at a time. 10^6 rows take seconds
-    (``benchmarks/metadata_scale.py``), and a Reshuffle spreads the rest.
+    (``benchmarks/metadata_scale.py``), and a Reshuffle spreads the rest. The
+    row count becomes the total of the driver's progress bar (read once, here).
     """
 
     def __init__(self, required: tuple[str, ...] = md.REQUIRED_COLUMNS) -> None:
         self._required = required
 
     def process(self, path: str) -> Iterator[tuple[int, dict[str, str]]]:
-        yield from read_metadata(path, self._required)
+        rows = 0
+        for rows, cells in read_metadata(path, self._required):
+            yield rows, cells
+        announce_total(rows)
 
 
 class ValidateRowFn(beam.DoFn):
