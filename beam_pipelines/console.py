@@ -79,7 +79,7 @@ def announce_total(total: int) -> None:
 
 
 def announce_total_later(total: Callable[[], int | None]) -> None:
-    """Computes the total in a background thread (e.g. counting metadata rows) when a bar shows."""
+    """Computes the total in a background thread (e.g. matching a glob) when a bar shows."""
     if not os.environ.get(PROGRESS_ENV):
         return
 
