@@ -49,9 +49,7 @@ def atomic_create(path: str) -> Iterator[BinaryIO]:
         if FileSystems.exists(temporary):
             FileSystems.delete([temporary])
         raise
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([temporary], [path])
+    move(temporary, path)
 
 
 def write_text(path: str, text: str) -> str:
