@@ -23,6 +23,11 @@ def _launch(module: str) -> None:
     importlib.import_module(module).main()
 
 
+def index() -> None:
+    """``xray-index``."""
+    _launch("beam_pipelines.index")
+
+
 def preprocess() -> None:
     """``xray-preprocess``."""
     _launch("beam_pipelines.preprocess")

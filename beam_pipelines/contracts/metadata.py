@@ -36,6 +36,29 @@ REQUIRED_COLUMNS: tuple[str, ...] = (PATIENT_ID, DICOM_PATH, ABNORMAL)
 #: Columns scoring needs: the rest (labels included) may be absent.
 SCORING_REQUIRED_COLUMNS: tuple[str, ...] = (DICOM_PATH,)
 
+STUDY_INSTANCE_UID = "StudyInstanceUID"
+SERIES_INSTANCE_UID = "SeriesInstanceUID"
+SOP_INSTANCE_UID = "SOPInstanceUID"
+ACCESSION_NUMBER = "AccessionNumber"
+MODALITY = "Modality"
+#: Columns ``xray-index`` writes after :data:`COLUMNS`; to the jobs they are
+#: extra columns, carried through like any other.
+INDEX_COLUMNS: tuple[str, ...] = (
+    STUDY_INSTANCE_UID,
+    SERIES_INSTANCE_UID,
+    SOP_INSTANCE_UID,
+    ACCESSION_NUMBER,
+    MODALITY,
+)
+#: Extra columns that identify a patient's images: pseudonymized with the
+#: contract's identifiers wherever a job writes them.
+IDENTIFYING_EXTRA_COLUMNS: tuple[str, ...] = (
+    STUDY_INSTANCE_UID,
+    SERIES_INSTANCE_UID,
+    SOP_INSTANCE_UID,
+    ACCESSION_NUMBER,
+)
+
 _TRUE = {"true", "1", "yes", "y", "t", "abnormal"}
 _FALSE = {"false", "0", "no", "n", "f", "normal"}
 _AGE = re.compile(r"^\s*(\d{1,3})\s*([YMWD]?)\s*$", re.IGNORECASE)
