@@ -2,8 +2,10 @@
 
 With ``--pseudonymize_key_file`` (or ``--pseudonymize_key``), preprocessing
 and scoring replace every identifier they write — PatientID, StudyID, the
-DICOM path (archive paths often contain the PatientID) and the SOP Instance
-UID — with ``HMAC-SHA256(key, value)`` truncated to 128 bits (32 hex digits).
+DICOM path (archive paths often contain the PatientID), the SOP Instance
+UID and the extra columns that identify images (study, series and instance
+UIDs and accession numbers, as ``xray-index`` writes them) — with
+``HMAC-SHA256(key, value)`` truncated to 128 bits (32 hex digits).
 The same key gives the same pseudonym in every job and every run, so shards,
 predictions and analysis still join by patient and study; without the key
 the original values cannot be recovered or guessed by hashing candidates.
@@ -33,11 +35,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from beam_pipelines.contracts.metadata import IDENTIFYING_EXTRA_COLUMNS
+
 #: Shortest key accepted, in bytes: a guessable key makes pseudonyms reversible.
 MIN_KEY_BYTES = 16
 #: Fields of ValidRow, reject records, schema records and prediction rows
 #: that identify a patient.
 IDENTIFIER_FIELDS: tuple[str, ...] = ("patient_id", "study_id", "dicom_path", "sop_instance_uid")
+#: Extra metadata columns that identify an image (the contract's list).
+IDENTIFIER_COLUMNS: tuple[str, ...] = IDENTIFYING_EXTRA_COLUMNS
 
 
 class Pseudonymizer:
@@ -68,11 +74,16 @@ class Pseudonymizer:
 
     def row(self, row: Any) -> Any:
         """A copy of a ValidRow with its identifiers replaced (``resolved_path`` kept to read)."""
+        extra = {
+            name: self(value) if name in IDENTIFIER_COLUMNS else value
+            for name, value in row.extra.items()
+        }
         return dataclasses.replace(
             row,
             patient_id=self(row.patient_id),
             study_id=self(row.study_id),
             dicom_path=self(row.dicom_path),
+            extra=extra,
         )
 
 

@@ -64,6 +64,24 @@ def test_records_and_rows_lose_every_identifier() -> None:
     assert mapped.resolved_path == row.resolved_path  # still readable
 
 
+def test_rows_lose_the_identifying_columns_the_index_writes() -> None:
+    pseudonymize = Pseudonymizer(KEY)
+    extra = {
+        "StudyInstanceUID": "1.2.3",
+        "SeriesInstanceUID": "1.2.3.4",
+        "SOPInstanceUID": "1.2.3.4.5",
+        "AccessionNumber": "A77",
+        "Modality": "DX",
+        "Site": "north",
+    }
+    row = ValidRow(1, "P1", "S1", "raw/a.dcm", "/archive/raw/a.dcm", "PA", True, 60, "F", extra)
+    mapped = pseudonymize.row(row).extra
+    for column in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber"):
+        assert mapped[column] == pseudonymize(extra[column])
+    assert (mapped["Modality"], mapped["Site"]) == ("DX", "north")
+    assert row.extra["AccessionNumber"] == "A77"  # the input is not modified
+
+
 def test_survives_pickling_for_beam_workers() -> None:
     pseudonymize = Pseudonymizer(KEY)
     assert pickle.loads(pickle.dumps(pseudonymize))("P1") == pseudonymize("P1")
