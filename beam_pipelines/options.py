@@ -8,6 +8,12 @@ import os
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from beam_pipelines.dicom import DecodeOptions
+from beam_pipelines.storage.dicomweb import (
+    PASSWORD_ENV,
+    TOKEN_ENV,
+    USER_ENV,
+    DicomwebSettings,
+)
 from beam_pipelines.storage.paths import allowed_schemes_for, parse_schemes
 
 _BEAM_DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
@@ -105,7 +111,91 @@ def decode_options(args: argparse.Namespace) -> DecodeOptions:
         reduced_resolution=not args.full_resolution_decode,
         read_timeout_s=args.read_timeout_s,
         range_source=args.range_source,
+        # Jobs without the DICOMweb flags decode local and object-store paths only.
+        dicomweb=dicomweb_settings(args) if hasattr(args, "dicomweb_url") else None,
     )
+
+
+def add_dicomweb_arguments(parser: argparse.ArgumentParser) -> None:
+    """The DICOMweb (PACS) flags: where ``dicomweb+http(s)://`` instances are read from."""
+    credentials = (
+        f"Credentials never come from the command line: a bearer token from --dicomweb_token_file "
+        f"or env {TOKEN_ENV}, else HTTP basic auth from env {USER_ENV} + {PASSWORD_ENV}; they are "
+        "sent only to paths under this URL."
+    )
+    parser.add_argument(
+        "--dicomweb_url",
+        metavar="URL",
+        help="The DICOMweb service's base URL, http(s)://host:port/dicom-web (e.g. Orthanc's). "
+        + credentials,
+    )
+    parser.add_argument(
+        "--dicomweb_token_file",
+        metavar="FILE",
+        help=f"File holding a bearer token for the DICOMweb service (instead of env {TOKEN_ENV}).",
+    )
+    parser.add_argument(
+        "--dicomweb_timeout",
+        type=float,
+        default=DicomwebSettings.timeout_s,
+        metavar="SECONDS",
+        help="Longest one DICOMweb request may take, connecting and reading (default %(default)g).",
+    )
+    parser.add_argument(
+        "--dicomweb_retries",
+        type=int,
+        default=DicomwebSettings.retries,
+        help="Extra attempts after HTTP 429/5xx, a connection error or a timeout, with doubling "
+        "back-off (default %(default)d); an instance still not fetched is rejected "
+        "(fetch_failed).",
+    )
+    parser.add_argument(
+        "--dicomweb_connections",
+        type=int,
+        default=DicomwebSettings.max_connections,
+        help="DICOMweb requests in flight at once per worker process (default %(default)d).",
+    )
+    parser.add_argument(
+        "--dicomweb_ca_bundle",
+        metavar="FILE",
+        help="CA bundle to check the DICOMweb server's certificate with (default: the system's).",
+    )
+    parser.add_argument(
+        "--dicomweb_insecure",
+        action="store_true",
+        help="Do not check the DICOMweb server's TLS certificate: for testing only.",
+    )
+
+
+def dicomweb_settings(args: argparse.Namespace) -> DicomwebSettings | None:
+    """DicomwebSettings from the flags of :func:`add_dicomweb_arguments`; None without a URL.
+
+    Raises:
+        ValueError: naming the flag, for a URL that is not http(s) or a bad number.
+    """
+    if not args.dicomweb_url:
+        return None
+    url = args.dicomweb_url
+    if not url.lower().startswith(("http://", "https://")):
+        raise ValueError("--dicomweb_url must be an http:// or https:// URL")
+    if not args.dicomweb_timeout > 0:
+        raise ValueError("--dicomweb_timeout must be positive")
+    if args.dicomweb_retries < 0:
+        raise ValueError("--dicomweb_retries must be >= 0")
+    if args.dicomweb_connections < 1:
+        raise ValueError("--dicomweb_connections must be >= 1")
+    try:
+        return DicomwebSettings(
+            url=url,
+            token_file=args.dicomweb_token_file,
+            timeout_s=args.dicomweb_timeout,
+            retries=args.dicomweb_retries,
+            max_connections=args.dicomweb_connections,
+            verify_tls=not args.dicomweb_insecure,
+            ca_bundle=args.dicomweb_ca_bundle,
+        )
+    except ValueError as exc:
+        raise ValueError(f"--dicomweb_url: {exc}") from None
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:

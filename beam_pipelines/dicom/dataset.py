@@ -37,7 +37,9 @@ def read_dataset(source: Source, options: DecodeOptions = DEFAULT_OPTIONS) -> Da
         DicomRejected: for unreadable, empty, non-DICOM, truncated or
             (inflating past its declared size) too large input.
     """
-    data = read_source_bytes(source, options.max_file_bytes, options.read_timeout_s)
+    data = read_source_bytes(
+        source, options.max_file_bytes, options.read_timeout_s, options.dicomweb
+    )
     meta = _file_meta(data)
     deflated = meta.syntax == pydicom.uid.DeflatedExplicitVRLittleEndian
     parsed = _inflate_data_set(data, meta, options) if deflated else data

@@ -8,6 +8,7 @@ from typing import Any
 REJECT_REASONS: frozenset[str] = frozenset(
     {
         "missing_file",
+        "fetch_failed",
         "unreadable",
         "empty_file",
         "not_dicom",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from beam_pipelines.storage.dicomweb import DicomwebSettings
+
 #: What an image without a usable VOI is scaled by (:attr:`DecodeOptions.range_source`).
 RangeSource = Literal["image", "bit_range"]
 
@@ -38,6 +40,9 @@ class DecodeOptions:
             and 8-bit JPEG at a reduced resolution that is still at least the
             model input's size (see :mod:`beam_pipelines.dicom.reduced`);
             False always decodes every pixel.
+        dicomweb: the DICOMweb service a ``dicomweb+http(s)://`` path is
+            fetched from, with its credentials, timeout and retries; None
+            fetches such a path anonymously with the defaults.
     """
 
     voi_index: int | None = 0
@@ -48,6 +53,7 @@ class DecodeOptions:
     reduced_resolution: bool = True
     read_timeout_s: float = 300.0
     range_source: RangeSource = "image"
+    dicomweb: DicomwebSettings | None = None
 
     def __post_init__(self) -> None:
         if self.range_source not in ("image", "bit_range"):

@@ -1,9 +1,11 @@
 """The bytes of a DICOM source (path, URI, bytes or file object), read within bounds.
 
-Local files are read directly (regular files only); anything else through
-:func:`beam_pipelines.storage.files.open_stored` (Beam's FileSystems, which
-that module imports only for a non-local path), so this package never
-imports Beam itself and decoding local files never loads it.
+Local files are read directly (regular files only); a ``dicomweb+http(s)://``
+instance from its PACS (:func:`beam_pipelines.storage.dicomweb.fetch_instance`,
+WADO-RS); anything else through :func:`beam_pipelines.storage.files.open_stored`
+(Beam's FileSystems, which that module imports only for a non-local path), so
+this package never imports Beam itself and decoding local files never loads
+it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import BinaryIO
 from beam_pipelines.dicom.errors import DicomRejected
 from beam_pipelines.dicom.options import DEFAULT_OPTIONS
 from beam_pipelines.privacy import redact
+from beam_pipelines.storage.dicomweb import DicomwebSettings, is_dicomweb
 
 Source = str | bytes | bytearray | memoryview | BinaryIO
 
@@ -26,20 +29,27 @@ def read_source_bytes(
     source: Source,
     max_bytes: int = DEFAULT_OPTIONS.max_file_bytes,
     read_timeout_s: float = DEFAULT_OPTIONS.read_timeout_s,
+    dicomweb: DicomwebSettings | None = DEFAULT_OPTIONS.dicomweb,
 ) -> bytes:
     """Reads a file's bytes from a path/URI (Beam FileSystems), bytes or a file object.
 
     A local path (no scheme, or ``file://``) must name a regular file (or a
     symlink to one): a FIFO, socket, device or directory is refused before
     any byte is read. A remote read, or a file object of unknown size, stops
-    after ``read_timeout_s`` seconds.
+    after ``read_timeout_s`` seconds. A ``dicomweb+http(s)://`` path is
+    fetched with ``dicomweb``'s credentials, timeout and retries (anonymously
+    with the defaults when None).
 
     Raises:
-        DicomRejected: ``missing_file``, ``unreadable``, ``empty_file`` or
-            ``too_large``.
+        DicomRejected: ``missing_file``, ``unreadable``, ``empty_file``,
+            ``too_large`` or ``fetch_failed`` (a DICOMweb request that failed
+            for good; the detail names the HTTP status or the connection
+            problem and the attempts made).
     """
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
+    elif isinstance(source, str) and is_dicomweb(source):
+        data = _fetch(source, dicomweb, max_bytes)
     elif isinstance(source, str):
         data = _read_path(source, max_bytes, read_timeout_s)
     else:
@@ -49,6 +59,18 @@ def read_source_bytes(
     if len(data) > max_bytes:
         raise DicomRejected("too_large", f"file is larger than {max_bytes} bytes")
     return data
+
+
+def _fetch(path: str, settings: DicomwebSettings | None, max_bytes: int) -> bytes:
+    """A DICOMweb instance's stored bytes; failures become rejects (never the URL: PHI)."""
+    from beam_pipelines.storage import dicomweb
+
+    try:
+        return dicomweb.fetch_instance(path, settings, max_bytes)
+    except dicomweb.TooLarge as exc:
+        raise DicomRejected("too_large", f"file is larger than {max_bytes} bytes") from exc
+    except dicomweb.FetchFailed as exc:
+        raise DicomRejected("fetch_failed", str(exc)) from exc
 
 
 def _read_path(path: str, max_bytes: int, timeout_s: float) -> bytes:
