@@ -7,12 +7,14 @@ import os
 
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
+from beam_pipelines.cli import refuse
 from beam_pipelines.dicom import DecodeOptions
 from beam_pipelines.storage.dicomweb import (
     PASSWORD_ENV,
     TOKEN_ENV,
     USER_ENV,
     DicomwebSettings,
+    check_server,
 )
 from beam_pipelines.storage.paths import allowed_schemes_for, parse_schemes
 
@@ -199,27 +201,49 @@ def dicomweb_settings(args: argparse.Namespace) -> DicomwebSettings | None:
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """The metadata.csv input flags, shared by preprocessing and scoring."""
+    """The metadata.csv input flags, shared by preprocessing and scoring (DICOMweb's too)."""
     parser.add_argument(
         "--allowed_schemes",
         default="",
         metavar="SCHEMES",
         help="Comma-separated URI schemes (e.g. gs,s3) a DicomPath in metadata.csv may use "
         "besides local paths and the scheme of --archive_root and --metadata, which are always "
-        "allowed (default: no others). A row whose DicomPath is a URI of another scheme "
+        "allowed, and dicomweb+http(s) with --dicomweb_url (default: no others). A row whose "
+        "DicomPath is a URI of another scheme "
         "(http://, file://, s3://, ...) is rejected as scheme_not_allowed and never read. "
         "Relative DicomPaths stay under the archive root; one that leaves it, also through a "
         "symlink, is rejected as path_escapes_root.",
     )
+    add_dicomweb_arguments(parser)
 
 
 def allowed_schemes(args: argparse.Namespace, *locations: str) -> frozenset[str]:
     """The schemes a DicomPath URI may use, from the flags of :func:`add_input_arguments`.
 
-    Those of ``locations`` (the archive root and metadata.csv the user chose)
-    plus ``--allowed_schemes``.
+    Those of ``locations`` (the archive root and metadata.csv the user chose),
+    ``dicomweb+http(s)`` when ``--dicomweb_url`` names such a service (its
+    instances, as ``xray-index`` writes them; one on another server is
+    rejected when fetched), plus ``--allowed_schemes``.
 
     Raises:
         ValueError: for a name in ``--allowed_schemes`` that is not a URI scheme.
     """
-    return allowed_schemes_for(locations, parse_schemes(args.allowed_schemes))
+    service = [f"dicomweb+{args.dicomweb_url}"] if args.dicomweb_url else []
+    return allowed_schemes_for([*locations, *service], parse_schemes(args.allowed_schemes))
+
+
+def checked_dicomweb(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks the DICOMweb flags and asks the service once, before any work.
+
+    A bad flag is a usage error; a service that does not answer (down, wrong
+    URL, refused credentials) stops the job with one line and exit code 2,
+    before any output is touched.
+    """
+    try:
+        settings = dicomweb_settings(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if settings is not None:
+        problem = check_server(settings)
+        if problem:
+            refuse(parser.prog, problem)

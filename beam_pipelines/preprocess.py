@@ -30,6 +30,7 @@ from beam_pipelines.options import (
     add_decode_arguments,
     add_input_arguments,
     allowed_schemes,
+    checked_dicomweb,
     decode_options,
     pipeline_options,
 )
@@ -165,6 +166,7 @@ def _preflight(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
     if args.pin_splits:
         with FileSystems.open(args.pin_splits) as handle:
             pinned = splits.read_splits_csv(handle.read().decode("utf-8"))
+    checked_dicomweb(parser, args)
     try:
         schemes = allowed_schemes(args, root, args.metadata)
     except ValueError as exc:

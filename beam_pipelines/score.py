@@ -44,6 +44,7 @@ from beam_pipelines.options import (
     add_decode_arguments,
     add_input_arguments,
     allowed_schemes,
+    checked_dicomweb,
     decode_options,
     pipeline_options,
 )
@@ -240,6 +241,7 @@ def _preflight(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
     if problem:
         refuse(parser.prog, problem)
     root = archive_root_for(args.metadata or "", args.archive_root)
+    checked_dicomweb(parser, args)
     try:
         schemes = allowed_schemes(args, root, args.metadata or "")
     except ValueError as exc:
