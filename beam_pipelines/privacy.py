@@ -187,9 +187,15 @@ class _RedactValues(logging.Filter):
 
 
 _redact = _RedactValues()
-# pydicom's loggers whose messages may quote header values; the last one also
-# logs the per-plugin tracebacks _QuietPluginErrors drops.
-_REDACTED_LOGGERS = ("pydicom", "pydicom.pixels.utils", "pydicom.pixels.decoders.base")
+# pydicom's loggers whose messages may quote header values; the third one also
+# logs the per-plugin tracebacks _QuietPluginErrors drops. urllib3 logs each
+# request's URL at DEBUG: a DICOMweb URL holds study, series and instance UIDs.
+_REDACTED_LOGGERS = (
+    "pydicom",
+    "pydicom.pixels.utils",
+    "pydicom.pixels.decoders.base",
+    "urllib3.connectionpool",
+)
 _PLUGIN_LOGGER = "pydicom.pixels.decoders.base"
 
 

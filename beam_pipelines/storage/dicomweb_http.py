@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import requests
 import requests.adapters
 import requests.auth
+import urllib3.exceptions
 
 from beam_pipelines.storage.dicomweb import (
     PASSWORD_ENV,
@@ -214,7 +215,11 @@ def _attempt(
                 return consume(response, started + settings.timeout_s)
             except (FetchFailed, TooLarge, _Transient):
                 raise
-            except (requests.exceptions.RequestException, OSError) as exc:
+            except (
+                requests.exceptions.RequestException,
+                urllib3.exceptions.HTTPError,
+                OSError,
+            ) as exc:
                 raise _Transient(f"the answer broke off ({type(exc).__name__})") from None
         if status == 429 or status >= 500:
             raise _Transient(f"HTTP {status}", status, _retry_after(response))
@@ -284,7 +289,8 @@ def _read_body(response: requests.Response, limit: int, deadline: float) -> byte
     if length.isdigit() and not response.headers.get("Content-Encoding") and int(length) > limit:
         raise TooLarge(limit)
     body = bytearray()
-    for chunk in response.iter_content(1 << 20):
+    # read1: whatever has arrived (read(n) would wait for all n bytes, past the deadline).
+    while chunk := response.raw.read1(1 << 20, decode_content=True):
         body += chunk
         if len(body) > limit:
             raise TooLarge(limit)

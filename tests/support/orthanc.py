@@ -157,8 +157,8 @@ def orthanc_server(folder: Path, users: dict[str, str] | None = None) -> Iterato
         server.stop()
 
 
-def synthetic_archive(folder: Path, patients: int = 6, seed: int = 5) -> list[Path]:
-    """A tiny synthetic archive in every transfer syntax xray-synth writes; its DICOM files."""
+def synthetic_archive(folder: Path, patients: int = 6, seed: int = 7) -> list[Path]:
+    """A tiny synthetic archive (seed 7: every transfer syntax xray-synth writes); its files."""
     from archive_tools import synth
 
     root = folder / "archive"
