@@ -25,7 +25,7 @@ MIXED_ENCODINGS = (
 
 @contextlib.contextmanager
 def orthanc_server(folder: Path, users: dict[str, str] | None = None) -> Iterator[OrthancServer]:
-    """A started Orthanc storing into ``folder``, killed on leaving; skips where absent.
+    """A started Orthanc storing into ``folder``, stopped on leaving; skips where absent.
 
     ``users`` (name -> password) turns HTTP basic authentication on.
     """
