@@ -21,6 +21,7 @@ inverse (bit-range scaling, no VOI window): the ground truth for tests.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -248,6 +249,8 @@ class RadiographHeader:
         study_instance_uid: StudyInstanceUID, or None to derive it.
         series_instance_uid: SeriesInstanceUID, or None to derive it.
         sop_instance_uid: SOPInstanceUID, or None to derive it.
+        accession_number: AccessionNumber, or None to derive it from the
+            StudyInstanceUID (one per study, so label joins by accession work).
         uid_seed: Extra entropy for derived UIDs (e.g. the generator seed) so
             different archives with the same IDs get different UIDs.
         extra: DICOM keyword -> value, set last (overrides anything above).
@@ -270,6 +273,7 @@ class RadiographHeader:
     study_instance_uid: str | None = None
     series_instance_uid: str | None = None
     sop_instance_uid: str | None = None
+    accession_number: str | None = None
     uid_seed: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -298,6 +302,13 @@ class RadiographHeader:
             )
         )
         return study, series, sop
+
+    def accession(self) -> str:
+        """AccessionNumber: the given one, else 16 characters (SH) derived from the study's UID."""
+        if self.accession_number is not None:
+            return self.accession_number
+        digest = hashlib.sha256(str(self.uids()[0]).encode("ascii")).hexdigest()
+        return f"A{int(digest, 16) % 10**15:015d}"
 
 
 def _ds(value: float) -> DSfloat:
@@ -359,7 +370,7 @@ def build_dataset(
     ds.ContentDate = header.study_date
     ds.StudyTime = header.study_time
     ds.ContentTime = header.study_time
-    ds.AccessionNumber = ""
+    ds.AccessionNumber = header.accession()
     ds.Modality = header.modality
     if header.modality == "OT":
         ds.ConversionType = "WSD"
