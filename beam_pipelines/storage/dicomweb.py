@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 #: The path schemes of DICOMweb instances: the service's scheme with ``dicomweb+`` in front.
 SCHEMES: frozenset[str] = frozenset({"dicomweb+http", "dicomweb+https"})
@@ -142,7 +142,9 @@ def lies_under(url: str, base: str) -> bool:
     except ValueError:  # a port that is no number
         return False
     prefix = root.path.rstrip("/") + "/"
-    return ports_match and target.username is None and target.path.startswith(prefix)
+    # A dot segment would lead a server that resolves it out of the prefix.
+    climbs = any(segment in (".", "..") for segment in unquote(target.path).split("/"))
+    return ports_match and target.username is None and target.path.startswith(prefix) and not climbs
 
 
 def fetch_instance(path: str, settings: DicomwebSettings | None, max_bytes: int) -> bytes:

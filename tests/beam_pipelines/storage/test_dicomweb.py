@@ -10,6 +10,7 @@ import logging
 import pickle
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Answer:
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     delay_s: float = 0.0
     trickle_s: float = 0.0  # pause between the body's bytes
+    cut: int = 0  # bytes of the body left unsent (the connection is closed)
 
 
 @dataclasses.dataclass
@@ -88,7 +90,10 @@ class FakeServer:
                         self.send_header(name, value)
                     self.send_header("Content-Length", str(len(answer.body)))
                     self.end_headers()
-                    if answer.trickle_s:
+                    if answer.cut:
+                        self.wfile.write(answer.body[: -answer.cut])
+                        self.close_connection = True
+                    elif answer.trickle_s:
                         for byte in answer.body:
                             self.wfile.write(bytes([byte]))
                             self.wfile.flush()
@@ -210,6 +215,17 @@ def test_a_server_too_slow_to_answer_times_out_and_is_retried() -> None:
             dicomweb.fetch_instance(fake.instance(), fake.settings(timeout_s=0.3, retries=1), 99)
     assert time.monotonic() - started < 1.5
     assert (str(failed.value), failed.value.status) == ("timed out after 2 attempts", None)
+    assert len(fake.seen) == 2
+
+
+def test_an_answer_broken_off_is_retried() -> None:
+    broken = dataclasses.replace(multipart(INSTANCE), cut=100)
+    with serving(scripted(broken, multipart(INSTANCE))) as fake:
+        assert dicomweb.fetch_instance(fake.instance(), fake.settings(), 1 << 20) == INSTANCE
+    assert len(fake.seen) == 2
+    gave_up = pytest.raises(FetchFailed, match=r"^the answer broke off \(\w+\) after 2 attempts$")
+    with serving(scripted(broken)) as fake, gave_up:
+        dicomweb.fetch_instance(fake.instance(), fake.settings(retries=1), 1 << 20)
     assert len(fake.seen) == 2
 
 
@@ -362,6 +378,9 @@ def test_no_credentials_go_anywhere_but_the_configured_service(
         ("https://h/dicom-web/studies/1", "http://h/dicom-web", False),
         ("http://evil/dicom-web/studies/1", "http://h/dicom-web", False),
         ("http://h@evil/dicom-web/x", "http://h/dicom-web", False),
+        ("http://h/dicom-web/../admin", "http://h/dicom-web", False),
+        ("http://h/dicom-web/%2e%2e/admin", "http://h/dicom-web", False),
+        ("http://h/dicom-web", "http://h/dicom-web/", False),
     ],
 )
 def test_what_lies_under_the_service(url: str, base: str, under: bool) -> None:
@@ -392,6 +411,11 @@ def test_no_token_or_uid_in_messages_or_logs(
             messages.append(str(failed.value))
             messages.append(dicomweb.check_server(fake.settings(retries=0)) or "")
     assert any("urllib3" in record.name for record in caplog.records)  # it did log requests
+    refused = DicomwebSettings(f"http://127.0.0.1:{free_port()}/dicom-web", retries=0)
+    with pytest.raises(FetchFailed) as failed:
+        dicomweb.fetch_instance(refused.instance_path(STUDY, SERIES, SOP), refused, 99)
+    # Nothing chained either: a logged traceback shows no request's URL.
+    messages.append("".join(traceback.format_exception(failed.value)))
     for text in [*messages, caplog.text]:
         assert TOKEN not in text
         assert STUDY not in text and SOP not in text
