@@ -45,6 +45,11 @@ T = TypeVar("T")
 #: WADO-RS: the instance as stored (any transfer syntax), one part per instance.
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 QIDO_ACCEPT = "application/dicom+json"
+# Instances travel unzipped: gzip on the fly made a local Orthanc send a 34 MB
+# instance in 1.98 s instead of 0.27 s (docs/decisions/dicomweb_fetch.md), and
+# most archives' pixel data is compressed already. Search answers (JSON) zip well.
+_WADO_HEADERS = {"Accept": WADO_ACCEPT, "Accept-Encoding": "identity"}
+_QIDO_HEADERS = {"Accept": QIDO_ACCEPT}
 #: The longest a server's Retry-After is waited for.
 RETRY_AFTER_CAP_S = 60.0
 #: Room for a multipart answer's boundaries and part headers around the instance.
@@ -150,7 +155,7 @@ def _request(
     settings: DicomwebSettings,
     url: str,
     params: dict[str, Any] | None,
-    accept: str,
+    headers: dict[str, str],
     authorized: bool,
     consume: Callable[[requests.Response, float], T],
     missing: str,
@@ -163,7 +168,7 @@ def _request(
             time.sleep(_delay(settings, attempt, failure.wait))
         try:
             with _slot(settings):
-                return _attempt(settings, url, params, accept, authorized, consume, missing)
+                return _attempt(settings, url, params, headers, authorized, consume, missing)
         except _Transient as transient:
             failure = transient
             _LOG.debug("DICOMweb request failed (%s), attempt %d", failure.problem, attempt + 1)
@@ -182,7 +187,7 @@ def _attempt(
     settings: DicomwebSettings,
     url: str,
     params: dict[str, Any] | None,
-    accept: str,
+    headers: dict[str, str],
     authorized: bool,
     consume: Callable[[requests.Response, float], T],
     missing: str,
@@ -193,7 +198,7 @@ def _attempt(
         response = _session(settings).get(
             url,
             params=params,
-            headers={"Accept": accept},
+            headers=headers,
             auth=auth,
             timeout=settings.timeout_s,
             verify=settings.ca_bundle or settings.verify_tls,
@@ -350,7 +355,8 @@ def single_part(body: bytes | bytearray, boundary: bytes) -> bytes:
     following = end + 2 + len(delimiter)
     if body[following : following + 2] != b"--":
         raise FetchFailed("the server sent more than one part for one instance")
-    return bytes(body[content_start:end])
+    with memoryview(body) as view:  # one copy of the part, not two
+        return bytes(view[content_start:end])
 
 
 def retrieve(url: str, settings: DicomwebSettings | None, max_bytes: int) -> bytes:
@@ -359,7 +365,7 @@ def retrieve(url: str, settings: DicomwebSettings | None, max_bytes: int) -> byt
         settings or _ANONYMOUS,
         url,
         None,
-        WADO_ACCEPT,
+        _WADO_HEADERS,
         settings is not None,
         lambda response, deadline: read_instance(response, deadline, max_bytes),
         "the instance is not on the server",
@@ -394,7 +400,7 @@ def search_pages(
     while True:
         query: dict[str, Any] = {**params, "limit": str(page_size), "offset": str(offset)}
         page, truncated = _request(
-            settings, url, query, QIDO_ACCEPT, True, _read_page, "no such resource on the server"
+            settings, url, query, _QIDO_HEADERS, True, _read_page, "no such resource on the server"
         )
         yield from page
         # More than asked for: the server ignores limit/offset and sent everything.

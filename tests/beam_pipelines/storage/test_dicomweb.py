@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import http.server
 import json
 import logging
@@ -159,6 +160,24 @@ def test_an_instance_is_its_part_s_bytes_exactly_with_the_stored_syntax_asked_fo
     assert seen.path == f"/dicom-web/studies/{STUDY}/series/{SERIES}/instances/{SOP}"
     assert seen.headers["Accept"] == dicomweb_http.WADO_ACCEPT
     assert "transfer-syntax=*" in seen.headers["Accept"]
+    assert seen.headers["Accept-Encoding"] == "identity"
+
+
+def test_a_gzipped_answer_is_unzipped_within_the_limit() -> None:
+    plain = multipart(INSTANCE)
+    zipped = dataclasses.replace(
+        plain,
+        body=gzip.compress(plain.body),
+        headers={**plain.headers, "Content-Encoding": "gzip"},
+    )
+    bomb = Answer(
+        body=gzip.compress(bytes(50 << 20)),
+        headers={"Content-Type": "application/dicom", "Content-Encoding": "gzip"},
+    )
+    with serving(scripted(zipped, bomb)) as fake:
+        assert dicomweb.fetch_instance(fake.instance(), fake.settings(), 1 << 20) == INSTANCE
+        with pytest.raises(TooLarge):
+            dicomweb.fetch_instance(fake.instance(), fake.settings(), 1 << 20)
 
 
 def test_not_found_fails_at_once() -> None:
