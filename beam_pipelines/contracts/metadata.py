@@ -384,3 +384,27 @@ def problem(cells: dict[str, str]) -> tuple[str, str] | None:
     """(reason, detail) of a row :func:`iter_metadata` yielded broken, else None."""
     reason = cells.get(_PROBLEM)
     return (reason, cells[_PROBLEM_DETAIL]) if reason else None
+
+
+# --- Writing ------------------------------------------------------------------
+
+#: Characters a written cell never holds: NUL and other C0 controls but tab,
+#: line feed and carriage return (the reader refuses NUL; the rest is noise).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def clean_cell(value: object) -> str:
+    """A header value as a cell: stripped, controls dropped, undecodable bytes escaped.
+
+    Leading and trailing blanks are not data to :func:`iter_metadata`, so they
+    are not written either.
+    """
+    text = "" if value is None else str(value)
+    return _printable(_CONTROL.sub("", text)).strip()
+
+
+def format_row(values: Iterable[str]) -> str:
+    """One metadata.csv line (the csv module's quoting, ``\\n`` ending) of cells in order."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(list(values))
+    return out.getvalue()
