@@ -220,6 +220,8 @@ def _attempt(
                 return consume(response, started + settings.timeout_s)
             except (FetchFailed, TooLarge, _Transient):
                 raise
+            except (urllib3.exceptions.ReadTimeoutError, TimeoutError):
+                raise _Transient("timed out while reading") from None
             except (
                 requests.exceptions.RequestException,
                 urllib3.exceptions.HTTPError,

@@ -41,6 +41,7 @@ class Answer:
     delay_s: float = 0.0
     trickle_s: float = 0.0  # pause between the body's bytes
     cut: int = 0  # bytes of the body left unsent (the connection is closed)
+    stall_s: float = 0.0  # pause after half the body
 
 
 @dataclasses.dataclass
@@ -94,6 +95,12 @@ class FakeServer:
                     if answer.cut:
                         self.wfile.write(answer.body[: -answer.cut])
                         self.close_connection = True
+                    elif answer.stall_s:
+                        half = len(answer.body) // 2
+                        self.wfile.write(answer.body[:half])
+                        self.wfile.flush()
+                        time.sleep(answer.stall_s)
+                        self.wfile.write(answer.body[half:])
                     elif answer.trickle_s:
                         for byte in answer.body:
                             self.wfile.write(bytes([byte]))
@@ -245,6 +252,14 @@ def test_an_answer_broken_off_is_retried() -> None:
     gave_up = pytest.raises(FetchFailed, match=r"^the answer broke off \(\w+\) after 2 attempts$")
     with serving(scripted(broken)) as fake, gave_up:
         dicomweb.fetch_instance(fake.instance(), fake.settings(retries=1), 1 << 20)
+    assert len(fake.seen) == 2
+
+
+def test_an_answer_stalling_mid_body_times_out() -> None:
+    stalled = dataclasses.replace(multipart(INSTANCE), stall_s=1.0)
+    gave_up = pytest.raises(FetchFailed, match="^timed out while reading after 2 attempts$")
+    with serving(scripted(stalled)) as fake, gave_up:
+        dicomweb.fetch_instance(fake.instance(), fake.settings(timeout_s=0.3, retries=1), 1 << 20)
     assert len(fake.seen) == 2
 
 
