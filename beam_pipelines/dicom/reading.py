@@ -20,7 +20,13 @@ from typing import BinaryIO
 from beam_pipelines.dicom.errors import DicomRejected
 from beam_pipelines.dicom.options import DEFAULT_OPTIONS
 from beam_pipelines.privacy import redact
-from beam_pipelines.storage.dicomweb import DicomwebSettings, is_dicomweb
+from beam_pipelines.storage.dicomweb import (
+    DicomwebSettings,
+    FetchFailed,
+    TooLarge,
+    fetch_instance,
+    is_dicomweb,
+)
 
 Source = str | bytes | bytearray | memoryview | BinaryIO
 
@@ -63,13 +69,11 @@ def read_source_bytes(
 
 def _fetch(path: str, settings: DicomwebSettings | None, max_bytes: int) -> bytes:
     """A DICOMweb instance's stored bytes; failures become rejects (never the URL: PHI)."""
-    from beam_pipelines.storage import dicomweb
-
     try:
-        return dicomweb.fetch_instance(path, settings, max_bytes)
-    except dicomweb.TooLarge as exc:
+        return fetch_instance(path, settings, max_bytes)
+    except TooLarge as exc:
         raise DicomRejected("too_large", f"file is larger than {max_bytes} bytes") from exc
-    except dicomweb.FetchFailed as exc:
+    except FetchFailed as exc:
         raise DicomRejected("fetch_failed", str(exc)) from exc
 
 
