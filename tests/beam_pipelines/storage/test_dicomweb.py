@@ -625,7 +625,9 @@ def test_the_flags_make_settings_and_refuse_bad_values_naming_the_flag(tmp_path:
         "https://h/dw", str(tmp_path / "t"), 7.0, 1, 0.5, 9, False, "ca.pem"
     )
     assert options.dicomweb_settings(args) == expected
-    assert options.decode_options(args).dicomweb == expected
+    decoding = options.decode_options(args)
+    assert decoding.dicomweb == expected
+    assert pickle.loads(pickle.dumps(decoding)) == decoding  # DoFns carry it to the workers
     for flags, flag in (
         (["--dicomweb_url", "file:///x"], "--dicomweb_url"),
         (["--dicomweb_url", "http://u:p@h/x"], "--dicomweb_url"),
