@@ -71,7 +71,8 @@ def header_cells(value: Callable[[str], str], dicom_path: str) -> tuple[dict[str
     return cells, value("BodyPartExamined"), value("StudyDate")
 
 
-def _dataset_value(ds: Any) -> Callable[[str], str]:
+def dataset_value(ds: Any) -> Callable[[str], str]:
+    """A read header's values by keyword, as cells."""
     from beam_pipelines.dicom.header import str_value
 
     return lambda keyword: md.clean_cell(str_value(ds, keyword))
@@ -101,7 +102,7 @@ def index_file(path: str, dicom_path: str, limit: int = MAX_HEADER_BYTES) -> Any
             ds = read_file_header(handle, limit)
         except OSError as exc:
             raise IndexRejected("unreadable", f"read error ({exc.strerror or exc})") from None
-    return header_cells(_dataset_value(ds), dicom_path)
+    return header_cells(dataset_value(ds), dicom_path)
 
 
 def _outcome(
