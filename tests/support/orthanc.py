@@ -25,7 +25,7 @@ MIXED_ENCODINGS = (
 
 @contextlib.contextmanager
 def orthanc_server(folder: Path, users: dict[str, str] | None = None) -> Iterator[OrthancServer]:
-    """A started Orthanc storing into ``folder``, stopped on leaving; skips where absent.
+    """A started Orthanc storing into ``folder``, killed on leaving; skips where absent.
 
     ``users`` (name -> password) turns HTTP basic authentication on.
     """
@@ -37,7 +37,7 @@ def orthanc_server(folder: Path, users: dict[str, str] | None = None) -> Iterato
         server.start()
         yield server
     finally:
-        server.stop()
+        server.stop(graceful=False)  # its storage is the test's to throw away
 
 
 def synthetic_archive(folder: Path, patients: int = 6, seed: int = 7) -> list[Path]:
