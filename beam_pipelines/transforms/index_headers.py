@@ -124,6 +124,7 @@ def _parse(handle: BinaryIO, bounded: _Bounded, limit: int) -> Any:
     wanted = tags()
     last = max(wanted)
     reached: list[bool] = []
+    ds: Any
 
     def stop(tag: Any, vr: str | None, length: int) -> bool:
         if tag > last:  # every element needed is behind: the rest is never read
