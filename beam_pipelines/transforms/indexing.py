@@ -239,8 +239,16 @@ class ListStudiesFn(beam.DoFn):
         announce_total(studies)
 
 
+#: Studies a worker lists at once (its requests overlap, up to the settings' connections).
+STUDIES_PER_BATCH = 32
+
+
 class ListInstancesFn(beam.DoFn):
-    """A study -> its instances' outcomes, as :class:`ReadHeaderFn` gives a file's."""
+    """A batch of studies -> their instances' outcomes, as :class:`ReadHeaderFn` gives a file's.
+
+    A study's instances are listed by one QIDO-RS search; the batch's searches
+    run in ``max_connections`` threads, since each waits mostly on the server.
+    """
 
     def __init__(self, settings: DicomwebSettings, filters: ix.Filters) -> None:
         self._settings, self._filters = settings, filters
@@ -252,8 +260,15 @@ class ListInstancesFn(beam.DoFn):
     def finish_bundle(self) -> None:
         self._progress.flush()
 
-    def process(self, study: str) -> Iterator[tuple[str, Any]]:
-        self._progress.tick()
+    def process(self, studies: list[str]) -> Iterator[tuple[str, Any]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self._settings.max_connections) as pool:
+            for outcomes in pool.map(self._study, studies):
+                self._progress.tick()
+                yield from outcomes
+
+    def _study(self, study: str) -> list[tuple[str, Any]]:
         settings = self._settings
         where = f"dicomweb+{settings.url}/studies/{study}"
         # Every instance of the study, filtered here: so the filtered-out ones are counted.
@@ -261,11 +276,16 @@ class ListInstancesFn(beam.DoFn):
         try:
             found = list(search(settings, f"studies/{study}/instances", params))
         except FetchFailed as exc:
-            yield REJECTED, reject(None, where, ix.STAGE, "fetch_failed", f"listing a study: {exc}")
-            return
-        for instance in found:
-            make = functools.partial(_instance_cells, settings, study, qido_value(instance))
-            yield _outcome(make, where, self._filters)
+            detail = f"listing a study: {exc}"
+            return [(REJECTED, reject(None, where, ix.STAGE, "fetch_failed", detail))]
+        return [
+            _outcome(
+                functools.partial(_instance_cells, settings, study, qido_value(instance)),
+                where,
+                self._filters,
+            )
+            for instance in found
+        ]
 
 
 def _instance_cells(
@@ -336,6 +356,7 @@ class ReadArchive(beam.PTransform):
                 | "Server" >> beam.Create([None])
                 | "ListStudies" >> beam.ParDo(ListStudiesFn(self._settings, self._filters))
                 | "SpreadStudies" >> beam.Reshuffle()
+                | "BatchStudies" >> beam.BatchElements(1, STUDIES_PER_BATCH)
                 | "ListInstances" >> beam.ParDo(ListInstancesFn(self._settings, self._filters))
             )
         location = self._folder if self._folder is not None else self._glob
