@@ -12,11 +12,12 @@ cells (:func:`header_cells`). Each input ends as a row, a reject record
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO
+from typing import Any
 
 import apache_beam as beam
 
@@ -85,14 +86,10 @@ def index_file(path: str, dicom_path: str, limit: int = MAX_HEADER_BYTES) -> Any
         IndexRejected: for a file that gives no row.
     """
     try:
-        if is_local(path):
-            local = local_path(path)
-            mode = os.stat(local).st_mode
-            if not stat.S_ISREG(mode):
-                raise IndexRejected("unreadable", "not a regular file")
-            handle: BinaryIO = open(local, "rb")  # noqa: SIM115 (closed below)
-        else:
-            handle = open_stored(path)
+        # A FIFO or device is never opened: reading it could block the worker for good.
+        if is_local(path) and not stat.S_ISREG(os.stat(local_path(path)).st_mode):
+            raise IndexRejected("unreadable", "not a regular file")
+        handle = open_stored(path)  # local files: the OS's open, no Beam FileSystems
     except FileNotFoundError:
         raise IndexRejected("unreadable", "the file vanished after it was listed") from None
     except OSError as exc:
@@ -180,12 +177,14 @@ class ListFilesFn(beam.DoFn):
 
     def process(self, location: str) -> Iterator[str]:
         listed = 0
-        if self._folder:
+        if self._folder and is_local(location):
             paths: Iterable[str] = walk_files(location)
         else:
             from apache_beam.io.filesystems import FileSystems
 
-            paths = (found.path for found in FileSystems.match([location])[0].metadata_list)
+            # A bucket "folder" is every object below its prefix.
+            pattern = f"{glob.escape(location.rstrip('/'))}/**" if self._folder else location
+            paths = (found.path for found in FileSystems.match([pattern])[0].metadata_list)
         for path in paths:
             listed += 1
             yield path

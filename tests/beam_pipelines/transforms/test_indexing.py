@@ -431,3 +431,34 @@ def test_reject_lines_follow_the_rejects_contract_order() -> None:
     ]
     ordered = sorted(indexing.reject_line(r) for r in records)
     assert [json.loads(line)["dicom_path"] for _, line in ordered] == ["a", "b"]
+
+
+def test_a_study_that_cannot_be_listed_is_one_reject_and_filters_apply_to_instances(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from beam_pipelines.storage.dicomweb import FetchFailed
+
+    def instance(sop: str, modality: str) -> dict[str, Any]:
+        return {
+            "00080018": {"vr": "UI", "Value": [sop]},
+            "0020000E": {"vr": "UI", "Value": ["5.5"]},
+            "00080060": {"vr": "CS", "Value": [modality]},
+        }
+
+    def search(settings: Any, resource: str, params: Any, page_size: int = 1000) -> Any:
+        assert resource.endswith("/instances") and params["includefield"]
+        if resource.startswith("studies/bad/"):
+            raise FetchFailed("HTTP 503: the server is busy", status=503)
+        return iter([instance("1.1", "DX"), instance("1.2", "MR")])
+
+    monkeypatch.setattr(indexing, "search", search)
+    settings = DicomwebSettings("http://pacs/dicom-web", max_connections=2)
+    fn = indexing.ListInstancesFn(settings, ix.Filters.parse(modality="DX"))
+    fn.setup()
+    outcomes = list(fn.process(["good", "bad"]))
+    kept = [v for tag, v in outcomes if tag == "kept"]
+    assert [c[md.DICOM_PATH] for c in kept] == [settings.instance_path("good", "5.5", "1.1")]
+    assert [v for tag, v in outcomes if tag == indexing.FILTERED] == ["modality"]
+    (failed,) = [v for tag, v in outcomes if tag == "rejected"]
+    assert failed["reason"] == "fetch_failed" and "503" in failed["detail"]
+    assert failed["dicom_path"] == "dicomweb+http://pacs/dicom-web/studies/bad"
