@@ -231,10 +231,8 @@ class ListStudiesFn(beam.DoFn):
         studies = 0
         params = qido_study_params(self._filters)
         for found in search(self._settings, "studies", params):
-            uid = qido_value(found)("StudyInstanceUID")
-            if uid:
-                studies += 1
-                yield uid
+            studies += 1
+            yield qido_value(found)("StudyInstanceUID")  # "" becomes a reject, not a gap
         announce_total(studies)
 
 
@@ -270,6 +268,9 @@ class ListInstancesFn(beam.DoFn):
     def _study(self, study: str) -> list[tuple[str, Any]]:
         settings = self._settings
         where = f"dicomweb+{settings.url}/studies/{study}"
+        if not study:
+            detail = "the server listed a study without a StudyInstanceUID"
+            return [(REJECTED, reject(None, where, ix.STAGE, "missing_uid", detail))]
         # Every instance of the study, filtered here: so the filtered-out ones are counted.
         params: dict[str, str | list[str]] = {"includefield": sorted(_QIDO_TAGS.values())}
         try:

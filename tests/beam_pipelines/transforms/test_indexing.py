@@ -455,10 +455,11 @@ def test_a_study_that_cannot_be_listed_is_one_reject_and_filters_apply_to_instan
     settings = DicomwebSettings("http://pacs/dicom-web", max_connections=2)
     fn = indexing.ListInstancesFn(settings, ix.Filters.parse(modality="DX"))
     fn.setup()
-    outcomes = list(fn.process(["good", "bad"]))
+    outcomes = list(fn.process(["good", "bad", ""]))
     kept = [v for tag, v in outcomes if tag == "kept"]
     assert [c[md.DICOM_PATH] for c in kept] == [settings.instance_path("good", "5.5", "1.1")]
     assert [v for tag, v in outcomes if tag == indexing.FILTERED] == ["modality"]
-    (failed,) = [v for tag, v in outcomes if tag == "rejected"]
+    failed, blank = [v for tag, v in outcomes if tag == "rejected"]
     assert failed["reason"] == "fetch_failed" and "503" in failed["detail"]
+    assert blank["reason"] == "missing_uid"  # a study listed without its UID: no gap
     assert failed["dicom_path"] == "dicomweb+http://pacs/dicom-web/studies/bad"
