@@ -87,7 +87,11 @@ def index_file(path: str, dicom_path: str, limit: int = MAX_HEADER_BYTES) -> Any
     """
     try:
         # A FIFO or device is never opened: reading it could block the worker for good.
-        if is_local(path) and not stat.S_ISREG(os.stat(local_path(path)).st_mode):
+        mode = os.stat(local_path(path)).st_mode if is_local(path) else stat.S_IFREG
+        if stat.S_ISDIR(mode):
+            detail = "a folder that cannot be listed, or a link to a folder (never followed)"
+            raise IndexRejected("unreadable", detail)
+        if not stat.S_ISREG(mode):
             raise IndexRejected("unreadable", "not a regular file")
         handle = open_stored(path)  # local files: the OS's open, no Beam FileSystems
     except FileNotFoundError:
@@ -130,7 +134,7 @@ def relative_path(path: str, root: str) -> str:
 
 
 class ReadHeaderFn(beam.DoFn):
-    """A file path -> (KEPT, cells) | (FILTERED, filter) | (REJECTED, record)."""
+    """A listed path (bytes) -> (KEPT, cells) | (FILTERED, filter) | (REJECTED, record)."""
 
     def __init__(self, root: str, filters: ix.Filters, limit: int = MAX_HEADER_BYTES) -> None:
         self._root, self._filters, self._limit = root, filters, limit
@@ -142,10 +146,27 @@ class ReadHeaderFn(beam.DoFn):
     def finish_bundle(self) -> None:
         self._progress.flush()
 
-    def process(self, path: str) -> Iterator[tuple[str, Any]]:
+    def process(self, listed: bytes) -> Iterator[tuple[str, Any]]:
         self._progress.tick()
+        path = os.fsdecode(listed)
         dicom_path = relative_path(path, self._root)
+        problem = unnameable(dicom_path)
+        if problem:
+            shown = md.clean_cell(dicom_path) or "?"
+            yield REJECTED, reject(None, shown, ix.STAGE, "unreadable", problem)
+            return
         yield _outcome(lambda: index_file(path, dicom_path, self._limit), dicom_path, self._filters)
+
+
+def unnameable(dicom_path: str) -> str | None:
+    """Why metadata.csv cannot name this path (it would read back as another), or None."""
+    try:
+        dicom_path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "the file's name is not valid UTF-8, which metadata.csv cannot hold"
+    if dicom_path != dicom_path.strip():
+        return "the path starts or ends with a blank, which metadata.csv does not keep"
+    return None
 
 
 # -------------------------------------------------------------------- sources
@@ -158,24 +179,40 @@ def glob_root(pattern: str) -> str:
 
 
 def walk_files(root: str) -> Iterator[str]:
-    """Every non-folder entry below ``root``, recursively (folder symlinks not followed)."""
+    """Every entry below ``root`` but the folders it descends into, recursively.
+
+    Links to folders are not followed (no loops) and a folder that cannot be
+    listed is yielded itself: both become rejects, never a silent gap.
+    """
     stack = [local_path(root)]
     while stack:
-        with os.scandir(stack.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                elif not (entry.is_symlink() and entry.is_dir()):
-                    yield entry.path
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                found = list(entries)
+        except OSError:
+            if folder == local_path(root):
+                raise
+            yield folder
+            continue
+        for entry in found:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+            else:
+                yield entry.path
 
 
 class ListFilesFn(beam.DoFn):
-    """A folder or a glob -> every file in it; the count becomes the progress bar's total."""
+    """A folder or a glob -> every file in it; the count becomes the progress bar's total.
+
+    Paths travel as bytes (``os.fsencode``): a name that is not UTF-8 must
+    reach the reader, which rejects it, instead of failing Beam's string coder.
+    """
 
     def __init__(self, folder: bool) -> None:
         self._folder = folder
 
-    def process(self, location: str) -> Iterator[str]:
+    def process(self, location: str) -> Iterator[bytes]:
         listed = 0
         if self._folder and is_local(location):
             paths: Iterable[str] = walk_files(location)
@@ -187,7 +224,7 @@ class ListFilesFn(beam.DoFn):
             paths = (found.path for found in FileSystems.match([pattern])[0].metadata_list)
         for path in paths:
             listed += 1
-            yield path
+            yield os.fsencode(path)
         announce_total(listed)
 
 

@@ -463,3 +463,25 @@ def test_a_study_that_cannot_be_listed_is_one_reject_and_filters_apply_to_instan
     assert failed["reason"] == "fetch_failed" and "503" in failed["detail"]
     assert blank["reason"] == "missing_uid"  # a study listed without its UID: no gap
     assert failed["dicom_path"] == "dicomweb+http://pacs/dicom-web/studies/bad"
+
+
+def test_entries_metadata_csv_cannot_name_or_read_are_rejects_not_gaps(tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    _write(root / "a.dcm", _header())
+    data = (root / "a.dcm").read_bytes()
+    os.symlink(root, root / "loop")  # a link to a folder: never followed
+    (root / "trailing.dcm ").write_bytes(data)
+    os.mkfifo(root / "pipe")
+    latin1 = os.fsencode(str(root)) + b"/caf\xe9.dcm"  # not UTF-8
+    with open(latin1, "wb") as handle:
+        handle.write(data)
+    results = _run_index(root, ix.Filters())
+    assert [r[md.DICOM_PATH] for r in results["rows"]] == ["a.dcm"]
+    rejects = sorted((r["dicom_path"], r["reason"], r["detail"]) for r in results["rejects"])
+    assert [(path, reason) for path, reason, _ in rejects] == [
+        ("caf\\xe9.dcm", "unreadable"),
+        ("loop", "unreadable"),
+        ("pipe", "unreadable"),
+        ("trailing.dcm", "unreadable"),
+    ]
+    assert "UTF-8" in rejects[0][2] and "folder" in rejects[1][2] and "blank" in rejects[3][2]
