@@ -1,9 +1,10 @@
 """Text files in a global order, written in ranges so no worker holds them whole.
 
 :class:`WriteOrdered` sorts a collection of lines by a key: a sample of the
-keys chooses range boundaries, each range is sorted and written as a part
-file, and :func:`concatenate_parts` (on the driver, after the run) streams
-the parts in range order into the file, after its header. The sample may
+keys chooses range boundaries (one range per :data:`LINES_PER_RANGE` lines),
+each range is sorted and written as a part file, and
+:func:`concatenate_parts` (on the driver, after the run) streams the parts
+in range order into the file, after its header. The sample may
 differ between runs; the file does not (a range split anywhere concatenates
 to the same sorted lines). :class:`WriteCounts` writes a job's counts for
 the driver to read.
@@ -21,10 +22,10 @@ import apache_beam as beam
 
 from beam_pipelines.storage.files import atomic_create, open_stored, write_text
 
-#: Ranges a file is written in, at most (a range holds ~1/RANGES of the lines).
-RANGES = 64
-#: Keys sampled per range to place the boundaries.
-_SAMPLES_PER_RANGE = 16
+#: Lines a range holds, about: a worker sorts one range in memory.
+LINES_PER_RANGE = 100_000
+#: Keys sampled to place the boundaries (so at most this many ranges).
+SAMPLE = 8_192
 _CHUNK = 1 << 20
 
 
@@ -41,17 +42,22 @@ class WriteOrdered(beam.PTransform):
     so a retried or recomputed range only rewrites its own part.
     """
 
-    def __init__(self, path: str, ranges: int = RANGES) -> None:
+    def __init__(self, path: str, lines_per_range: int = LINES_PER_RANGE) -> None:
         super().__init__()
-        self._path, self._ranges = path, max(1, ranges)
+        self._path, self._per_range = path, max(1, lines_per_range)
 
     def expand(self, lines: beam.PCollection) -> beam.PCollection:
-        path, ranges = self._path, self._ranges
+        path, per_range = self._path, self._per_range
+        keys = lines | "Keys" >> beam.Map(lambda pair: pair[0])
+        count = keys | "Count" >> beam.combiners.Count.Globally()
         boundaries = (
-            lines
-            | "Keys" >> beam.Map(lambda pair: pair[0])
-            | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(ranges * _SAMPLES_PER_RANGE)
-            | "Boundaries" >> beam.Map(_boundaries, ranges)
+            keys
+            | "Sample" >> beam.combiners.Sample.FixedSizeGlobally(SAMPLE)
+            | "Boundaries"
+            >> beam.Map(
+                lambda sample, n: _boundaries(sample, -(-n // per_range)),
+                beam.pvalue.AsSingleton(count),
+            )
         )
 
         def write_range(element: tuple[int, Iterable[tuple[Any, str]]]) -> str:
@@ -73,6 +79,8 @@ class WriteOrdered(beam.PTransform):
 
 def _boundaries(sample: list[Any], ranges: int) -> list[Any]:
     """At most ``ranges - 1`` increasing keys splitting the sample into equal ranges."""
+    if ranges <= 1:
+        return []
     keys = sorted(sample)
     step = max(1, len(keys) // ranges)
     return sorted(set(keys[step::step]))[: ranges - 1]

@@ -267,12 +267,13 @@ def test_a_study_uid_filter(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ ordering
 
 
-def _ordered(tmp_path: Path, lines: list[tuple[Any, str]], ranges: int) -> str:
+def _ordered(tmp_path: Path, lines: list[tuple[Any, str]], per_range: int) -> tuple[str, int]:
     target = tmp_path / "out.csv"
     with TestPipeline() as pipeline:
-        _ = pipeline | beam.Create(lines, reshuffle=False) | WriteOrdered(str(target), ranges)
-    concatenate_parts(str(target), "head\n", parts_of(str(target)))
-    return target.read_text()
+        _ = pipeline | beam.Create(lines, reshuffle=False) | WriteOrdered(str(target), per_range)
+    parts = parts_of(str(target))
+    concatenate_parts(str(target), "head\n", parts)
+    return target.read_text(), len(parts)
 
 
 def test_ordered_files_do_not_depend_on_the_input_order_or_the_ranges(tmp_path: Path) -> None:
@@ -281,10 +282,12 @@ def test_ordered_files_do_not_depend_on_the_input_order_or_the_ranges(tmp_path: 
     expected = "head\n" + "".join(line for _, line in sorted(lines))
     shuffled = list(lines)
     random.Random(3).shuffle(shuffled)
-    assert _ordered(tmp_path / "a", lines, 1) == expected
-    assert _ordered(tmp_path / "b", shuffled, 7) == expected
-    assert _ordered(tmp_path / "c", list(reversed(lines)), 64) == expected
-    assert _ordered(tmp_path / "d", [], 4) == "head\n"
+    assert _ordered(tmp_path / "a", lines, 1000) == (expected, 1)
+    text, parts = _ordered(tmp_path / "b", shuffled, 50)
+    assert text == expected and 2 < parts <= 6
+    text, parts = _ordered(tmp_path / "c", list(reversed(lines)), 1)
+    assert text == expected and parts > 20
+    assert _ordered(tmp_path / "d", [], 4) == ("head\n", 0)
 
 
 def test_metadata_lines_sort_by_the_instance_uids() -> None:
