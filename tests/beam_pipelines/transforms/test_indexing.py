@@ -488,3 +488,24 @@ def test_entries_metadata_csv_cannot_name_or_read_are_rejects_not_gaps(tmp_path:
         ("trailing.dcm", "unreadable"),
     ]
     assert "UTF-8" in rejects[0][2] and "folder" in rejects[1][2] and "blank" in rejects[3][2]
+
+
+def test_the_listing_announces_the_progress_total(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from beam_pipelines import console
+
+    progress = tmp_path / "progress"
+    progress.mkdir()
+    monkeypatch.setenv(console.PROGRESS_ENV, str(progress))
+    root, _ = _archive(tmp_path)
+    listed = list(indexing.ListFilesFn(folder=True).process(str(root)))
+    assert len(listed) == 7 and all(isinstance(p, bytes) for p in listed)
+    assert console._read(str(progress)) == (0, 7)
+
+    studies = [{"0020000D": {"vr": "UI", "Value": [f"1.{i}"]}} for i in range(3)]
+    monkeypatch.setattr(indexing, "search", lambda *args, **kwargs: iter(studies))
+    settings = DicomwebSettings("http://pacs/dicom-web")
+    found = list(indexing.ListStudiesFn(settings, ix.Filters()).process(None))
+    assert found == ["1.0", "1.1", "1.2"]
+    assert console._read(str(progress)) == (0, 3)
