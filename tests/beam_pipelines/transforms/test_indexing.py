@@ -408,12 +408,23 @@ def test_qido_values_and_server_side_study_filters() -> None:
     value = indexing.qido_value(found)
     assert (value("PatientID"), value("PatientAge"), value("ViewPosition")) == ("P7", "", "")
     params = indexing.qido_study_params(ix.Filters.parse("DX,CR", "CHEST", "20200101-", "1.2,1.3"))
-    assert params == {
-        "includefield": "0020000D",
-        "ModalitiesInStudy": "CR,DX",
-        "StudyDate": "20200101-",
-        "StudyInstanceUID": "1.2,1.3",
-    }
+    assert params == [
+        {
+            "includefield": "0020000D",
+            "ModalitiesInStudy": "CR,DX",
+            "StudyDate": "20200101-",
+            "StudyInstanceUID": "1.2,1.3",
+        }
+    ]
+    assert indexing.qido_study_params(ix.Filters()) == [{"includefield": "0020000D"}]
+
+
+def test_many_study_uids_are_searched_in_chunks_every_uid_once() -> None:
+    uids = [f"1.2.{n}" for n in range(indexing.STUDY_UIDS_PER_SEARCH * 2 + 3)]
+    searches = indexing.qido_study_params(ix.Filters.parse(study_uid=",".join(uids)))
+    assert len(searches) == 3
+    named = [uid for params in searches for uid in str(params["StudyInstanceUID"]).split(",")]
+    assert sorted(named) == sorted(uids)
 
 
 def test_instance_cells_name_the_instance_by_its_dicomweb_path() -> None:
