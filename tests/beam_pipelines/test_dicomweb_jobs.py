@@ -128,9 +128,18 @@ def test_both_indexes_list_the_same_instances_in_the_same_order(
         assert {k: v for k, v in file_row.items() if k != md.DICOM_PATH} == {
             k: v for k, v in pacs_row.items() if k != md.DICOM_PATH
         }
-        assert pacs_row[md.DICOM_PATH].startswith("dicomweb+http://127.0.0.1:")
-        assert pacs_row[md.DICOM_PATH].endswith(f"/instances/{pacs_row[md.SOP_INSTANCE_UID]}")
+        study, series, sop = (file_row[c] for c in md.INDEX_COLUMNS[:3])
+        assert pacs_row[md.DICOM_PATH] == (
+            f"dicomweb+{pacs.dicomweb_url}/studies/{study}/series/{series}/instances/{sop}"
+        )
         assert pacs_row[md.ABNORMAL] in ("true", "false")
+    summary = json.loads((pacs_index.parent / "summary.json").read_text())
+    assert summary["source"] == {
+        "kind": "dicomweb",
+        "archive_root": None,
+        "dicomweb_url": pacs.dicomweb_url,
+    }
+    assert summary["indexed"] == len(from_pacs) and summary["labels"]["unlabelled"] == 0
 
 
 def test_shards_from_the_pacs_equal_shards_from_the_files(

@@ -286,39 +286,6 @@ def test_a_synthetic_archive_indexes_to_its_own_metadata_and_preprocesses(tmp_pa
     assert result["kept"] == len(rows) and result["rejected"] == 0
 
 
-@pytest.mark.slow
-def test_a_pacs_indexes_to_the_same_rows_as_its_files(tmp_path: Path) -> None:
-    from tests.support.orthanc import orthanc_server
-
-    archive = _synth(tmp_path / "archive", patients=8)
-    files = sorted((archive / "raw").rglob("*.dcm"))
-    with orthanc_server(tmp_path / "orthanc") as server:
-        for path in files:
-            server.upload(path)
-        pacs = index.run(
-            ["--dicomweb_url", server.dicomweb_url, "--output_dir", str(tmp_path / "pacs")]
-            + LOCAL_RUNNER
-        )
-    local = index.run(
-        ["--dicom_root", str(archive / "raw"), "--output_dir", str(tmp_path / "files")]
-        + LOCAL_RUNNER
-    )
-    from_pacs = _rows(tmp_path / "pacs" / ix.METADATA_FILE)
-    from_files = _rows(tmp_path / "files" / ix.METADATA_FILE)
-    assert len(from_pacs) == len(files) == pacs["indexed"] == local["indexed"]
-    for fetched, read in zip(from_pacs, from_files, strict=True):
-        assert {**fetched, md.DICOM_PATH: ""} == {**read, md.DICOM_PATH: ""}
-        study, series, sop = (read[c] for c in md.INDEX_COLUMNS[:3])
-        assert fetched[md.DICOM_PATH] == (
-            f"dicomweb+{server.dicomweb_url}/studies/{study}/series/{series}/instances/{sop}"
-        )
-    assert pacs["source"] == {
-        "kind": "dicomweb",
-        "archive_root": None,
-        "dicomweb_url": server.dicomweb_url,
-    }
-
-
 def test_the_module_runs_as_a_script(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "beam_pipelines.index", "--help"],

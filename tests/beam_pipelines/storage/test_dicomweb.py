@@ -148,15 +148,6 @@ def scripted(*answers: Answer) -> Callable[[Seen], Answer]:
     return lambda seen: queue.pop(0) if len(queue) > 1 else queue[0]
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in (dicomweb.TOKEN_ENV, dicomweb.USER_ENV, dicomweb.PASSWORD_ENV):
-        monkeypatch.delenv(name, raising=False)
-    dicomweb_http.forget_credentials()
-    yield
-    dicomweb_http.forget_credentials()
-
-
 # --- retrieval and retries --------------------------------------------------------------
 
 

@@ -29,15 +29,6 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancSe
         yield server, load_synthetic_archive(server, folder)
 
 
-@pytest.fixture(autouse=True)
-def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in (dicomweb.TOKEN_ENV, dicomweb.USER_ENV, dicomweb.PASSWORD_ENV):
-        monkeypatch.delenv(name, raising=False)
-    dicomweb_http.forget_credentials()
-    yield
-    dicomweb_http.forget_credentials()
-
-
 def _instance_path(settings: DicomwebSettings, file: Path) -> str:
     ds = pydicom.dcmread(file, stop_before_pixels=True)
     return settings.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
