@@ -28,6 +28,7 @@ the report with the medians.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
@@ -41,6 +42,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pydicom
+from engine_wall_time import _archive as _cut_archive  # this folder: run as a script
+
 from beam_pipelines.contracts import records
 from beam_pipelines.storage import tfrecord
 from engines.orthanc import OrthancServer, orthanc_missing
@@ -50,32 +54,44 @@ logger = logging.getLogger(__name__)
 SOURCES = ("folder", "dicomweb")
 
 
-def _archive(root: Path, images: int) -> list[Path]:
-    """The first `images` files (metadata order) of a synthetic archive (written once per size)."""
-    if not (root / "metadata.csv").exists():
-        patients = images // 2 + 10  # xray-synth writes about 2.6 images per patient
-        subprocess.run(
-            [sys.executable, "-m", "archive_tools.synth", "--output_dir", str(root)]
-            + ["--patients", str(patients), "--seed", "0", "--overwrite"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    rows = (root / "metadata.csv").read_text().splitlines()[1:]
-    if len(rows) < images:
-        raise ValueError(f"the synthetic archive has {len(rows)} rows, fewer than {images}")
-    # DicomPath is the third column; synthetic paths hold no commas.
-    return [root / row.split(",")[2] for row in rows[:images]]
+#: A synthetic file and its study, (PatientID, StudyID).
+Entry = tuple[Path, tuple[str, str]]
+
+
+def _archive(workdir: Path, images: int) -> tuple[Path, list[Entry]]:
+    """engine_wall_time's archive (written once) and its first `images` files, in row order."""
+    metadata = _cut_archive(workdir, images + 8)  # room to end at a study's end
+    with metadata.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    entries = [(metadata.parent / r["DicomPath"], (r["PatientID"], r["StudyID"])) for r in rows]
+    return metadata.parent, entries
+
+
+def _whole_studies(entries: list[Entry], count: int) -> list[Path]:
+    """The first `count` files and the rest of the last one's study.
+
+    The PACS side selects by study, so both sides then hold the same instances.
+    """
+    end = count
+    while end < len(entries) and entries[end][1] == entries[end - 1][1]:
+        end += 1
+    return [path for path, _ in entries[:end]]
 
 
 def _subset(files: list[Path], root: Path, folder: Path) -> Path:
-    """A folder of symlinks to `files` (their paths under `root` kept): an archive of its own."""
+    """A folder of hard links to `files` (their paths under `root` kept): an archive of its own.
+
+    Not symlinks: the jobs reject a path whose real location leaves the archive root.
+    """
     if folder.exists():
         return folder
     for path in files:
         link = folder / path.relative_to(root)
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(path)
+        try:
+            os.link(path, link)
+        except OSError:  # another filesystem
+            shutil.copyfile(path, link)
     return folder
 
 
@@ -92,10 +108,30 @@ def _job(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", f"beam_pipelines.{name}", *args]
 
 
-def _index(source: str, where: str, out: Path, study_uids: str | None = None) -> float:
+def _labels(root: Path, files: list[Path], path: Path) -> Path:
+    """The files' labels (xray-synth's metadata.csv) keyed by SOP Instance UID."""
+
+    with (root / "metadata.csv").open(newline="") as handle:
+        label = {root / row["DicomPath"]: row["Abnormal"] for row in csv.DictReader(handle)}
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["SOPInstanceUID", "Abnormal"])
+        for file in files:
+            header = pydicom.dcmread(
+                file, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
+            )
+            writer.writerow([header.SOPInstanceUID, label[file]])
+    return path
+
+
+def _index(
+    source: str, where: str, out: Path, study_uids: str | None = None, labels: Path | None = None
+) -> float:
     flags = ["--dicom_root", where] if source == "folder" else ["--dicomweb_url", where]
     if study_uids:
         flags += ["--study_uid", study_uids]
+    if labels:
+        flags += ["--labels", str(labels), "--labels_key", "SOPInstanceUID"]
     shutil.rmtree(out, ignore_errors=True)
     return _timed(_job("index", "--output_dir", str(out), *flags))
 
@@ -137,20 +173,18 @@ def _index_report(
 
 
 def _study_uids(metadata: Path) -> str:
-    import csv
-
     with metadata.open(newline="") as handle:
         return ",".join(sorted({row["StudyInstanceUID"] for row in csv.DictReader(handle)}))
 
 
 def _preprocess_report(
-    server: OrthancServer, archive: Path, subset: Path, workdir: Path, rounds: int
+    server: OrthancServer, subset: Path, labels: Path, workdir: Path, rounds: int
 ) -> dict[str, Any]:
     indexes = {source: workdir / "pre_index" / source for source in SOURCES}
-    _index("folder", str(subset), indexes["folder"])
+    _index("folder", str(subset), indexes["folder"], labels=labels)
     # The same instances from the PACS: their studies, so both indexes list the same rows.
     uids = _study_uids(indexes["folder"] / "metadata.csv")
-    _index("dicomweb", server.dicomweb_url, indexes["dicomweb"], uids)
+    _index("dicomweb", server.dicomweb_url, indexes["dicomweb"], uids, labels)
     flags = {
         "folder": ["--archive_root", str(subset)],
         "dicomweb": ["--dicomweb_url", server.dicomweb_url],
@@ -199,23 +233,27 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if missing:
         raise SystemExit(f"error: {missing}")
     workdir = args.workdir.resolve()
-    root = workdir / "archive"
-    files = _archive(root, max(args.index_images, args.images))
-    archive = _subset(files[: args.index_images], root, workdir / "indexed")
-    small = _subset(files[: args.small], root, workdir / "indexed_small")
-    subset = _subset(files[: args.images], root, workdir / "preprocessed")
+    if not args.small < args.index_images or args.images > args.index_images:
+        parser.error("need --small < --index_images and --images <= --index_images")
+    root, entries = _archive(workdir, args.index_images)
+    files = _whole_studies(entries, args.index_images)
+    archive = _subset(files, root, workdir / "indexed")
+    small = _subset(_whole_studies(entries, args.small), root, workdir / "indexed_small")
+    preprocessed = _whole_studies(entries, args.images)
+    subset = _subset(preprocessed, root, workdir / "preprocessed")
+    labels = _labels(root, preprocessed, workdir / "labels.csv")
     shutil.rmtree(workdir / "orthanc", ignore_errors=True)
     (workdir / "orthanc").mkdir(parents=True)
     with OrthancServer(workdir / "orthanc").running() as server:
         started = time.perf_counter()
-        for path in files[: args.index_images]:
+        for path in files:
             server.upload(path)
         upload_seconds = round(time.perf_counter() - started, 1)
         _index("folder", str(small), workdir / "small_uids")
         small_uids = _study_uids(workdir / "small_uids" / "metadata.csv")
         report = {
             "index": _index_report(server, archive, small, small_uids, workdir),
-            "preprocess": _preprocess_report(server, root, subset, workdir, args.rounds),
+            "preprocess": _preprocess_report(server, subset, labels, workdir, args.rounds),
         }
     return {
         "machine": {"cores": len(os.sched_getaffinity(0)), "load_avg": os.getloadavg()},
@@ -225,9 +263,9 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    print(json.dumps(run(), indent=2))
+    print(json.dumps(run(argv), indent=2))
 
 
 if __name__ == "__main__":
