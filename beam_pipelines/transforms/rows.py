@@ -108,13 +108,17 @@ def validate_row(
         )
         if scheme not in allowed:
             shown = ", ".join(sorted(allowed)) or "none: local paths only"
+            hint = (
+                "--dicomweb_url names the service whose instances are read"
+                if scheme.startswith("dicomweb+")
+                else "--allowed_schemes adds schemes"
+            )
             return reject(
                 row,
                 dicom_path,
                 "validate",
                 "scheme_not_allowed",
-                f"{scheme}:// is not an allowed scheme (allowed: {shown}); "
-                "--allowed_schemes adds schemes",
+                f"{scheme}:// is not an allowed scheme (allowed: {shown}); {hint}",
             )
     resolved = resolve_path(archive_root, dicom_path)
     if resolved is None:

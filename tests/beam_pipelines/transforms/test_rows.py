@@ -103,6 +103,16 @@ def test_uris_of_other_schemes_are_rejected_under_a_local_root(path: str) -> Non
     assert "--allowed_schemes" in result["detail"] and result["dicom_path"] == path
 
 
+def test_a_dicomweb_instance_without_its_service_names_the_flag() -> None:
+    path = "dicomweb+http://pacs:8042/dicom-web/studies/1/series/2/instances/3"
+    result = validate_row(1, _cells(DicomPath=path), "/archive")
+    assert isinstance(result, dict) and result["reason"] == "scheme_not_allowed"
+    assert "--dicomweb_url" in result["detail"]
+    allowed = frozenset({"dicomweb+http"})
+    row = validate_row(1, _cells(DicomPath=path), "/archive", allowed_schemes=allowed)
+    assert isinstance(row, ValidRow) and row.resolved_path == path
+
+
 def test_allowed_schemes_open_uris() -> None:
     allowed = frozenset({"s3", "gs"})
     for path in ("s3://bucket/a.dcm", "GS://bucket/a.dcm"):
