@@ -17,7 +17,9 @@ runner (one worker per core), timed whole:
   and of the DICOMweb index (``--dicomweb_url``), ``--rounds`` rounds in
   alternating order; ``ratio`` = file median / DICOMweb median (the DICOMweb
   rate as a fraction of the file rate; the issue's goal is >= 0.7).
-  ``identical_images`` says whether both runs stored the same image bytes.
+  ``identical_images`` says whether both runs stored the same image bytes for
+  every instance (by SOP Instance UID: a record's shard is chosen by a hash
+  of its path, which differs between the two).
 
 The machine may be shared and noisy: sides alternate, and every round is in
 the report with the medians.
@@ -140,13 +142,14 @@ def _rows(metadata: Path) -> int:
     return len(metadata.read_text().splitlines()) - 1
 
 
-def _images(out: Path) -> list[bytes]:
-    """Every stored image's bytes, in shard order."""
-    return [
-        records.parse_example(serialized)["image"].tobytes()
-        for part in sorted(out.glob("*/part-*.tfrecord.gz"))
-        for serialized in tfrecord.read_tfrecord_gz(str(part))
-    ]
+def _images(out: Path) -> dict[str, bytes]:
+    """Every stored image's bytes by SOP Instance UID (a record's shard follows its path)."""
+    images = {}
+    for part in out.glob("*/part-*.tfrecord.gz"):
+        for serialized in tfrecord.read_tfrecord_gz(str(part)):
+            record = records.parse_example(serialized)
+            images[record["sop_instance_uid"]] = record["image"].tobytes()
+    return images
 
 
 def _index_report(
@@ -190,7 +193,7 @@ def _preprocess_report(
         "dicomweb": ["--dicomweb_url", server.dicomweb_url],
     }
     timings: list[dict[str, Any]] = []
-    images: dict[str, list[bytes]] = {}
+    images: dict[str, dict[str, bytes]] = {}
     for index in range(rounds):
         order = list(SOURCES) if index % 2 == 0 else list(reversed(SOURCES))
         seconds: dict[str, Any] = {"order": order}
