@@ -43,20 +43,23 @@ def orthanc_missing() -> str | None:
 class OrthancServer:
     """A running Orthanc: its URLs, uploads, deletions, a stop and a start again."""
 
-    def __init__(self, folder: Path, users: dict[str, str] | None = None) -> None:
-        self.folder = folder
-        self.port, dicom_port = procs.free_ports(2)
+    def __init__(
+        self, folder: Path, users: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
+        self.folder = folder.resolve()  # Orthanc runs in it: relative paths would break
+        free, dicom_port = procs.free_ports(2)
+        self.port = port or free
         self.url = f"http://127.0.0.1:{self.port}"
         self.dicomweb_url = f"{self.url}/dicom-web"
         self.users = dict(users or {})
         # The fixture's own REST calls use the first user when authentication is on.
         self._auth = next(iter(self.users.items()), None)
         self._process: subprocess.Popen[bytes] | None = None
-        self._config = folder / "orthanc.json"
-        storage = folder / "storage"
+        self._config = self.folder / "orthanc.json"
+        storage = self.folder / "storage"
         storage.mkdir(parents=True, exist_ok=True)
         config = {
-            "Name": "xray-pipelines-test",
+            "Name": "xray-pipelines",
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
             "StorageCompression": False,
@@ -162,6 +165,11 @@ def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engines.orthanc", description=__doc__)
     parser.add_argument("folder", type=Path, help="Orthanc's storage (kept between runs)")
     parser.add_argument("upload", nargs="*", type=Path, help="DICOM files or folders to upload")
+    parser.add_argument(
+        "--port",
+        type=int,
+        help="HTTP port on 127.0.0.1 (default: a free one); keep it to reuse an earlier index",
+    )
     args = parser.parse_args(argv)
     missing = orthanc_missing()
     if missing:
@@ -170,13 +178,17 @@ def _main(argv: list[str] | None = None) -> int:
     args.folder.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with OrthancServer(args.folder).running() as server:
-        files = [
-            p
-            for given in args.upload
-            for p in ([given] if given.is_file() else sorted(given.rglob("*.dcm")))
-        ]
-        for path in files:
+    files = [
+        p for given in args.upload for p in ([given] if given.is_file() else given.rglob("*.dcm"))
+    ]
+    server = OrthancServer(args.folder, port=args.port)
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError) as exc:  # e.g. the port is taken
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        for path in sorted(files):
             server.upload(path)
         print(
             f"Orthanc up ({len(files)} files uploaded, storage {args.folder}): "
@@ -185,6 +197,8 @@ def _main(argv: list[str] | None = None) -> int:
         )
         with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
+    finally:
+        server.stop()
     return 0
 
 
