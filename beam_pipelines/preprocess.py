@@ -38,7 +38,7 @@ from beam_pipelines.privacy import add_pseudonymize_arguments, pseudonymizer_fro
 from beam_pipelines.storage.committer import open_output
 from beam_pipelines.storage.files import flagged_input_problem, remove_matching, remove_tree
 from beam_pipelines.storage.paths import archive_root_for
-from beam_pipelines.transforms.outcomes import block_parts
+from beam_pipelines.transforms.ordered import part_pattern
 from beam_pipelines.transforms.preprocessing import (
     Preprocess,
     WriteManifest,
@@ -130,7 +130,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         # Not inside the pipeline: staged chunks feed every shard writer, which a
         # runner may retry or recompute, and on Dask only the manifest's branch runs.
         remove_tree(staging_dir(out))
-        remove_matching([block_parts(rejects_file(out))])
+        remove_matching([part_pattern(rejects_file(out))])
         with FileSystems.open(f"{out}/{manifest.FILE}") as handle:
             result = json.loads(handle.read().decode("utf-8"))
         output.commit_unless_empty(

@@ -58,7 +58,7 @@ from beam_pipelines.storage.files import (
 )
 from beam_pipelines.storage.paths import archive_root_for
 from beam_pipelines.transforms.inference import model_file_problem
-from beam_pipelines.transforms.outcomes import block_parts
+from beam_pipelines.transforms.ordered import part_pattern
 from beam_pipelines.transforms.rows import check_metadata
 from beam_pipelines.transforms.scoring import ReadExamples, Score, WriteScores
 from beam_pipelines.transforms.shards import ROWS_PER_SHARD
@@ -208,7 +208,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 rejects = rejects | "PseudonymizeRejects" >> beam.Map(pseudonymizer.record)
             fields = {key: plan[key] for key in ("model_id", "point", "pseudonymized")}
             _ = inputs | "Write" >> WriteScores(paths, args.num_shards, scored, rejects, fields)
-        remove_matching([block_parts(paths["rejects"])])  # after the run: see WriteRejects
+        remove_matching([part_pattern(paths["rejects"])])  # after the run: see WriteRejects
         with FileSystems.open(paths["summary"]) as handle:
             summary = json.loads(handle.read())
         output.commit_unless_empty(

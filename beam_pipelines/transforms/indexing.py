@@ -38,7 +38,7 @@ from beam_pipelines.transforms.index_headers import (
 )
 from beam_pipelines.transforms.labels import labelled_key, unmatched_line
 from beam_pipelines.transforms.ordered import WriteCounts, WriteOrdered
-from beam_pipelines.transforms.outcomes import KEPT, REJECTED, Progress
+from beam_pipelines.transforms.outcomes import KEPT, REJECTED, Progress, tagged
 
 FILTERED = "filtered"
 
@@ -418,22 +418,18 @@ class ReadArchive(beam.PTransform):
         )
 
 
-def _tagged(tag: str) -> Callable[[tuple[str, Any]], list[Any]]:
-    return lambda outcome: [outcome[1]] if outcome[0] == tag else []
-
-
 class IndexedRows(beam.PTransform):
     """Outcomes -> (rows of distinct instances, reject records, names of the failed filters)."""
 
     def expand(
         self, outcomes: beam.PCollection
     ) -> tuple[beam.PCollection, beam.PCollection, beam.PCollection]:
-        rows = outcomes | "Rows" >> beam.FlatMap(_tagged(KEPT))
-        unread = outcomes | "Unread" >> beam.FlatMap(_tagged(REJECTED))
-        filtered = outcomes | "Filtered" >> beam.FlatMap(_tagged(FILTERED))
+        rows = outcomes | "Rows" >> beam.FlatMap(tagged(KEPT))
+        unread = outcomes | "Unread" >> beam.FlatMap(tagged(REJECTED))
+        filtered = outcomes | "Filtered" >> beam.FlatMap(tagged(FILTERED))
         kept = rows | "Duplicates" >> KeepFirstInstance()
-        unique = kept | "Unique" >> beam.FlatMap(_tagged(KEPT))
-        copies = kept | "Copies" >> beam.FlatMap(_tagged(REJECTED))
+        unique = kept | "Unique" >> beam.FlatMap(tagged(KEPT))
+        copies = kept | "Copies" >> beam.FlatMap(tagged(REJECTED))
         rejects = (unread, copies) | "AllRejects" >> beam.Flatten()
         return unique, rejects, filtered
 

@@ -18,7 +18,7 @@ import apache_beam as beam
 
 from beam_pipelines.contracts import index as ix
 from beam_pipelines.contracts import metadata as md
-from beam_pipelines.transforms.outcomes import KEPT
+from beam_pipelines.transforms.outcomes import KEPT, tagged
 from beam_pipelines.transforms.rows import read_metadata
 
 UNMATCHED = "unmatched"
@@ -95,10 +95,8 @@ class JoinLabels(beam.PTransform):
             | "Join" >> beam.CoGroupByKey()
             | "LabelImages" >> beam.FlatMap(join_key)
         )
-        labelled = joined | "Labelled" >> beam.FlatMap(lambda o: [o[1]] if o[0] == KEPT else [])
-        unmatched = joined | "Unmatched" >> beam.FlatMap(
-            lambda o: [o[1]] if o[0] == UNMATCHED else []
-        )
+        labelled = joined | "Labelled" >> beam.FlatMap(tagged(KEPT))
+        unmatched = joined | "Unmatched" >> beam.FlatMap(tagged(UNMATCHED))
         all_rows = (labelled, blank) | "AllRows" >> beam.Flatten()
         return all_rows, (unmatched, bad) | "AllUnmatched" >> beam.Flatten()
 

@@ -7,30 +7,33 @@ tagged outputs into one collection, and the jobs must run there unchanged.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import apache_beam as beam
 
 from beam_pipelines.contracts.rejects import order as reject_order
-from beam_pipelines.storage.files import atomic_create, read_bytes, write_text
+from beam_pipelines.storage.files import write_text
+from beam_pipelines.transforms.ordered import concatenate_parts
 
 KEPT = "kept"
 REJECTED = "rejected"
+
+
+def tagged(tag: str) -> Callable[[tuple[str, Any]], list[Any]]:
+    """For ``beam.FlatMap``: the value of a ``(tag, value)`` outcome with this tag, else nothing."""
+    return lambda outcome: [outcome[1]] if outcome[0] == tag else []
 
 
 class SplitOutcomes(beam.PTransform):
     """Splits (KEPT|REJECTED, value) pairs into (kept values, reject records)."""
 
     def expand(self, outcomes: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
-        kept = outcomes | "Kept" >> beam.FlatMap(lambda o: [o[1]] if o[0] == KEPT else [])
-        rejected = outcomes | "Rejected" >> beam.FlatMap(
-            lambda o: [o[1]] if o[0] == REJECTED else []
-        )
+        kept = outcomes | "Kept" >> beam.FlatMap(tagged(KEPT))
+        rejected = outcomes | "Rejected" >> beam.FlatMap(tagged(REJECTED))
         return kept, rejected
 
 
@@ -58,11 +61,6 @@ def _block(record: dict[str, Any], block_rows: int) -> int:
     return _NO_ROW_BLOCK if row is None else row // block_rows
 
 
-def block_parts(path: str) -> str:
-    """Glob of the per-block temporary files :class:`WriteRejects` makes beside ``path``."""
-    return f"{glob.escape(path)}.part-*"
-
-
 class WriteRejects(beam.PTransform):
     """Writes every reject record, sorted by row then path, to one JSON Lines file.
 
@@ -72,8 +70,8 @@ class WriteRejects(beam.PTransform):
     order, into the file (atomically). So a worker holds at most one block of
     rejects, not all of them (an archive of 10^7 files with a fifth of
     non-image objects has 2 x 10^6). Yields the file's path. The job removes
-    the parts (:func:`block_parts`) after the run: deleting them in the step
-    would make a retried step fail.
+    the parts (:func:`~beam_pipelines.transforms.ordered.part_pattern`) after
+    the run: deleting them in the step would make a retried step fail.
     """
 
     def __init__(self, path: str, block_rows: int = REJECT_BLOCK_ROWS) -> None:
@@ -91,10 +89,8 @@ class WriteRejects(beam.PTransform):
             return block, write_text(f"{path}.part-{block:019d}", "".join(lines))
 
         def concatenate(target: str, parts: list[tuple[int, str]]) -> str:
-            ordered = [part for _, part in sorted(parts)]
-            with atomic_create(target) as handle:
-                for part in ordered:
-                    handle.write(read_bytes(part))
+            # Part names sort in block order (zero-padded numbers).
+            concatenate_parts(target, "", [part for _, part in parts])
             return target
 
         parts = (

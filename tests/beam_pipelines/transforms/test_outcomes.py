@@ -13,6 +13,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from beam_pipelines.contracts.rejects import reject
 from beam_pipelines.storage.files import remove_matching
+from beam_pipelines.transforms.ordered import part_pattern
 from beam_pipelines.transforms.outcomes import (
     KEPT,
     REJECTED,
@@ -20,7 +21,6 @@ from beam_pipelines.transforms.outcomes import (
     Progress,
     SplitOutcomes,
     WriteRejects,
-    block_parts,
 )
 
 
@@ -46,8 +46,8 @@ def _write(tmp_path: Path, records: list[dict], block_rows: int) -> list[dict]:
     with TestPipeline() as pipeline:
         _ = pipeline | beam.Create(records) | WriteRejects(str(target), block_rows=block_rows)
     # The per-block parts stay for the job to remove after the run (a retried
-    # step must find them); block_parts names them all.
-    assert remove_matching([block_parts(str(target))]) or not records
+    # step must find them); part_pattern names them all.
+    assert remove_matching([part_pattern(str(target))]) or not records
     assert [p.name for p in target.parent.iterdir()] == ["rejects.jsonl"]
     return [json.loads(line) for line in target.read_text().splitlines()]
 
