@@ -159,21 +159,41 @@ def _request(
     authorized: bool,
     consume: Callable[[requests.Response, float], T],
     missing: str,
+    body: bytes | None = None,
+    answered: Callable[[int], bool] = lambda status: 200 <= status < 300,
 ) -> T:
-    """GETs ``url`` and hands the answer to ``consume``, retrying transient failures."""
+    """GETs ``url`` (POSTs ``body``), hands the answer to ``consume``, retries transient failures.
+
+    ``consume`` gets every answer whose status ``answered`` accepts (2xx by
+    default); any other final status raises :class:`FetchFailed`. A retried
+    POST sends the same ``body`` again.
+    """
     attempts = settings.retries + 1
     failure = _Transient("no attempt")
+    request = _Call(url, params, headers, authorized, body, answered)
     for attempt in range(attempts):
         if attempt:
             time.sleep(_delay(settings, attempt, failure.wait))
         try:
             with _slot(settings):
-                return _attempt(settings, url, params, headers, authorized, consume, missing)
+                return _attempt(settings, request, consume, missing)
         except _Transient as transient:
             failure = transient
             _LOG.debug("DICOMweb request failed (%s), attempt %d", failure.problem, attempt + 1)
     plural = "s" if attempts > 1 else ""
     raise FetchFailed(f"{failure.problem} after {attempts} attempt{plural}", failure.status)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One request as :func:`_attempt` makes it (the same for every attempt)."""
+
+    url: str
+    params: dict[str, Any] | None
+    headers: dict[str, str]
+    authorized: bool
+    body: bytes | None
+    answered: Callable[[int], bool]
 
 
 def _delay(settings: DicomwebSettings, attempt: int, retry_after: float | None) -> float:
@@ -185,20 +205,19 @@ def _delay(settings: DicomwebSettings, attempt: int, retry_after: float | None) 
 
 def _attempt(
     settings: DicomwebSettings,
-    url: str,
-    params: dict[str, Any] | None,
-    headers: dict[str, str],
-    authorized: bool,
+    call: _Call,
     consume: Callable[[requests.Response, float], T],
     missing: str,
 ) -> T:
-    auth = credentials(settings) if authorized else None
+    auth = credentials(settings) if call.authorized else None
     started = time.monotonic()
     try:
-        response = _session(settings).get(
-            url,
-            params=params,
-            headers=headers,
+        response = _session(settings).request(
+            "GET" if call.body is None else "POST",
+            call.url,
+            params=call.params,
+            data=call.body,
+            headers=call.headers,
             auth=auth,
             timeout=settings.timeout_s,
             verify=settings.ca_bundle or settings.verify_tls,
@@ -215,7 +234,11 @@ def _attempt(
         raise FetchFailed(f"request failed ({type(exc).__name__})") from None
     with response:
         status = response.status_code
-        if 200 <= status < 300:
+        if status == 429 or status >= 500:
+            raise _Transient(f"HTTP {status}", status, _retry_after(response))
+        if status == 401 and call.authorized:
+            forget_credentials()  # a rotated token file is read again next time
+        if call.answered(status):
             try:
                 return consume(response, started + settings.timeout_s)
             except (FetchFailed, TooLarge, _Transient):
@@ -228,14 +251,10 @@ def _attempt(
                 OSError,
             ) as exc:
                 raise _Transient(f"the answer broke off ({type(exc).__name__})") from None
-        if status == 429 or status >= 500:
-            raise _Transient(f"HTTP {status}", status, _retry_after(response))
-        if status == 401 and authorized:
-            forget_credentials()  # a rotated token file is read again next time
-        raise FetchFailed(_refusal(status, missing), status)
+        raise FetchFailed(refusal(status, missing), status)
 
 
-def _refusal(status: int, missing: str) -> str:
+def refusal(status: int, missing: str) -> str:
     """The detail of a final answer; the standard phrase, never the server's text (PHI)."""
     if status in (404, 410):
         return f"HTTP {status}: {missing}"
@@ -290,7 +309,7 @@ def _connection_problem(exc: BaseException) -> str:
     return "connection failed"
 
 
-def _read_body(response: requests.Response, limit: int, deadline: float) -> bytearray:
+def read_body(response: requests.Response, limit: int, deadline: float) -> bytearray:
     """The body, at most ``limit`` bytes (:class:`TooLarge` past it), before ``deadline``."""
     length = response.headers.get("Content-Length", "")
     if length.isdigit() and not response.headers.get("Content-Encoding") and int(length) > limit:
@@ -317,13 +336,13 @@ def read_instance(response: requests.Response, deadline: float, max_bytes: int) 
     kind = _content_type(response.headers.get("Content-Type", ""))
     media = kind.get_content_type()
     if media == "application/dicom":
-        return bytes(_read_body(response, max_bytes, deadline))
+        return bytes(read_body(response, max_bytes, deadline))
     if media != "multipart/related":
         raise FetchFailed(f"the server answered {media[:60]}, not multipart/related")
     boundary = kind.get_param("boundary")
     if not isinstance(boundary, str) or not boundary:
         raise FetchFailed("the server's multipart answer has no boundary")
-    body = _read_body(response, max_bytes + _MULTIPART_SLACK, deadline)
+    body = read_body(response, max_bytes + _MULTIPART_SLACK, deadline)
     data = single_part(body, boundary.encode("latin-1"))
     if len(data) > max_bytes:
         raise TooLarge(max_bytes)
@@ -374,13 +393,30 @@ def retrieve(url: str, settings: DicomwebSettings | None, max_bytes: int) -> byt
     )
 
 
+def post(
+    settings: DicomwebSettings,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    consume: Callable[[requests.Response, float], T],
+    missing: str,
+    answered: Callable[[int], bool],
+) -> T:
+    """POSTs ``body`` to ``url`` (checked to be under ``settings.url`` by the caller), with retries.
+
+    ``consume`` reads every answer ``answered`` accepts; 429, 5xx, connection
+    errors and time-outs are retried (the same bytes sent again).
+    """
+    return _request(settings, url, None, headers, True, consume, missing, body, answered)
+
+
 def _read_page(response: requests.Response, deadline: float) -> tuple[list[dict[str, Any]], bool]:
     """A QIDO page's objects and whether the server says it cut the page short."""
     truncated = "additional results" in response.headers.get("Warning", "").lower()
     if response.status_code == 204:
         return [], truncated
     try:
-        page = json.loads(bytes(_read_body(response, _MAX_PAGE_BYTES, deadline)) or b"[]")
+        page = json.loads(bytes(read_body(response, _MAX_PAGE_BYTES, deadline)) or b"[]")
     except TooLarge:
         raise FetchFailed(f"a search page is larger than {_MAX_PAGE_BYTES} bytes") from None
     except ValueError:
