@@ -170,13 +170,13 @@ def _request(
     """
     attempts = settings.retries + 1
     failure = _Transient("no attempt")
-    request = _Call(url, params, headers, authorized, body, answered)
+    call = _Call(url, params, headers, authorized, body, answered)
     for attempt in range(attempts):
         if attempt:
             time.sleep(_delay(settings, attempt, failure.wait))
         try:
             with _slot(settings):
-                return _attempt(settings, request, consume, missing)
+                return _attempt(settings, call, consume, missing)
         except _Transient as transient:
             failure = transient
             _LOG.debug("DICOMweb request failed (%s), attempt %d", failure.problem, attempt + 1)

@@ -17,7 +17,9 @@ had (other bytes under that UID are dropped silently). So from Orthanc a
 re-store reads :data:`STORED`; :func:`stored_instances` before storing is
 how a caller learns what is already there. Servers that do flag it (PS3.7's
 0x0111 Duplicate SOP Instance; Microsoft's DICOM service: 0xB00E, 45070, in
-FailedSOPSequence with a 409) read :data:`ALREADY_PRESENT`.
+FailedSOPSequence with a 409) read :data:`ALREADY_PRESENT`. Orthanc also
+answers 409 to a batch with any failure, the stored instances listed in it
+too: the answer's body, not its status, says what became of each instance.
 """
 
 from __future__ import annotations
