@@ -7,6 +7,7 @@ import dataclasses
 import gzip
 import http.server
 import json
+import logging
 import threading
 import time
 import traceback
@@ -16,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from beam_pipelines.privacy import install_log_filters
 from beam_pipelines.storage import dicomweb, dicomweb_http, dicomweb_store
 from beam_pipelines.storage.dicomweb import DicomwebSettings, FetchFailed
 from beam_pipelines.storage.dicomweb_store import ALREADY_PRESENT, REFUSED, STORED
@@ -414,7 +416,11 @@ def test_stored_instances_of_an_unknown_series_is_empty_and_failures_raise() -> 
 # --- privacy -----------------------------------------------------------------------------------
 
 
-def test_no_uid_url_or_server_text_in_any_exception_or_detail(tmp_path: Path) -> None:
+def test_no_uid_url_or_server_text_in_any_exception_detail_or_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    install_log_filters()  # what every entry point and DoFn does
+    caplog.set_level(logging.DEBUG)
     texts: list[str] = []
     secret = "DOE^JANE secret server text"
     chatty = stow_answer(409, failed={SOPS[0]: 0xA700, SOPS[1]: 0x0111})
@@ -445,7 +451,8 @@ def test_no_uid_url_or_server_text_in_any_exception_or_detail(tmp_path: Path) ->
             call()
         texts.append("".join(traceback.format_exception(failed.value)))
     assert any("FailureReason 0xA700" in text for text in texts)  # the details were collected
-    for text in texts:
+    assert any("urllib3" in record.name for record in caplog.records)  # requests were logged
+    for text in [*texts, caplog.text]:
         assert STUDY not in text and SERIES not in text
         assert not any(sop in text for sop in SOPS)
         assert url not in text and "127.0.0.1" not in text and secret not in text
