@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import re
 import uuid
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ from typing import Any
 import highdicom as hd
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import EnhancedSRStorage, ExplicitVRLittleEndian
@@ -150,13 +152,17 @@ class ReportRun:
     options: Mapping[str, Any]
     pseudonymized: str | None = None
 
+    def __post_init__(self) -> None:
+        if not self.model_id or not self.model_digest:
+            raise ValueError("a report run needs a model id and a model digest")
+
     @property
     def digest(self) -> str:
         """sha256 hex of the canonical JSON of all fields."""
         fields = {
             "model_id": self.model_id,
             "model_digest": self.model_digest,
-            "threshold": self.threshold,
+            "threshold": self._threshold,
             "options": dict(self.options),
             "pseudonymized": self.pseudonymized,
         }
@@ -192,9 +198,13 @@ class ReportRun:
         return int(self.digest[:8], 16) % (2**31 - 1) + 1
 
     @property
+    def _threshold(self) -> float | None:
+        return None if self.threshold is None else float(self.threshold)  # numpy floats too
+
+    @property
     def parameters(self) -> list[str]:
         """The TID 4019 algorithm parameters: the threshold and the options, as text."""
-        params = [f"threshold={json.dumps(self.threshold)}"]
+        params = [f"threshold={json.dumps(self._threshold)}"]
         for name in sorted(self.options):
             params.append(f"{name}={json.dumps(self.options[name], sort_keys=True)}")
         return params
@@ -220,10 +230,14 @@ def _evidence(source: Mapping[str, str]) -> Dataset:
     for keyword in SOURCE_KEYWORDS:
         value = source.get(keyword) or ""
         setattr(ds, keyword, value if keyword in REQUIRED_SOURCE else _valid(keyword, value))
-    if not any(ord(c) > 127 for keyword in SOURCE_KEYWORDS for c in str(ds[keyword].value)):
-        return ds
-    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: names outside ASCII survive as they are
     return ds
+
+
+def _character_set(evidence: Dataset, run: ReportRun) -> str | None:
+    """UTF-8 when any text is outside ASCII (names, model id, options), else the default."""
+    texts = [str(evidence[keyword].value) for keyword in SOURCE_KEYWORDS]
+    texts += [run.model_id, *run.parameters]
+    return None if all(text.isascii() for text in texts) else "ISO_IR 192"
 
 
 def _algorithm(run: ReportRun) -> hd.sr.AlgorithmIdentification:
@@ -246,8 +260,6 @@ def _group(
     )
     evaluations = None
     if finding is not None:
-        if finding not in (0, 1):
-            raise ValueError("finding must be 0, 1 or None")
         value = ABNORMAL if finding else NORMAL
         evaluations = [hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=value)]
     image = hd.sr.SourceImageForMeasurementGroup(source["SOPClassUID"], sop_uid)
@@ -263,10 +275,18 @@ def _group(
 def build_report(
     source: Mapping[str, str], score: float, finding: int | None, run: ReportRun
 ) -> Dataset:
-    """The SR for one scored image (raises ValueError when source_problem(source) is not None)."""
+    """The SR for one scored image (raises ValueError when source_problem(source) is not None).
+
+    ``finding`` is 1 (abnormal) or 0 (normal) at ``run.threshold``, None when the run has no
+    threshold; a finding without a threshold, or a score that is not finite, is a ValueError.
+    """
     problem = source_problem(source)
     if problem is not None:
         raise ValueError(problem)
+    if not math.isfinite(score):
+        raise ValueError("the score is not a finite number")
+    if finding not in (None, 0, 1) or (finding is not None and run.threshold is None):
+        raise ValueError("the finding must be 0 or 1 at the run's threshold, else None")
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -279,6 +299,7 @@ def build_report(
         imaging_measurements=[_group(source, score, finding, run)],
     )
     evidence = _evidence(source)
+    character_set = _character_set(evidence, run)
     name = evidence.PatientName
     # highdicom warns with the name in the message when it has no "^" (a pseudonym, or
     # "ANONYMOUS"): the name goes in after, so no log line carries it.
@@ -294,6 +315,7 @@ def build_report(
         manufacturer=MANUFACTURER,
         is_complete=True,
         series_description=run.series_description,
+        specific_character_set=character_set,
     )
     # Declares the private scheme (SOP Common), so a reader can tell whose codes these are.
     scheme = Dataset()
@@ -302,6 +324,10 @@ def build_report(
     scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
     sr.CodingSchemeIdentificationSequence = [scheme]
     sr.PatientName = name
+    if run.pseudonymized:
+        # Tells receiving archives the identifiers are not the patient's (Patient module).
+        sr.PatientIdentityRemoved = "YES"
+        sr.DeidentificationMethod = f"xray-pipelines keyed pseudonyms, key {run.pseudonymized}"[:64]
     return sr
 
 
@@ -333,7 +359,10 @@ def read_report(data: bytes | Dataset) -> dict[str, Any]:
     or None), model_id, model_version, patient_id. Raises ValueError for an SR this
     module did not write.
     """
-    ds = pydicom.dcmread(io.BytesIO(data)) if isinstance(data, bytes) else data
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data)) if isinstance(data, bytes) else data
+    except (InvalidDicomError, EOFError, OSError) as error:
+        raise ValueError("not a DICOM file") from error
     if ds.get("SOPClassUID") != EnhancedSRStorage or ds.get("Manufacturer") != MANUFACTURER:
         raise ValueError("not a Structured Report written by xray-score")
     sr = hd.sr.EnhancedSR.from_dataset(ds, copy=True)

@@ -217,10 +217,33 @@ def test_empty_and_invalid_source_values_become_empty_elements() -> None:
     assert ds.PatientName == SOURCE["PatientName"]  # the valid values stay
 
 
-def test_names_outside_ascii_are_utf8() -> None:
+def test_text_outside_ascii_is_utf8() -> None:
     data = sr.encode(sr.build_report(_image(PatientName="Müller^Jürgen"), 0.5, 1, RUN))
     back = pydicom.dcmread(io.BytesIO(data))
     assert back.SpecificCharacterSet == "ISO_IR 192" and back.PatientName == "Müller^Jürgen"
+    run = dataclasses.replace(RUN, model_id="modèle-thorax")
+    data = sr.encode(sr.build_report(SOURCE, 0.5, 1, run))
+    assert sr.read_report(data)["model_id"] == "modèle-thorax"
+    ascii_only = pydicom.dcmread(io.BytesIO(sr.encode(sr.build_report(SOURCE, 0.5, 1, RUN))))
+    assert "SpecificCharacterSet" not in ascii_only
+
+
+def test_scores_and_findings_that_cannot_be_reported_are_refused() -> None:
+    for score in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="score"):
+            sr.build_report(SOURCE, score, 1, RUN)
+    no_threshold = dataclasses.replace(RUN, threshold=None)
+    with pytest.raises(ValueError, match="threshold"):
+        sr.build_report(SOURCE, 0.5, 1, no_threshold)
+    with pytest.raises(ValueError, match="model"):
+        sr.ReportRun("", "ab" * 32, 0.5, {})
+    with pytest.raises(ValueError, match="model"):
+        sr.ReportRun("m", "", 0.5, {})
+
+
+def test_a_numpy_threshold_is_the_same_run_as_its_float() -> None:
+    as_numpy = dataclasses.replace(RUN, threshold=np.float64(0.5))  # type: ignore[arg-type]
+    assert as_numpy.digest == RUN.digest and as_numpy.parameters == RUN.parameters
 
 
 def test_encode_writes_part10_explicit_little_endian() -> None:
@@ -288,6 +311,11 @@ def test_pseudonymized_report_carries_no_original_identifier() -> None:
     for part in ("Quaresma", "Ottilie", "Vandermeer", "771001", "771003", "1951"):
         assert part.encode() not in data, part
     assert sr.read_report(data)["patient_id"] == PSEUDONYM(SOURCE["PatientID"])
+    back = pydicom.dcmread(io.BytesIO(data))
+    assert back.PatientIdentityRemoved == "YES"
+    assert PSEUDONYM.fingerprint in back.DeidentificationMethod
+    plain = pydicom.dcmread(io.BytesIO(sr.encode(sr.build_report(SOURCE, 0.5, 1, RUN))))
+    assert "PatientIdentityRemoved" not in plain
 
 
 # --- validity and refusal ----------------------------------------------------------------
@@ -340,7 +368,11 @@ def _without_score() -> Dataset:
     return ds
 
 
-@pytest.mark.parametrize("make", [_foreign_sr, _image_dataset, _without_score])
+def _not_dicom() -> bytes:
+    return b"\x00" * 128 + b"not a DICOM file at all"
+
+
+@pytest.mark.parametrize("make", [_foreign_sr, _image_dataset, _without_score, _not_dicom])
 def test_read_report_refuses_what_this_module_did_not_write(make: Any) -> None:
     with pytest.raises(ValueError):
         sr.read_report(make())
