@@ -169,17 +169,23 @@ def add_dicomweb_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def dicomweb_settings(args: argparse.Namespace) -> DicomwebSettings | None:
+def dicomweb_settings(
+    args: argparse.Namespace, flag: str = "--dicomweb_url"
+) -> DicomwebSettings | None:
     """DicomwebSettings from the flags of :func:`add_dicomweb_arguments`; None without a URL.
+
+    ``flag`` names the URL's own flag (``--dicomweb_url`` to read from, or
+    ``--results_to`` to store to); credentials, time-out, retries and TLS
+    come from the shared ``--dicomweb_*`` flags either way.
 
     Raises:
         ValueError: naming the flag, for a URL that is not http(s) or a bad number.
     """
-    if not args.dicomweb_url:
+    url = getattr(args, flag.lstrip("-"))
+    if not url:
         return None
-    url = args.dicomweb_url
     if not url.lower().startswith(("http://", "https://")):
-        raise ValueError("--dicomweb_url must be an http:// or https:// URL")
+        raise ValueError(f"{flag} must be an http:// or https:// URL")
     if not args.dicomweb_timeout > 0:
         raise ValueError("--dicomweb_timeout must be positive")
     if args.dicomweb_retries < 0:
@@ -197,7 +203,7 @@ def dicomweb_settings(args: argparse.Namespace) -> DicomwebSettings | None:
             ca_bundle=args.dicomweb_ca_bundle,
         )
     except ValueError as exc:
-        raise ValueError(f"--dicomweb_url: {exc}") from None
+        raise ValueError(f"{flag}: {exc}") from None
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:
@@ -232,18 +238,21 @@ def allowed_schemes(args: argparse.Namespace, *locations: str) -> frozenset[str]
     return allowed_schemes_for([*locations, *service], parse_schemes(args.allowed_schemes))
 
 
-def checked_dicomweb(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Checks the DICOMweb flags and asks the service once, before any work.
+def checked_dicomweb(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, flag: str = "--dicomweb_url"
+) -> DicomwebSettings | None:
+    """Checks the DICOMweb flags and asks the service once, before any work; its settings.
 
     A bad flag is a usage error; a service that does not answer (down, wrong
     URL, refused credentials) stops the job with one line and exit code 2,
     before any output is touched.
     """
     try:
-        settings = dicomweb_settings(args)
+        settings = dicomweb_settings(args, flag)
     except ValueError as exc:
         parser.error(str(exc))
     if settings is not None:
         problem = check_server(settings)
         if problem:
-            refuse(parser.prog, problem)
+            refuse(parser.prog, f"{flag}: {problem}" if flag != "--dicomweb_url" else problem)
+    return settings

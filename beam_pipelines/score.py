@@ -49,6 +49,7 @@ from beam_pipelines.options import (
     pipeline_options,
 )
 from beam_pipelines.privacy import add_pseudonymize_arguments, pseudonymizer_from_args
+from beam_pipelines.results_options import add_results_arguments, results_plan
 from beam_pipelines.storage.committer import open_output
 from beam_pipelines.storage.files import (
     flagged_input_problem,
@@ -59,6 +60,7 @@ from beam_pipelines.storage.files import (
 from beam_pipelines.storage.paths import archive_root_for
 from beam_pipelines.transforms.inference import model_file_problem
 from beam_pipelines.transforms.ordered import part_pattern
+from beam_pipelines.transforms.results import WriteResults, prediction_row
 from beam_pipelines.transforms.rows import check_metadata
 from beam_pipelines.transforms.scoring import ReadExamples, Score, WriteScores
 from beam_pipelines.transforms.shards import ROWS_PER_SHARD
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_decode_arguments(parser)
     add_pseudonymize_arguments(parser)
+    add_results_arguments(parser)
     parser.add_argument(
         "--verbose", action="store_true", help="On failure, show the full traceback."
     )
@@ -196,18 +199,33 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 plan["schemes"],
                 plan["decoding"],
                 args.resize_policy,
+                keep_reference=plan["results"] is not None,
             )
             threshold = point["threshold"] if point else None
             scored, failed = examples | "Score" >> Score(
                 args.model, args.batch_size, plan["model_id"], threshold
             )
             rejects = (input_rejects, failed) | "AllRejects" >> beam.Flatten()
+            fields = {key: plan[key] for key in ("model_id", "point", "pseudonymized")}
+            results = None
+            if plan["results"] is not None:
+                target, report_run = plan["results"]
+                counts, result_rejects = scored | "Results" >> WriteResults(
+                    target, report_run, pseudonymizer
+                )
+                scored = scored | "PredictionRows" >> beam.Map(prediction_row)
+                results = (counts, _pseudonymized(result_rejects, pseudonymizer, "Results"))
+                fields |= {
+                    "results_target": args.results_to or args.results_dir,
+                    "series_description": report_run.series_description,
+                }
             if pseudonymizer is not None:
                 # Decoding needed the real paths; nothing written keeps them.
                 scored = scored | "PseudonymizePredictions" >> beam.Map(pseudonymizer.record)
-                rejects = rejects | "PseudonymizeRejects" >> beam.Map(pseudonymizer.record)
-            fields = {key: plan[key] for key in ("model_id", "point", "pseudonymized")}
-            _ = inputs | "Write" >> WriteScores(paths, args.num_shards, scored, rejects, fields)
+            rejects = _pseudonymized(rejects, pseudonymizer, "")
+            _ = inputs | "Write" >> WriteScores(
+                paths, args.num_shards, scored, rejects, fields, results
+            )
         remove_matching([part_pattern(paths["rejects"])])  # after the run: see WriteRejects
         with FileSystems.open(paths["summary"]) as handle:
             summary = json.loads(handle.read())
@@ -226,6 +244,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         args.output,
     )
     return summary
+
+
+def _pseudonymized(rejects: Any, pseudonymizer: Any, name: str) -> Any:
+    """Reject records with their identifiers replaced, when the run has a key."""
+    if pseudonymizer is None:
+        return rejects
+    return rejects | f"Pseudonymize{name}Rejects" >> beam.Map(pseudonymizer.record)
 
 
 def _names_a_folder(output: str) -> bool:
@@ -272,14 +297,17 @@ def _preflight(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
         point = _operating_point(args.model, args.threshold)
     except ValueError as exc:
         refuse(parser.prog, str(exc))
+    model_id = _model_id(args.model, args.model_id)
+    results = results_plan(parser, args, model_id, point, pseudonymized)
     return {
         "root": root,
         "schemes": schemes,
         "pseudonymizer": None if already else pseudonymizer,
         "pseudonymized": pseudonymized,
-        "model_id": _model_id(args.model, args.model_id),
+        "model_id": model_id,
         "point": point,
         "decoding": decode_options(args),
+        "results": results,
     }
 
 

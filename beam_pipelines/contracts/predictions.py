@@ -184,8 +184,13 @@ def summary(
     by_reason: dict[str, int],
     files: list[str],
     rejects_file: str,
+    results: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The summary of a scoring run: inputs = scored + rejected, files relative to ``root``.
+
+    ``results`` (:func:`results_summary`) accounts for the Structured Reports
+    written back; their rejects are in the rejects file but not in
+    ``rejected``: such an image was scored.
 
     Raises:
         RuntimeError: when scored + rejected inputs do not add up.
@@ -202,8 +207,29 @@ def summary(
         "files": sorted(posixpath.relpath(f, root) for f in files),
         "rejects_file": posixpath.relpath(rejects_file, root),
     }
+    if results is not None:
+        document["results"] = results
     if document["scored"] + document["rejected"] != inputs:
         raise RuntimeError(
             f"accounting broken: {scored} scored + {document['rejected']} rejected != {inputs}"
         )
     return document
+
+
+def results_summary(
+    target: str, series_description: str, counts: dict[str, int], refused: dict[str, int]
+) -> dict[str, Any]:
+    """The summary's ``results``: where the reports went and what became of them.
+
+    ``stored`` were written by this run, ``already_present`` were there from
+    an earlier one (the same UIDs), ``refused`` are results-stage rejects by
+    reason. Every scored image is in exactly one of the three.
+    """
+    return {
+        "target": target,
+        "series_description": series_description,
+        "stored": counts.get("stored", 0),
+        "already_present": counts.get("already_present", 0),
+        "refused": sum(refused.values()),
+        "refused_by_reason": dict(sorted(refused.items())),
+    }

@@ -25,6 +25,25 @@ COLOR = (
     "PALETTE COLOR",
 )
 
+#: Header values a result written back as DICOM (a Structured Report) needs:
+#: the source's patient and study, and the image it references.
+REFERENCE_KEYWORDS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "SeriesInstanceUID",
+    "SOPClassUID",
+    "SOPInstanceUID",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class DicomHeader:
@@ -51,6 +70,8 @@ class DicomHeader:
     patient_sex: str | None
     sop_instance_uid: str
     pixel_spacing: tuple[float, float] | None
+    #: (keyword, value) of :data:`REFERENCE_KEYWORDS` (absent: ""); PHI, never logged.
+    reference: tuple[tuple[str, str], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """Returns the fields as a plain dict (JSON-friendly)."""
@@ -83,6 +104,7 @@ def read_header(ds: Dataset) -> DicomHeader:
         patient_sex=parse_sex(str_value(ds, "PatientSex")),
         sop_instance_uid=str_value(ds, "SOPInstanceUID"),
         pixel_spacing=_spacing(ds),
+        reference=tuple((keyword, str_value(ds, keyword)) for keyword in REFERENCE_KEYWORDS),
     )
 
 

@@ -93,7 +93,9 @@ def _matched_paths(pattern: str, name: str) -> Any:
 class ReadExamples(beam.PTransform):
     """One scoring input -> (the inputs counted, (meta, image) examples, reject records).
 
-    Exactly one of ``shard_pattern``, ``metadata`` or ``dicom_glob``. A corrupt
+    Exactly one of ``shard_pattern``, ``metadata`` or ``dicom_glob``. With
+    ``keep_reference`` each decoded example's meta also holds its header's
+    reference (``source``) for the results written back as DICOM. A corrupt
     shard counts as one input (its reject balances the summary); a metadata
     row or a matched file is one input.
     """
@@ -107,11 +109,13 @@ class ReadExamples(beam.PTransform):
         allowed_schemes: Collection[str],
         decoding: dicom.DecodeOptions,
         resize_policy: dicom.ResizePolicy,
+        keep_reference: bool = False,
     ) -> None:
         super().__init__()
         self._shard_pattern, self._metadata, self._dicom_glob = shard_pattern, metadata, dicom_glob
         self._archive_root, self._allowed_schemes = archive_root, allowed_schemes
         self._decoding, self._resize_policy = decoding, resize_policy
+        self._keep_reference = keep_reference
 
     def expand(
         self, pipeline: beam.pvalue.PBegin
@@ -147,7 +151,10 @@ class ReadExamples(beam.PTransform):
     def _decode(self, sources: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         return (
             sources
-            | "DecodeDicom" >> beam.ParDo(DecodeForScoringFn(self._decoding, self._resize_policy))
+            | "DecodeDicom"
+            >> beam.ParDo(
+                DecodeForScoringFn(self._decoding, self._resize_policy, self._keep_reference)
+            )
             | "RouteDecoded" >> SplitOutcomes()
         )
 
@@ -184,7 +191,9 @@ class _ToPredictionFn(beam.DoFn):
             )
             return
         Metrics.counter(self.__class__, "scored").inc()
-        prediction = {k: v for k, v in meta.items() if k != "row"}
+        # The CSV row stays only beside a header reference, for the results' rejects.
+        keep = ("row",) if "source" in meta else ()
+        prediction = {k: v for k, v in meta.items() if k != "row" or k in keep}
         value = float(score)
         # The finding at the operating point: the same comparison the trainer makes.
         finding = None if self._threshold is None else int(value >= self._threshold)
@@ -214,7 +223,10 @@ class WriteScores(beam.PTransform):
     Args:
         prefix: the work folder's ``<dir>/<name>`` the files are named after.
         predictions, rejects: the run's prediction rows and reject records.
-        summary_fields: ``model_id``, ``point`` and ``pseudonymized`` for the summary.
+        summary_fields: ``model_id``, ``point`` and ``pseudonymized`` for the summary;
+            with results, ``results_target`` and ``series_description`` too.
+        results: the results' outcome counts and rejects
+            (:class:`~beam_pipelines.transforms.results.WriteResults`), or None.
     """
 
     def __init__(
@@ -224,10 +236,12 @@ class WriteScores(beam.PTransform):
         predictions: beam.PCollection,
         rejects: beam.PCollection,
         summary_fields: dict[str, Any],
+        results: tuple[beam.PCollection, beam.PCollection] | None = None,
     ) -> None:
         super().__init__()
         self._paths, self._num_shards = paths, num_shards
         self._predictions, self._rejects, self._fields = predictions, rejects, summary_fields
+        self._results = results
 
     def expand(self, inputs: beam.PCollection) -> beam.PCollection:
         paths, fields = self._paths, self._fields
@@ -235,19 +249,51 @@ class WriteScores(beam.PTransform):
         files = self._predictions | "WritePredictions" >> WritePredictions(
             prefix, self._num_shards, fields["point"]
         )
-        rejects_file = self._rejects | "WriteRejects" >> WriteRejects(paths["rejects"])
+        every_reject = self._rejects
+        # The results' counts, side inputs when there are results (plain Nones otherwise).
+        counts: Any = None
+        refused: Any = None
+        if self._results is not None:
+            outcomes, result_rejects = self._results
+            every_reject = (self._rejects, result_rejects) | "EveryReject" >> beam.Flatten()
+            counts = pvalue.AsSingleton(outcomes)
+            refused = pvalue.AsSingleton(result_rejects | "CountRefused" >> CountByReason())
+        rejects_file = every_reject | "WriteRejects" >> WriteRejects(paths["rejects"])
         scored = self._predictions | "CountScored" >> beam.combiners.Count.Globally()
+        # The balance (inputs = scored + rejected) counts the inputs' rejects only.
         by_reason = self._rejects | "CountReasons" >> CountByReason()
 
-        def write(count: int, *outputs: Any) -> str:
+        def write(
+            count: int,
+            scored: Any,
+            by_reason: Any,
+            files: Any,
+            rejects_file: Any,
+            stored: Any,
+            refused: Any,
+        ) -> str:
             root = posixpath.dirname(prefix)
+            written = (
+                predictions.results_summary(
+                    fields["results_target"],
+                    fields["series_description"],
+                    stored,
+                    refused,
+                )
+                if stored is not None
+                else None
+            )
             document = predictions.summary(
                 count,
                 root,
                 fields["model_id"],
                 fields["point"],
                 fields["pseudonymized"],
-                *outputs,
+                scored,
+                by_reason,
+                files,
+                rejects_file,
+                results=written,
             )
             return write_json(paths["summary"], document)
 
@@ -261,5 +307,7 @@ class WriteScores(beam.PTransform):
                 pvalue.AsSingleton(by_reason),
                 pvalue.AsList(files),
                 pvalue.AsSingleton(rejects_file),
+                counts,
+                refused,
             )
         )
