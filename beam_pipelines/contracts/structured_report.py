@@ -76,7 +76,6 @@ _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, "xray-pipelines structured report")
 #: checks warn with the value in the message).
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-_VR = {"PatientName": "PN", "ReferringPhysicianName": "PN", "PatientID": "LO"}
 
 
 def derived_uid(*parts: str) -> str:
@@ -206,7 +205,8 @@ class ReportRun:
         """The TID 4019 algorithm parameters: the threshold and the options, as text."""
         params = [f"threshold={json.dumps(self._threshold)}"]
         for name in sorted(self.options):
-            params.append(f"{name}={json.dumps(self.options[name], sort_keys=True)}")
+            value = json.dumps(self.options[name], sort_keys=True, ensure_ascii=False)
+            params.append(f"{name}={value}")
         return params
 
 
@@ -214,7 +214,7 @@ def _valid(keyword: str, value: str) -> str:
     """The value if the SR can carry it validly, else "" (type 2: empty is allowed)."""
     if not value:
         return ""
-    vr = _VR.get(keyword) or pydicom.datadict.dictionary_VR(keyword)
+    vr = pydicom.datadict.dictionary_VR(keyword)
     if "\\" in value or (keyword == "PatientSex" and value not in ("M", "F", "O")):
         return ""
     try:

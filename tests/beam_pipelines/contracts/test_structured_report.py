@@ -146,6 +146,11 @@ def test_round_trip_reads_back_score_finding_and_references(
     }
 
 
+def test_read_report_takes_a_dataset_as_well() -> None:
+    ds = sr.build_report(SOURCE, 0.25, 0, RUN)
+    assert sr.read_report(ds) == sr.read_report(sr.encode(ds))
+
+
 def test_a_numpy_float32_score_is_stored_as_that_value() -> None:
     assert _round_trip(SOURCE, np.float32(0.7), 1)["score"] == float(np.float32(0.7))  # type: ignore[arg-type]
 
@@ -339,6 +344,7 @@ def test_dciodvfy_reports_no_error(case: str, tmp_path: Path) -> None:
         source = _image(StudyDate="2024-01-02", PatientSex="female", AccessionNumber="x" * 20)
     elif case == "utf8":
         source = _image(PatientName="Müller^Jürgen", ReferringPhysicianName="Ångström^Åsa")
+        run = dataclasses.replace(RUN, options={"site": "Zürich"})
     data = sr.encode(sr.build_report(source, 0.123456789, finding, run))
     assert _dciodvfy_errors(data, tmp_path) == []
 
