@@ -113,10 +113,14 @@ class Progress:
     keeps long stages visibly alive: the count goes to the driver's progress
     folder (:func:`beam_pipelines.console.count`) every ``report`` seconds and
     at :meth:`flush`, and a log line is written every ``every`` seconds.
+    ``bar=False``: the log lines only (a later stage over the same images
+    would count them twice on the bar).
     """
 
-    def __init__(self, what: str, every: float = 30.0, report: float = 0.5) -> None:
-        self._what, self._every, self._report = what, every, report
+    def __init__(
+        self, what: str, every: float = 30.0, report: float = 0.5, bar: bool = True
+    ) -> None:
+        self._what, self._every, self._report, self._bar = what, every, report, bar
         self._count = 0
         self._start = self._last = self._reported = 0.0
         # Unique for the run: a later instance at a reused address must not overwrite this count.
@@ -142,6 +146,8 @@ class Progress:
 
     def flush(self) -> None:
         """Reports the count so far to the driver's progress bar (when it has one)."""
+        if not self._bar:
+            return
         from beam_pipelines.console import count
 
         count(self._key, self._count)

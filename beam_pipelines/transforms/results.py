@@ -109,7 +109,7 @@ class _StoreSeriesFn(beam.DoFn):
 
     def setup(self) -> None:
         install_log_filters()  # workers never run the CLI
-        self._progress = Progress("stored results")
+        self._progress = Progress("results stored or accounted for", bar=False)
 
     def finish_bundle(self) -> None:
         self._progress.flush()
