@@ -217,7 +217,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 results = (counts, _pseudonymized(result_rejects, pseudonymizer, "Results"))
                 fields |= {
                     "results_target": args.results_to or args.results_dir,
-                    "series_description": report_run.series_description,
+                    "series": {
+                        "series_description": report_run.series_description,
+                        "series_number": report_run.series_number,
+                    },
                 }
             if pseudonymizer is not None:
                 # Decoding needed the real paths; nothing written keeps them.

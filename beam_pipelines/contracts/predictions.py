@@ -217,17 +217,20 @@ def summary(
 
 
 def results_summary(
-    target: str, series_description: str, counts: dict[str, int], refused: dict[str, int]
+    target: str, series: dict[str, Any], counts: dict[str, int], refused: dict[str, int]
 ) -> dict[str, Any]:
     """The summary's ``results``: where the reports went and what became of them.
 
+    ``series`` holds the run's ``series_description`` and ``series_number``
+    (the same in every study: how a user finds the run's series again).
     ``stored`` were written by this run, ``already_present`` were there from
     an earlier one (the same UIDs), ``refused`` are results-stage rejects by
     reason. Every scored image is in exactly one of the three.
     """
     return {
         "target": target,
-        "series_description": series_description,
+        "series_description": series["series_description"],
+        "series_number": series["series_number"],
         "stored": counts.get("stored", 0),
         "already_present": counts.get("already_present", 0),
         "refused": sum(refused.values()),

@@ -224,7 +224,7 @@ class WriteScores(beam.PTransform):
         prefix: the work folder's ``<dir>/<name>`` the files are named after.
         predictions, rejects: the run's prediction rows and reject records.
         summary_fields: ``model_id``, ``point`` and ``pseudonymized`` for the summary;
-            with results, ``results_target`` and ``series_description`` too.
+            with results, ``results_target`` and ``series`` (its description and number) too.
         results: the results' outcome counts and rejects
             (:class:`~beam_pipelines.transforms.results.WriteResults`), or None.
     """
@@ -276,7 +276,7 @@ class WriteScores(beam.PTransform):
             written = (
                 predictions.results_summary(
                     fields["results_target"],
-                    fields["series_description"],
+                    fields["series"],
                     stored,
                     refused,
                 )

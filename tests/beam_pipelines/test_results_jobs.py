@@ -21,6 +21,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import requests
 
 from beam_pipelines import index, score
 from beam_pipelines.contracts import metadata as md
@@ -110,6 +111,22 @@ def test_reports_stored_to_the_pacs_reference_their_images_once(
     again = _score(trained_model, metadata, tmp_path / "again", *flags)
     assert (again["results"]["stored"], again["results"]["already_present"]) == (0, len(scored))
     assert len(_reports_in(server)) == len(scored)
+
+    # Removing the run's reports as docs/structured_reports.md shows: its series found
+    # by their number (QIDO-RS; Orthanc 1.10 does not match SeriesDescription) and checked
+    # by their description, then deleted with the PACS's own API (Orthanc's REST).
+    settings = dicomweb.DicomwebSettings(url=server.dicomweb_url)
+    query = {"Modality": "SR", "SeriesNumber": str(summary["results"]["series_number"])}
+    hits = list(dicomweb.search(settings, "series", {**query, "includefield": "0008103E"}, 100))
+    assert {hit["0008103E"]["Value"][0] for hit in hits} == {
+        summary["results"]["series_description"]
+    }
+    series = [hit["0020000E"]["Value"][0] for hit in hits]
+    assert sorted(series) == sorted({r["series_instance_uid"] for r in reports})
+    for uid in series:
+        [found] = requests.post(f"{server.url}/tools/lookup", data=uid, timeout=10).json()
+        requests.delete(f"{server.url}/series/{found['ID']}", timeout=10).raise_for_status()
+    assert _reports_in(server) == []
 
 
 def _index_rows(metadata: Path) -> list[dict[str, str]]:
