@@ -37,7 +37,8 @@ format: install
 
 # The main job end to end on an embedded default: a synthetic archive with a
 # few broken rows -> preprocessing (Beam, all cores) -> training (simple CNN,
-# CPU) -> batch scoring of the whole archive -> analysis and report.
+# CPU) -> batch scoring of the whole archive (+ a DICOM SR per image) ->
+# analysis and report.
 # Override DEMO_DIR / DEMO_PATIENTS / DEMO_EPOCHS to scale it.
 DEMO_EPOCHS ?= 3
 
@@ -46,8 +47,9 @@ demo: install
 	$(BIN)/xray-preprocess --metadata $(DEMO_DIR)/archive/metadata.csv --output_dir $(DEMO_DIR)/preprocessed
 	$(BIN)/xray-train --data_dir $(DEMO_DIR)/preprocessed --output_dir $(DEMO_DIR)/results \
 		--epochs $(DEMO_EPOCHS) --early_stopping_patience 6
+	rm -rf $(DEMO_DIR)/reports  # a new model each demo: its reports replace the last one's
 	$(BIN)/xray-score --model $(DEMO_DIR)/results/model --metadata $(DEMO_DIR)/archive/metadata.csv \
-		--output $(DEMO_DIR)/predictions/archive
+		--output $(DEMO_DIR)/predictions/archive --results_dir $(DEMO_DIR)/reports
 	$(BIN)/xray-explain --model $(DEMO_DIR)/results/model \
 		--predictions $(DEMO_DIR)/results/predictions/test.parquet \
 		--data_dir $(DEMO_DIR)/preprocessed --output_dir $(DEMO_DIR)/explain
@@ -57,6 +59,7 @@ demo: install
 	@echo
 	@echo "Demo finished. Archive: $(DEMO_DIR)/archive  shards: $(DEMO_DIR)/preprocessed"
 	@echo "model: $(DEMO_DIR)/results/model  archive scores: $(DEMO_DIR)/predictions"
+	@echo "DICOM Structured Reports of the scores: $(DEMO_DIR)/reports"
 	@echo "report: $(DEMO_DIR)/analysis/report.html"
 
 # Local Flink and Spark clusters (docs/runners.md): fetch-ENGINE unpacks the

@@ -315,10 +315,17 @@ def _preflight(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
 
 
 def _describe(summary: dict[str, Any]) -> str:
-    return (
+    line = (
         f"xray-score: {summary['inputs']} inputs -> {summary['scored']} scored, "
         f"{summary['rejected']} rejected {json.dumps(summary['rejected_by_reason'])}"
     )
+    results = summary.get("results")
+    if results:
+        line += (
+            f"; reports: {results['stored']} stored, {results['already_present']} already "
+            f"there, {results['refused']} not stored {json.dumps(results['refused_by_reason'])}"
+        )
+    return line
 
 
 def main() -> None:

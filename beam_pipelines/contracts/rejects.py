@@ -3,7 +3,8 @@
 Every job writes ``rejects/*.jsonl`` records built here, sorted by metadata
 row (inputs without a row last, by path): ``row`` (1-based data row of
 metadata.csv, or null), ``dicom_path``, ``stage`` (``validate``, ``decode``,
-``read_shard``, ``score``), ``reason`` (a stable code) and ``detail`` (a
+``read_shard``, ``score``, ``results``: the scorer's Structured Report of a
+scored image was not stored), ``reason`` (a stable code) and ``detail`` (a
 human explanation free of header values).
 """
 
