@@ -110,6 +110,7 @@ class _StoreSeriesFn(beam.DoFn):
     def setup(self) -> None:
         install_log_filters()  # workers never run the CLI
         self._progress = Progress("results stored or accounted for", bar=False)
+        self._builder = sr.ReportBuilder(self._run)
 
     def finish_bundle(self) -> None:
         self._progress.flush()
@@ -151,8 +152,8 @@ class _StoreSeriesFn(beam.DoFn):
         by_sop: dict[str, dict[str, Any]] = {}
         for sop, item in batch:
             try:
-                report = sr.build_report(item[SOURCE], item["score"], item["predicted"], self._run)
-                encoded.append((sop, sr.encode(report)))
+                data = self._builder.encoded(item[SOURCE], item["score"], item["predicted"])
+                encoded.append((sop, data))
                 by_sop[sop] = item
             except MemoryError:
                 raise

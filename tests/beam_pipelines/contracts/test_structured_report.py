@@ -382,3 +382,103 @@ def _not_dicom() -> bytes:
 def test_read_report_refuses_what_this_module_did_not_write(make: Any) -> None:
     with pytest.raises(ValueError):
         sr.read_report(make())
+
+
+# --- ReportBuilder: the fast path must write the reference's bytes ------------------------
+
+#: Elements whose values come from the clock (a template is built before the reference).
+CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
+NO_THRESHOLD = dataclasses.replace(RUN, threshold=None)
+PSEUDONYMIZED = dataclasses.replace(RUN, pseudonymized=PSEUDONYM.fingerprint)
+SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.1.1",  # DX for presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # DX for processing
+    "1.2.840.10008.5.1.4.1.1.1",  # CR
+)
+SCORES = (0.0, 1.0, 1e-7, 0.123456789, 0.1 + 0.2, float(np.float32(0.7)), 1e-300, 0.5)
+
+
+def _without_clock(data: bytes) -> bytes:
+    """``data`` re-encoded with the clock-derived values blanked (the rest is written raw)."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for keyword in CLOCK:
+        setattr(ds, keyword, "")
+    for item in ds.ContributingEquipmentSequence:
+        item.ContributionDateTime = ""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _varied_sources() -> list[dict[str, str]]:
+    """Sources over 3 studies, 2 series each, 3 SOP classes, with every kind of value."""
+    variants: list[dict[str, str]] = [
+        {},
+        {k: "" for k in sr.SOURCE_KEYWORDS if k not in sr.REQUIRED_SOURCE},  # empty values
+        {"StudyDate": "2024-01-02", "PatientSex": "female", "StudyTime": "25h"},  # blanked
+        {"PatientID": "a\\b", "AccessionNumber": "x" * 20, "PatientBirthDate": "1951"},
+        {"PatientName": "Müller^Jürgen"},
+        {"ReferringPhysicianName": "Ångström^Åsa", "PatientSex": "M"},
+        {"PatientName": "ANONYMOUS", "StudyID": "", "IssuerOfPatientID": ""},
+    ]
+    sources = []
+    for n in range(36):
+        study = f"1.2.826.0.1.3680043.8.498.{100 + n % 3}"
+        source = _image(
+            StudyInstanceUID=study,
+            SeriesInstanceUID=f"{study}.{n % 2}",
+            SOPClassUID=SOP_CLASSES[n % 3],
+            SOPInstanceUID=f"{study}.{n % 2}.{n}",
+            **variants[n % len(variants)],
+        )
+        if n % 7 == 6:
+            source = {k: source[k] for k in sr.REQUIRED_SOURCE}
+        if n % 5 == 4:
+            source = sr.pseudonymous_source(source, PSEUDONYM)
+        sources.append(source)
+    return sources
+
+
+@pytest.mark.parametrize("run", [RUN, NO_THRESHOLD, PSEUDONYMIZED], ids=["run", "none", "pseudo"])
+def test_builder_writes_the_bytes_of_build_report_in_any_order(run: sr.ReportRun) -> None:
+    findings: tuple[int | None, ...] = (None,) if run.threshold is None else (1, 0, None)
+    cases = [
+        (source, SCORES[n % len(SCORES)], findings[n % len(findings)])
+        for n, source in enumerate(_varied_sources())
+    ]
+    cases.reverse()  # the first template is not the one most cases use
+    builder = sr.ReportBuilder(run)
+    for source, score, finding in cases:
+        fast = builder.encoded(source, score, finding)
+        reference = sr.encode(sr.build_report(source, score, finding, run))
+        assert _without_clock(fast) == _without_clock(reference)
+        assert sr.read_report(fast) == sr.read_report(reference)
+        assert sr.read_report(fast)["score"] == score
+
+
+def test_builder_refuses_what_build_report_refuses() -> None:
+    bad: list[tuple[sr.ReportRun, dict[str, str], float, Any]] = [
+        (RUN, _image(SOPInstanceUID=""), 0.5, 1),
+        (RUN, _image(StudyInstanceUID="1.2.03"), 0.5, 1),
+        (RUN, SOURCE, float("nan"), 1),
+        (RUN, SOURCE, float("inf"), 0),
+        (RUN, SOURCE, 0.5, 2),
+        (NO_THRESHOLD, SOURCE, 0.5, 1),
+    ]
+    for run, source, score, finding in bad:
+        with pytest.raises(ValueError) as expected:
+            sr.build_report(source, score, finding, run)
+        with pytest.raises(ValueError) as got:
+            sr.ReportBuilder(run).encoded(source, score, finding)
+        assert str(got.value) == str(expected.value)
+
+
+@needs_dciodvfy
+def test_patched_reports_pass_dciodvfy(tmp_path: Path) -> None:
+    builder = sr.ReportBuilder(RUN)
+    sources = _varied_sources()
+    for source in sources[:6]:
+        builder.encoded(source, 0.9, 1)  # the templates are built, and patched since
+    for n, source in enumerate(sources[6:13]):
+        data = builder.encoded(source, SCORES[n], (0, 1, None)[n % 3])
+        assert _dciodvfy_errors(data, tmp_path) == [], n

@@ -160,7 +160,7 @@ def test_a_report_that_cannot_be_built_is_an_internal_error_reject(
     def broken(*args: Any) -> Any:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(sr, "build_report", broken)
+    monkeypatch.setattr(sr.ReportBuilder, "encoded", broken)
     target = results.ResultsTarget(folder=str(tmp_path))
     [(tag, record)] = _store(target, [_prediction(1)])
     assert (tag, record["reason"], record["stage"]) == (REJECTED, "internal_error", "results")
