@@ -25,12 +25,15 @@ from typing import Any
 
 import highdicom as hd
 import pydicom
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, EnhancedSRStorage, ExplicitVRLittleEndian
-from pydicom.valuerep import DS, validate_value
+from pydicom.uid import EnhancedSRStorage, ExplicitVRLittleEndian
+from pydicom.valuerep import DS, EXPLICIT_VR_LENGTH_32, validate_value
 
 from beam_pipelines.dicom.header import REFERENCE_KEYWORDS
 
@@ -342,12 +345,8 @@ def encode(report: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-#: Root attributes of the SR that are the SR's own, not copied from the source.
-_OWN = ("SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")
-
-
 def _only(items: Any, what: str) -> Dataset:
-    """The one content item (or sequence item) a template must hold, else a bug."""
+    """The one item a template must hold (else a bug)."""
     found = list(items)
     if len(found) != 1:
         raise AssertionError(f"the report template has {len(found)} {what}, not 1")
@@ -356,22 +355,57 @@ def _only(items: Any, what: str) -> Dataset:
 
 def _child(parent: Dataset, value_type: str, concept: str) -> Dataset:
     """The content item of ``parent`` with this value type and concept name code value."""
-    return _only(
-        (
-            item
-            for item in parent.ContentSequence
-            if item.ValueType == value_type and item.ConceptNameCodeSequence[0].CodeValue == concept
-        ),
-        f"{value_type} {concept} items",
-    )
+    key = (value_type, concept)
+    items = [
+        i
+        for i in parent.ContentSequence
+        if (i.ValueType, i.ConceptNameCodeSequence[0].CodeValue) == key
+    ]
+    return _only(items, f"{value_type} {concept} items")
+
+
+def _items(elem: DataElement | RawDataElement) -> list[Dataset]:
+    """The items of a sequence not encoded yet, else []."""
+    return list(elem.value) if isinstance(elem, DataElement) and elem.VR == "SQ" else []
+
+
+def _holds(ds: Dataset, live: set[int]) -> bool:
+    """Whether ``ds`` is or contains one of the ``live`` datasets (by id)."""
+    return id(ds) in live or any(_holds(i, live) for e in ds.values() for i in _items(e))
+
+
+def _freeze(ds: Dataset, live: set[int], encodings: str | list[str]) -> None:
+    """Encodes once every element of ``ds`` that holds no ``live`` dataset: pydicom writes
+    a raw element's bytes as they are, and encoding element by element is most of the
+    time of a report. Setting a value later decodes that element (it stays decoded).
+
+    Each dataset visited is marked as already in the encoding it is written in: else
+    pydicom checks it again and decodes every raw element.
+    """
+    for elem in list(ds.values()):
+        if isinstance(elem, RawDataElement) or elem.is_undefined_length:
+            continue
+        if any(_holds(item, live) for item in _items(elem)):
+            for item in _items(elem):
+                _freeze(item, live, encodings)
+            continue
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_data_element(fp, elem, encodings)
+        # the value: after the tag, the VR and the length (2 bytes, or 2 reserved and 4)
+        value = fp.getvalue()[12 if elem.VR in EXPLICIT_VR_LENGTH_32 else 8 :]
+        ds[elem.tag] = RawDataElement(elem.tag, elem.VR, len(value), value, 0, False, True)
+    ds.set_original_encoding(False, True, ds._character_set)
 
 
 class _Template:
-    """A report built by :func:`build_report`, with the datasets that change per image."""
+    """A report built by :func:`build_report`, its constant parts encoded, and the
+    datasets whose values change per image."""
 
     def __init__(self, report: Dataset) -> None:
         self.report = report
-        self.root_keywords = [k for k in SOURCE_KEYWORDS if k not in _OWN and k in report]
+        own = ("SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID")  # not the source's
+        self.root_keywords = [k for k in SOURCE_KEYWORDS if k not in own and k in report]
         self.study = _only(report.CurrentRequestedProcedureEvidenceSequence, "evidence studies")
         self.series = _only(self.study.ReferencedSeriesSequence, "evidence series")
         self.image = _only(self.series.ReferencedSOPSequence, "evidence images")
@@ -382,9 +416,36 @@ class _Template:
         self.finding: Dataset | None = None
         if any(item.ValueType == "CODE" for item in group.ContentSequence):
             self.finding = _only(_child(group, "CODE", "121071").ConceptCodeSequence, "codes")
-        self.source_image = _only(
-            _child(group, "IMAGE", "121112").ReferencedSOPSequence, "source images"
-        )
+        image = _child(group, "IMAGE", "121112")
+        self.source_image = _only(image.ReferencedSOPSequence, "source images")
+        live = [self.study, self.series, self.image, self.tracking, self.measured]
+        live += [self.source_image] + ([self.finding] if self.finding is not None else [])
+        _freeze(report, {id(ds) for ds in live}, report.get("SpecificCharacterSet", "iso8859"))
+
+    def fill(
+        self, values: Mapping[str, str], score: float, finding: int | None, run: str
+    ) -> Dataset:
+        """The report of one image, from its source ``values``; ``run`` is ReportRun.digest."""
+        report = self.report
+        for keyword in self.root_keywords:
+            setattr(report, keyword, values[keyword])
+        study, series, sop_class, sop = (values[k] for k in REQUIRED_SOURCE)
+        report.SeriesInstanceUID = derived_uid(run, "series", study)  # ReportRun.series_uid
+        report.SOPInstanceUID = derived_uid(run, "sop", sop)  # ReportRun.sop_uid
+        report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
+        self.study.StudyInstanceUID = study
+        self.series.SeriesInstanceUID = series
+        for image in (self.image, self.source_image):
+            image.ReferencedSOPClassUID, image.ReferencedSOPInstanceUID = sop_class, sop
+        self.tracking.UID = derived_uid(run, "tracking", sop)  # as _group derives it
+        self.measured.NumericValue = DS(score, auto_format=True)  # as highdicom formats it
+        self.measured.FloatingPointValue = score
+        if self.finding is not None:
+            code = ABNORMAL if finding else NORMAL
+            self.finding.CodeValue = code.value
+            self.finding.CodingSchemeDesignator = code.scheme_designator
+            self.finding.CodeMeaning = code.meaning
+        return report
 
 
 class ReportBuilder:
@@ -404,37 +465,14 @@ class ReportBuilder:
     def encoded(self, source: Mapping[str, str], score: float, finding: int | None) -> bytes:
         """Part 10 bytes equal to encode(build_report(source, score, finding, run)) except the
         creation/content date and time elements; same ValueErrors as build_report."""
-        run = self._run
-        _check(source, score, finding, run)
+        _check(source, score, finding, self._run)
         values = _values(source)
-        key = (_character_set(values, run), finding is None)
+        key = (_character_set(values, self._run), finding is None)
         template = self._templates.get(key)
         if template is None:
-            template = self._templates[key] = _Template(build_report(source, score, finding, run))
-        report = template.report
-        for keyword in template.root_keywords:
-            setattr(report, keyword, values[keyword])
-        study, series, sop_class, sop = (values[k] for k in REQUIRED_SOURCE)
-        own_sop = derived_uid(self._digest, "sop", sop)
-        report.SeriesInstanceUID = derived_uid(self._digest, "series", study)
-        report.SOPInstanceUID = own_sop
-        report.file_meta.MediaStorageSOPInstanceUID = UID(own_sop)
-        template.study.StudyInstanceUID = study
-        template.series.SeriesInstanceUID = series
-        template.image.ReferencedSOPClassUID = sop_class
-        template.image.ReferencedSOPInstanceUID = sop
-        template.tracking.UID = derived_uid(self._digest, "tracking", sop)
-        value = float(score)
-        template.measured.NumericValue = DS(value, auto_format=True)  # as highdicom formats it
-        template.measured.FloatingPointValue = value
-        if template.finding is not None:
-            code = ABNORMAL if finding else NORMAL
-            template.finding.CodeValue = code.value
-            template.finding.CodingSchemeDesignator = code.scheme_designator
-            template.finding.CodeMeaning = code.meaning
-        template.source_image.ReferencedSOPClassUID = sop_class
-        template.source_image.ReferencedSOPInstanceUID = sop
-        return encode(report)
+            report = build_report(source, score, finding, self._run)
+            template = self._templates[key] = _Template(report)
+        return encode(template.fill(values, float(score), finding, self._digest))
 
 
 def _text(item: Dataset, *names: Code) -> list[str]:

@@ -482,3 +482,32 @@ def test_patched_reports_pass_dciodvfy(tmp_path: Path) -> None:
     for n, source in enumerate(sources[6:13]):
         data = builder.encoded(source, SCORES[n], (0, 1, None)[n % 3])
         assert _dciodvfy_errors(data, tmp_path) == [], n
+
+
+def _raw_and_decoded(ds: Dataset) -> tuple[int, int]:
+    """How many elements of ``ds`` are still raw bytes, and how many are decoded values."""
+    raw = decoded = 0
+    for elem in ds.values():
+        if elem.is_raw:
+            raw += 1
+            continue
+        decoded += 1
+        for item in elem.value if elem.VR == "SQ" else []:
+            counts = _raw_and_decoded(item)
+            raw, decoded = raw + counts[0], decoded + counts[1]
+    return raw, decoded
+
+
+def test_builder_keeps_the_constant_parts_encoded() -> None:
+    """The speed guard: pydicom writes the template's constant parts as the bytes they are.
+
+    Were pydicom to decode them (it does when a dataset's original encoding looks other
+    than the one it is written in), the bytes would stay right and reports would cost
+    several times more. Decoded: the values set per image and the sequences holding them.
+    """
+    builder = sr.ReportBuilder(RUN)
+    for n, source in enumerate(_varied_sources()[:4]):
+        builder.encoded(source, 0.5, n % 2)
+    (template,) = builder._templates.values()
+    raw, decoded = _raw_and_decoded(template.report)
+    assert raw >= 2 * decoded, (raw, decoded)
