@@ -464,7 +464,8 @@ class ReportBuilder:
 
     def encoded(self, source: Mapping[str, str], score: float, finding: int | None) -> bytes:
         """Part 10 bytes equal to encode(build_report(source, score, finding, run)) except the
-        creation/content date and time elements; same ValueErrors as build_report."""
+        creation/content date and time elements (and the contribution date-time): those say
+        when the template was built. Same ValueErrors as build_report."""
         _check(source, score, finding, self._run)
         values = _values(source)
         key = (_character_set(values, self._run), finding is None)
