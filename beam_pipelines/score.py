@@ -26,6 +26,7 @@ that folder: ``part-SSSSS-of-NNNNN.parquet``, ``rejects/rejects.jsonl``,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ from beam_pipelines.cli import refuse
 from beam_pipelines.console import announce_total_later
 from beam_pipelines.contracts import manifest, predictions
 from beam_pipelines.contracts.metadata import SCORING_REQUIRED_COLUMNS, MetadataError
+from beam_pipelines.contracts.structured_report import SOURCE_KEYWORDS
 from beam_pipelines.options import (
     add_decode_arguments,
     add_input_arguments,
@@ -199,7 +201,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
                 plan["schemes"],
                 plan["decoding"],
                 args.resize_policy,
-                keep_reference=plan["results"] is not None,
             )
             threshold = point["threshold"] if point else None
             scored, failed = examples | "Score" >> Score(
@@ -309,7 +310,10 @@ def _preflight(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dic
         "pseudonymized": pseudonymized,
         "model_id": model_id,
         "point": point,
-        "decoding": decode_options(args),
+        # With results, decoding keeps the header values their reports name.
+        "decoding": dataclasses.replace(
+            decode_options(args), reference_keywords=SOURCE_KEYWORDS if results else ()
+        ),
         "results": results,
     }
 

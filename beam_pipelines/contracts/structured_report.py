@@ -35,11 +35,24 @@ from pydicom.sr.coding import Code
 from pydicom.uid import EnhancedSRStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import DS, EXPLICIT_VR_LENGTH_32, validate_value
 
-from beam_pipelines.dicom.header import REFERENCE_KEYWORDS
-
 #: DICOM keywords the scorer captures from each source image's header (absent -> ""):
-#: one list, the decode step's, so what is captured and what is written never drift.
-SOURCE_KEYWORDS: tuple[str, ...] = REFERENCE_KEYWORDS
+#: the decode step keeps these (``DecodeOptions.reference_keywords``) when results are asked for.
+SOURCE_KEYWORDS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "SeriesInstanceUID",
+    "SOPClassUID",
+    "SOPInstanceUID",
+)
 #: Without these no SR can sit in the source's study and reference the image.
 REQUIRED_SOURCE: tuple[str, ...] = (
     "StudyInstanceUID",

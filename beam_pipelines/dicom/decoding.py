@@ -124,7 +124,7 @@ def _decode(
 ) -> DecodedImage:
     ds = source if isinstance(source, Dataset) else read_dataset(source, options)
     try:
-        header = read_header(ds)
+        header = read_header(ds, options.reference_keywords)
     except Exception as exc:
         raise DicomRejected("not_dicom", f"header fields unreadable: {redact(exc)}") from exc
     pixel_keyword = frames.pixel_keyword(ds)

@@ -25,25 +25,6 @@ COLOR = (
     "PALETTE COLOR",
 )
 
-#: Header values a result written back as DICOM (a Structured Report) needs:
-#: the source's patient and study, and the image it references.
-REFERENCE_KEYWORDS: tuple[str, ...] = (
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "SeriesInstanceUID",
-    "SOPClassUID",
-    "SOPInstanceUID",
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class DicomHeader:
@@ -70,7 +51,8 @@ class DicomHeader:
     patient_sex: str | None
     sop_instance_uid: str
     pixel_spacing: tuple[float, float] | None
-    #: (keyword, value) of :data:`REFERENCE_KEYWORDS` (absent: ""); PHI, never logged.
+    #: (keyword, value) of the header elements a result written back as DICOM
+    #: needs (``DecodeOptions.reference_keywords``; absent: ""); PHI, never logged.
     reference: tuple[tuple[str, str], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
@@ -78,10 +60,11 @@ class DicomHeader:
         return dataclasses.asdict(self)
 
 
-def read_header(ds: Dataset) -> DicomHeader:
+def read_header(ds: Dataset, reference_keywords: tuple[str, ...] = ()) -> DicomHeader:
     """Extracts the fields the pipeline records (no pixel decoding).
 
     Malformed optional values (age, sex, spacing) become None, never errors.
+    ``reference_keywords`` are also kept, as strings, in ``reference``.
     """
     from beam_pipelines.contracts.metadata import parse_age, parse_sex
 
@@ -104,7 +87,7 @@ def read_header(ds: Dataset) -> DicomHeader:
         patient_sex=parse_sex(str_value(ds, "PatientSex")),
         sop_instance_uid=str_value(ds, "SOPInstanceUID"),
         pixel_spacing=_spacing(ds),
-        reference=tuple((keyword, str_value(ds, keyword)) for keyword in REFERENCE_KEYWORDS),
+        reference=tuple((keyword, str_value(ds, keyword)) for keyword in reference_keywords),
     )
 
 

@@ -43,6 +43,9 @@ class DecodeOptions:
         dicomweb: the DICOMweb service a ``dicomweb+http(s)://`` path is
             fetched from, with its credentials, timeout and retries; None
             fetches such a path anonymously with the defaults.
+        reference_keywords: header elements kept as text in the header's
+            ``reference`` (what a Structured Report of the image's score
+            needs: patient, study, the image's UIDs); () keeps none.
     """
 
     voi_index: int | None = 0
@@ -54,6 +57,7 @@ class DecodeOptions:
     read_timeout_s: float = 300.0
     range_source: RangeSource = "image"
     dicomweb: DicomwebSettings | None = None
+    reference_keywords: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.range_source not in ("image", "bit_range"):

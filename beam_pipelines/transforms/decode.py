@@ -199,20 +199,14 @@ def prediction_columns(**values: Any) -> dict[str, Any]:
 class DecodeForScoringFn(beam.DoFn):
     """DICOM (from a metadata row or a bare path) -> (meta, model input) or a reject.
 
-    With ``keep_reference`` the meta also holds ``source``: the header's
-    :data:`~beam_pipelines.dicom.header.REFERENCE_KEYWORDS` values, which a
-    Structured Report of the score needs (patient, study, the image's UIDs).
+    With ``options.reference_keywords`` the meta also holds ``source``: those
+    header values, which a Structured Report of the score needs (patient,
+    study, the image's UIDs).
     """
 
-    def __init__(
-        self,
-        options: dicom.DecodeOptions,
-        resize_policy: dicom.ResizePolicy,
-        keep_reference: bool = False,
-    ) -> None:
+    def __init__(self, options: dicom.DecodeOptions, resize_policy: dicom.ResizePolicy) -> None:
         self._options = options
         self._resize_policy = resize_policy
-        self._keep_reference = keep_reference
 
     def setup(self) -> None:
         install_log_filters()  # as DecodeAndStageFn: workers never run the CLI
@@ -246,7 +240,7 @@ class DecodeForScoringFn(beam.DoFn):
             sex=(row.sex if row else None) or header.patient_sex,
             label=None if row is None or row.abnormal is None else int(row.abnormal),
         )
-        if self._keep_reference:
+        if self._options.reference_keywords:
             meta["source"] = dict(header.reference)
         _count_decode(stage, decoded)
         # Quantized as a record stores it: an image scores the same from its DICOM and its shard.

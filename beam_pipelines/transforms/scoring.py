@@ -94,8 +94,8 @@ class ReadExamples(beam.PTransform):
     """One scoring input -> (the inputs counted, (meta, image) examples, reject records).
 
     Exactly one of ``shard_pattern``, ``metadata`` or ``dicom_glob``. With
-    ``keep_reference`` each decoded example's meta also holds its header's
-    reference (``source``) for the results written back as DICOM. A corrupt
+    ``decoding.reference_keywords`` each decoded example's meta also holds
+    those header values (``source``) for the results written back as DICOM. A corrupt
     shard counts as one input (its reject balances the summary); a metadata
     row or a matched file is one input.
     """
@@ -109,13 +109,11 @@ class ReadExamples(beam.PTransform):
         allowed_schemes: Collection[str],
         decoding: dicom.DecodeOptions,
         resize_policy: dicom.ResizePolicy,
-        keep_reference: bool = False,
     ) -> None:
         super().__init__()
         self._shard_pattern, self._metadata, self._dicom_glob = shard_pattern, metadata, dicom_glob
         self._archive_root, self._allowed_schemes = archive_root, allowed_schemes
         self._decoding, self._resize_policy = decoding, resize_policy
-        self._keep_reference = keep_reference
 
     def expand(
         self, pipeline: beam.pvalue.PBegin
@@ -151,10 +149,7 @@ class ReadExamples(beam.PTransform):
     def _decode(self, sources: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
         return (
             sources
-            | "DecodeDicom"
-            >> beam.ParDo(
-                DecodeForScoringFn(self._decoding, self._resize_policy, self._keep_reference)
-            )
+            | "DecodeDicom" >> beam.ParDo(DecodeForScoringFn(self._decoding, self._resize_policy))
             | "RouteDecoded" >> SplitOutcomes()
         )
 
