@@ -177,24 +177,63 @@ def _stop_when_working(server: OrthancServer, out: Path) -> None:
     server.stop(graceful=False)
 
 
+def _refused(model: Path, metadata: Path, out: Path, capsys: Any, *flags: str) -> list[str]:
+    """The stderr lines of a run refused before any work (exit 2, nothing written)."""
+    with pytest.raises(SystemExit) as stopped:
+        _score(model, metadata, out, *flags)
+    assert stopped.value.code == 2
+    assert not out.exists()
+    return capsys.readouterr().err.strip().splitlines()
+
+
 def test_a_pacs_down_at_start_is_one_line_and_exit_2(
     synthetic_archive: Path, trained_model: Path, tmp_path: Path, capsys: Any
 ) -> None:
     from tests.support.runners import free_port
 
     closed = f"http://127.0.0.1:{free_port()}/dicom-web"
+    metadata = synthetic_archive / "metadata.csv"
+    [line] = _refused(trained_model, metadata, tmp_path / "out", capsys, "--results_to", closed)
+    assert "--results_to" in line and closed in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        # A pseudonymous report in a clinical PACS is an error unless asked for.
+        (
+            ["--results_to", "http://127.0.0.1:9/dw", "--pseudonymize_key", "k" * 32],
+            "--results_to_pseudonymized",
+        ),
+        (["--results_to_pseudonymized"], "--results_to_pseudonymized"),
+        (["--results_to", "ftp://pacs/dw"], "--results_to"),
+        (["--results_dir", "x", "--results_batch_size", "0"], "--results_batch_size"),
+    ],
+)
+def test_results_flags_that_cannot_work_are_refused_before_any_work(
+    synthetic_archive: Path,
+    trained_model: Path,
+    tmp_path: Path,
+    capsys: Any,
+    flags: list[str],
+    named: str,
+) -> None:
+    metadata = synthetic_archive / "metadata.csv"
+    error = _refused(trained_model, metadata, tmp_path / "out", capsys, *flags)[-1]
+    assert error.startswith("xray-score: error:") and named in error
+
+
+def test_reports_need_dicom_inputs_not_shards(
+    preprocessed: Path, trained_model: Path, tmp_path: Path, capsys: Any
+) -> None:
     with pytest.raises(SystemExit) as stopped:
-        _score(
-            trained_model,
-            synthetic_archive / "metadata.csv",
-            tmp_path / "out",
-            "--results_to",
-            closed,
+        score.run(
+            ["--model", str(trained_model / "model"), "--data_dir", str(preprocessed)]
+            + ["--output", f"{tmp_path / 'out'}/", "--results_dir", str(tmp_path / "r")]
         )
     assert stopped.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "--results_to" in lines[0] and closed in lines[0]
-    assert not (tmp_path / "out").exists()
+    assert "needs DICOM inputs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r").exists()
 
 
 def test_reports_as_files_are_valid_dicom_and_pseudonymous_with_a_key(
@@ -246,21 +285,3 @@ def _identifiers(path: Path) -> list[str]:
         return []
     keywords = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
     return [str(ds.get(k)) for k in keywords if len(str(ds.get(k) or "")) >= 6]
-
-
-def test_pseudonymized_reports_into_a_pacs_must_be_asked_for(
-    synthetic_archive: Path, trained_model: Path, tmp_path: Path, capsys: Any
-) -> None:
-    with pytest.raises(SystemExit) as stopped:
-        _score(
-            trained_model,
-            synthetic_archive / "metadata.csv",
-            tmp_path / "out",
-            "--results_to",
-            "http://127.0.0.1:9/dicom-web",
-            "--pseudonymize_key",
-            "k" * 32,
-        )
-    assert stopped.value.code == 2
-    assert "--results_to_pseudonymized" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
