@@ -60,7 +60,7 @@ def test_preprocess_matches_local(synthetic_archive, preprocessed, cluster, tmp_
 def _score(archive: Path, model: Path, prefix: Path, runner: list[str]) -> tuple[list, str, dict]:
     summary = score.run(
         ["--model", str(model / "model"), "--metadata", str(archive / "metadata.csv")]
-        + ["--output", str(prefix), *runner]
+        + ["--output", str(prefix), "--results_dir", str(prefix.parent / "reports"), *runner]
     )
     files = sorted(str(p) for p in prefix.parent.glob(f"{prefix.name}-*.parquet"))
     rejects = (prefix.parent / "rejects" / f"{prefix.name}.jsonl").read_text()
@@ -74,6 +74,18 @@ def test_score_matches_local(synthetic_archive, trained_model, cluster, tmp_path
     assert dask[2]["inputs"] == dask[2]["scored"] + dask[2]["rejected"]
     assert dask[2]["scored"] == local[2]["scored"] > 0
     assert dask[:2] == local[:2]
+    # The Structured Reports too: the same UIDs (paths) saying the same things.
+    assert dask[2]["results"]["stored"] == local[2]["results"]["stored"] == local[2]["scored"]
+    assert _reports(tmp_path / "d" / "reports") == _reports(tmp_path / "l" / "reports")
+
+
+def _reports(folder: Path) -> dict[str, dict]:
+    from beam_pipelines.contracts import structured_report
+
+    return {
+        str(path.relative_to(folder)): structured_report.read_report(path.read_bytes())
+        for path in sorted(folder.rglob("*.dcm"))
+    }
 
 
 class _EmitAtFinishFn(beam.DoFn):
