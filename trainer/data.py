@@ -143,8 +143,27 @@ def augment_batch(images: tf.Tensor, config: TrainConfig, seed: tf.Tensor) -> tf
     return tf.clip_by_value(images, 0.0, 1.0)
 
 
+def auto_shard_policy(files: int, workers: int) -> tf.data.experimental.AutoShardPolicy:
+    """How several workers split the training data: by file when each gets one, else by record.
+
+    FILE: each worker reads only its shards (files >= workers). DATA: each
+    reads every record and keeps its part of each global batch (fewer files
+    than workers; the same batches as one worker, at N times the reading).
+    """
+    policy = tf.data.experimental.AutoShardPolicy
+    return policy.FILE if files >= workers else policy.DATA
+
+
+def _sharded(
+    dataset: tf.data.Dataset, policy: tf.data.experimental.AutoShardPolicy
+) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = policy
+    return dataset.with_options(options)
+
+
 def training_dataset(
-    config: TrainConfig, files: list[str], skip_batches: int = 0
+    config: TrainConfig, files: list[str], skip_batches: int = 0, workers: int = 1
 ) -> tf.data.Dataset:
     """Endless shuffled, augmented (image, label) batches of the global batch size.
 
@@ -169,11 +188,16 @@ def training_dataset(
             )
         return images, batch["label"]
 
-    return dataset.map(to_pair, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    dataset = dataset.map(to_pair, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    return _sharded(dataset, auto_shard_policy(len(files), workers)) if workers > 1 else dataset
 
 
 def evaluation_dataset(
-    config: TrainConfig, files: list[str], with_metadata: bool = False, pad: bool = False
+    config: TrainConfig,
+    files: list[str],
+    with_metadata: bool = False,
+    pad: bool = False,
+    workers: int = 1,
 ) -> tf.data.Dataset:
     """One ordered pass over the split.
 
@@ -190,6 +214,9 @@ def evaluation_dataset(
             batch's loss by its padded size in the epoch mean, so the
             reported ``val_loss`` shifts slightly (``val_auc``, which drives
             early stopping, does not).
+        workers: with several, each takes its part of every (full, padded)
+            batch (DATA sharding): every worker runs the same number of
+            steps and every record counts once.
     """
     batch_size = config.global_batch_size
     dataset = serialized_records(files, training=False, seed=config.seed)
@@ -215,7 +242,8 @@ def evaluation_dataset(
             tf.ensure_shape(weights, (batch_size,)),
         )
 
-    return dataset.map(padded, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    dataset = dataset.map(padded, num_parallel_calls=AUTOTUNE).prefetch(AUTOTUNE)
+    return _sharded(dataset, tf.data.experimental.AutoShardPolicy.DATA) if workers > 1 else dataset
 
 
 def tf_feature_spec() -> dict[str, Any]:

@@ -42,6 +42,17 @@ def fit_members(
     shards: dict[str, list[str]],
 ) -> list[Any]:
     """Trains the model, or each ensemble member in ``out/members/k``; returns them."""
+    from trainer import data
+    from trainer import strategy as strategy_lib
+
+    workers = strategy_lib.worker_count(strategy)
+    if workers > 1:
+        logger.info(
+            "%d workers share %d training shard file(s): auto-shard by %s",
+            workers,
+            len(shards["train"]),
+            data.auto_shard_policy(len(shards["train"]), workers).name,
+        )
     if config.ensemble > 1 and os.path.exists(os.path.join(out, "history.csv")):
         os.remove(os.path.join(out, "history.csv"))  # each member keeps its own
 
@@ -82,6 +93,7 @@ def fit_member(
     import keras
 
     from trainer import data
+    from trainer import strategy as strategy_lib
 
     keras.utils.set_random_seed(config.seed)
     out = work_config.output_dir
@@ -92,6 +104,15 @@ def fit_member(
     # end state, so a kill early in the second phase does not start over.
     frozen_end = os.path.join(out, "frozen_phase.weights.h5")
     frozen_done = bool(config.freeze_epochs) and resume.saved_with(frozen_end, config)
+    workers = strategy_lib.worker_count(strategy)
+    if workers > 1:  # every worker must run the same epochs
+        done, resume_epoch, frozen_done = resume.agreed_start(
+            lambda values: strategy_lib.gather(strategy, values),
+            os.path.join(out, "backup"),
+            done,
+            resume_epoch,
+            frozen_done,
+        )
     start = resume_epoch or (config.freeze_epochs if frozen_done and not done else 0)
     if not done:
         resume.trim_history(out, start)  # a fresh run starts a fresh history
@@ -137,13 +158,16 @@ def fit_member(
             # The learning-rate schedule goes on from the frozen phase's last
             # step instead of warming up again (a resumed run's backup restores it).
             model.optimizer.iterations.assign(config.freeze_epochs * steps_per_epoch)
+        # The batches the finished epochs trained on are skipped, so a
+        # resumed run sees the very batches an uninterrupted one would.
+        train_data = data.training_dataset(config, train_files, start * steps_per_epoch, workers)
+        if workers > 1:
+            adapt_to_cluster(model, strategy, train_data.element_spec)
         with naming_damaged_shards([*train_files, *validation_files]):
             model.fit(
-                # The batches the finished epochs trained on are skipped, so a
-                # resumed run sees the very batches an uninterrupted one would.
-                data.training_dataset(config, train_files, start * steps_per_epoch),
+                train_data,
                 validation_data=data.evaluation_dataset(
-                    config, validation_files, pad=strategy.num_replicas_in_sync > 1
+                    config, validation_files, pad=strategy.num_replicas_in_sync > 1, workers=workers
                 ),
                 initial_epoch=start,
                 epochs=end,
@@ -165,6 +189,31 @@ def fit_member(
         model.load_weights(best)
     resume.save_with(model, finished, config)  # a run resumed after a kill skips this member
     return model
+
+
+def adapt_to_cluster(model: Any, strategy: Any, spec: Any) -> None:
+    """Lets Keras 3 (3.15) ``fit`` and ``evaluate`` run under MultiWorkerMirroredStrategy.
+
+    Two of its steps fail there: the symbolic build at their start averages a
+    first batch with ``strategy.reduce``, which cannot reduce the (image,
+    label, …) tuple (ValueError: PerReplica to a Tensor), and each step's
+    logs are averaged with ``strategy.reduce(..., axis=0)``, invalid for
+    scalars. The build gets the data's spec (shapes and dtypes are all it
+    needs) and the step logs get one dimension. Epoch logs (history, early
+    stopping) are read from the metrics' variables, summed over all workers.
+    """
+    import tensorflow as tf
+
+    def build(iterator: Any = None, data_batch: Any = None) -> None:
+        with strategy.scope():
+            model._symbolic_build(data_batch=spec)
+
+    def with_axis(step: Any) -> Any:
+        return lambda data: {k: tf.reshape(v, [1]) for k, v in step(data).items()}
+
+    model._maybe_symbolic_build = build
+    model.train_step = with_axis(type(model).train_step.__get__(model))
+    model.test_step = with_axis(type(model).test_step.__get__(model))
 
 
 def steps_in_epoch(config: TrainConfig, train_count: int) -> int:

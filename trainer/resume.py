@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,52 @@ def usable_backup(backup_dir: str) -> int | None:
         )
         shutil.rmtree(backup_dir, ignore_errors=True)
     return epoch
+
+
+def _use_previous_backup(backup_dir: str) -> None:
+    for name in ("latest.weights.h5", "training_metadata.json"):
+        shutil.copyfile(os.path.join(backup_dir, f"{name}.bkp"), os.path.join(backup_dir, name))
+
+
+def agreed_start(
+    gather: Callable[[list[int]], list[list[int]]],
+    backup_dir: str,
+    done: bool,
+    latest: int | None,
+    frozen_done: bool,
+) -> tuple[bool, int | None, bool]:
+    """What every worker of a cluster resumes from: ``(done, backup epoch, frozen phase done)``.
+
+    Each worker backs up on its own at an epoch's end, so a kill can leave
+    one a backup ahead of another; the workers must restore the same epoch
+    (their weights are assumed equal, never re-broadcast). The newest epoch
+    all of them hold, as their latest or previous (``.bkp``) backup, is
+    used; without one, all start over.
+
+    Args:
+        gather: every worker's values of a list of ints (a collective).
+        backup_dir: this worker's backup, made loadable by :func:`usable_backup`.
+        done, latest, frozen_done: this worker's own view.
+    """
+    previous = _readable_backup(
+        os.path.join(backup_dir, "latest.weights.h5.bkp"),
+        os.path.join(backup_dir, "training_metadata.json.bkp"),
+    )
+    mine = [int(done), -1 if latest is None else latest, -1 if previous is None else previous]
+    rows = gather([*mine, int(frozen_done)])
+    frozen = all(row[3] for row in rows)
+    if all(row[0] for row in rows):
+        return True, None, frozen
+    epoch = min(row[1] for row in rows)
+    if epoch < 0 or any(epoch not in row[1:3] for row in rows):
+        if latest is not None:
+            logger.warning("The workers hold no common backup epoch: starting over")
+            shutil.rmtree(backup_dir, ignore_errors=True)
+        return False, None, frozen
+    if latest != epoch:
+        logger.warning("Backup of epoch %s is ahead of a peer's: resuming at %s", latest, epoch)
+        _use_previous_backup(backup_dir)
+    return False, epoch, frozen
 
 
 def rng_variables(model: Any) -> list[Any]:

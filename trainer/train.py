@@ -19,9 +19,11 @@ This module wires the steps together: the data checks
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+import shutil
+from typing import TYPE_CHECKING, Any
 
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
@@ -30,37 +32,98 @@ from trainer import export, fit
 from trainer.config import TrainConfig, load_config
 from trainer.training_data import check_training_data, read_manifest
 
+if TYPE_CHECKING:
+    from trainer.strategy import Task
+
 logger = logging.getLogger(__name__)
 
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs training; returns the model card.
 
-    Preflight (exit 2, one line): the manifest, the train and validation
-    shards, the output location and its lock. The run writes into the
-    output's work folder (where a killed run's backup is resumed from) and
-    replaces the previous results only once the model card is written.
+    Preflight (exit 2, one line): ``TF_CONFIG``, the manifest, the train and
+    validation shards, the output location and its lock. The run writes
+    into the output's work folder (where a killed run's backup is resumed
+    from) and replaces the previous results only once the model card is
+    written. In a cluster (``TF_CONFIG``), see :func:`_run_in_cluster`.
     """
+    from trainer.strategy import cluster_task
+
     config = load_config(argv)
+    try:
+        task = cluster_task()
+    except ValueError as exc:
+        refuse("xray-train", f"TF_CONFIG: {exc}")
+    if task is not None and config.logical_cpus > 1:
+        refuse("xray-train", "--logical_cpus is for one host: with TF_CONFIG, one replica a worker")
     try:
         manifest, manifest_bytes = read_manifest(config.data_dir)
         shards = check_training_data(config.data_dir, manifest)
     except ValueError as exc:
         refuse("xray-train", f"--data_dir {config.data_dir}: {exc}")
+    if task is not None:
+        return _run_in_cluster(config, task, manifest, manifest_bytes, shards)
     problem = fit.starting_point_problem(config)
     if problem:
         refuse("xray-train", problem)
-    output = open_output(
+    with _open(config) as output:
+        from trainer.strategy import make_strategy
+
+        # Logical devices must be configured before anything else touches TF.
+        strategy = make_strategy(config.logical_cpus)
+        card = _train(config, output.work, manifest, manifest_bytes, shards, strategy)
+        output.commit(last="model_card.json")
+    logger.info("Model %s written to %s; AUC %s", card["model_id"], config.output_dir, card["auc"])
+    return card
+
+
+def _open(config: TrainConfig) -> Any:
+    return open_output(
         "--output_dir",
         config.output_dir,
         "xray-train",
         resume=True,
         inputs=(config.data_dir,),
     )
-    with output:
-        card = _train(config, output.work, manifest, manifest_bytes, shards)
+
+
+def _run_in_cluster(
+    config: TrainConfig,
+    task: Task,
+    manifest: dict[str, Any],
+    manifest_bytes: bytes,
+    shards: dict[str, list[str]],
+) -> dict[str, Any]:
+    """One worker of a MultiWorkerMirroredStrategy cluster.
+
+    Every worker trains and saves (the collectives need them all); the
+    chief does so in the output's work folder, holds the lock, predicts and
+    commits; the others work in :func:`~trainer.strategy.worker_folder`,
+    wait for the chief's commit, then delete it.
+    """
+    from trainer.strategy import gather, make_strategy, worker_folder
+
+    # Before any other TF op (the starting-point check may build a model).
+    strategy = make_strategy(task=task)
+    problem = fit.starting_point_problem(config)
+    if problem:
+        refuse("xray-train", problem)
+    folder = worker_folder(config.output_dir, task)
+    if not task.is_chief:
+        os.makedirs(folder, exist_ok=True)
+        card = _train(config, folder, manifest, manifest_bytes, shards, strategy, chief=False)
+        gather(strategy, [0])  # the chief has committed
+        shutil.rmtree(folder, ignore_errors=True)
+        gather(strategy, [0])  # lets the chief remove the workers' folder
+        return {**card, "task": task.name}
+    with _open(config) as output:
+        card = _train(config, output.work, manifest, manifest_bytes, shards, strategy)
         output.commit(last="model_card.json")
     logger.info("Model %s written to %s; AUC %s", card["model_id"], config.output_dir, card["auc"])
+    gather(strategy, [1])  # the workers delete their folders now
+    gather(strategy, [1])
+    with contextlib.suppress(OSError):  # absent here when the workers run on other hosts
+        os.rmdir(os.path.dirname(folder))
     return card
 
 
@@ -70,12 +133,10 @@ def _train(
     manifest: dict[str, Any],
     manifest_bytes: bytes,
     shards: dict[str, list[str]],
+    strategy: Any,
+    chief: bool = True,
 ) -> dict[str, Any]:
-    """Trains into ``out`` (the work folder); returns the model card."""
-    from trainer.strategy import make_strategy
-
-    # Logical devices must be configured before anything else touches TF.
-    strategy = make_strategy(config.logical_cpus)
+    """Trains into ``out``; returns the model card (a worker's: its model id alone)."""
     fit.set_up_keras(config)
     with open(os.path.join(out, "config.json"), "w") as handle:
         handle.write(config.to_json())
@@ -85,6 +146,9 @@ def _train(
     model_dir = export.save_model(model, out)
 
     model_id = export.model_id(config, manifest_bytes)
+    if not chief:
+        return {"model_id": model_id}
+    # Direct calls, outside the strategy: no collective, the workers need not take part.
     predicted = export.predict_splits(model, config, model_id)
     point = export.choose_operating_point(predicted["validation"], config.operating_point)
     export.write_predictions(out, model_dir, predicted, point)
@@ -103,6 +167,8 @@ def _train(
 
 
 def _describe(card: dict[str, Any]) -> str:
+    if "task" in card:
+        return f"xray-train: {card['model_id']} {card['task']} done; the chief wrote the results"
     best = card["best_val_auc"]
     shown = "n/a" if best is None else f"{best:.3f}"
     return f"xray-train: {card['model_id']} best val AUC {shown}, AUC {card['auc']}"

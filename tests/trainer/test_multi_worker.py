@@ -1,0 +1,141 @@
+"""Training on several hosts: two worker processes on localhost ports (MWMS)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from beam_pipelines.contracts import predictions
+from tests.support.runners import free_port
+
+ARGS = ("--global_batch_size", "8", "--steps_per_epoch", "3", "--verbose", "2", "--seed", "0")
+
+
+def _tf_config(ports: list[int], index: int) -> str:
+    workers = [f"localhost:{port}" for port in ports]
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+
+
+def _start_cluster(data: Path, out: Path, *args: str) -> list[subprocess.Popen]:
+    """Worker 0 (the chief) and worker 1, each a fresh process (collectives are set at start)."""
+    ports = [free_port(), free_port()]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "trainer.train", "--data_dir", str(data)]
+            + ["--output_dir", str(out), *ARGS, *args],
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": _tf_config(ports, i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for i in range(2)
+    ]
+
+
+def _finish(processes: list[subprocess.Popen], timeout: float = 300) -> list[str]:
+    outputs = []
+    for process in processes:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                os.killpg(other.pid, signal.SIGKILL)
+            raise
+        assert process.returncode == 0, output[-4000:]
+        outputs.append(output)
+    return outputs
+
+
+def _epochs(out: Path) -> list[int]:
+    with (out / "history.csv").open() as handle:
+        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+
+
+def _assert_complete(out: Path, data: Path, epochs: int) -> None:
+    """The chief's outputs, every validation and test record predicted, nothing of the worker."""
+    for name in ("model/saved_model.pb", "model/model.keras", "model_card.json", "config.json"):
+        assert (out / name).exists(), name
+    assert _epochs(out) == list(range(epochs))
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["replicas"] == 2 and card["epochs_run"] == epochs
+    manifest = json.loads((data / "manifest.json").read_text())
+    for split in ("validation", "test"):
+        table = predictions.read(str(out / "predictions" / f"{split}.parquet"))
+        assert table.num_rows == sum(manifest["counts"][split].values())
+        assert len(set(table.column("dicom_path").to_pylist())) == table.num_rows
+    assert not (out / "backup").exists()
+    # The worker wrote only into its own folder beside the output, removed at the end.
+    assert sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")) == [
+        f".{out.name}.lock"
+    ]
+
+
+@pytest.mark.slow
+def test_two_workers_train_and_only_the_chief_writes(preprocessed: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    chief, worker = _finish(_start_cluster(preprocessed, out, "--epochs", "2"))
+    _assert_complete(out, preprocessed, epochs=2)
+    assert "worker-0 of 2 workers (chief" in chief
+    assert "auto-shard by DATA" in chief  # one training shard, two workers
+    assert "worker-1 done; the chief wrote the results" in worker
+
+
+def test_malformed_tf_config_is_refused_in_one_line(preprocessed: Path, tmp_path: Path) -> None:
+    for config in ('{"cluster": ', '{"cluster": {"worker": ["a:1", "b:2"]}}'):
+        result = subprocess.run(
+            [sys.executable, "-m", "trainer.train", "--data_dir", str(preprocessed)]
+            + ["--output_dir", str(tmp_path / "out")],
+            env={**os.environ, "TF_CONFIG": config},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("xray-train: error: TF_CONFIG: ")
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [
+        ("[1]", 'needs a "cluster"'),
+        ('{"cluster": {"ps": ["a:1"], "worker": ["b:2"]}}', "'ps' tasks"),
+        ('{"cluster": {"worker": ["a", "b:2"]}}', "not host:port"),
+        (
+            '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}',
+            "outside",
+        ),
+        ('{"cluster": {"chief": ["a:1", "c:3"], "worker": ["b:2"]}}', "more than one chief"),
+    ],
+)
+def test_cluster_task_names_what_is_wrong(config: str, problem: str) -> None:
+    from trainer.strategy import cluster_task
+
+    with pytest.raises(ValueError, match=problem):
+        cluster_task(config)
+
+
+def test_cluster_task_finds_the_chief() -> None:
+    from trainer.strategy import cluster_task
+
+    assert cluster_task("") is None
+    assert cluster_task('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker"}}') is None
+    workers = {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}
+    task = cluster_task(json.dumps(workers))
+    assert task is not None and task.is_chief and task.workers == 2
+    with_chief = {
+        "cluster": {"chief": ["c:0"], "worker": ["a:1", "b:2"]},
+        "task": {"type": "worker", "index": 0},
+    }
+    task = cluster_task(json.dumps(with_chief))
+    assert task is not None and not task.is_chief and task.workers == 3
+    assert task.name == "worker-0"
