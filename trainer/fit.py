@@ -114,6 +114,8 @@ def fit_member(
             frozen_done,
         )
     start = resume_epoch or (config.freeze_epochs if frozen_done and not done else 0)
+    if resume_epoch is not None:
+        logger.info("Resuming %s at epoch %d from its backup", name, resume_epoch)
     if not done:
         resume.trim_history(out, start)  # a fresh run starts a fresh history
     train_files, validation_files = shards["train"], shards["validation"]

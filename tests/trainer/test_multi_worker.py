@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,33 @@ def test_cluster_task_finds_the_chief() -> None:
     task = cluster_task(json.dumps(with_chief))
     assert task is not None and not task.is_chief and task.workers == 3
     assert task.name == "worker-0"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_restarted_with_its_peer_resumes(
+    preprocessed: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "results"
+    backups = [
+        tmp_path / ".results.work" / "backup",
+        tmp_path / ".results.workers" / "worker-1" / "backup",
+    ]
+    args = ("--epochs", "3", "--steps_per_epoch", "6")
+    chief, worker = _start_cluster(preprocessed, out, *args)
+    deadline = time.monotonic() + 240
+    # Kill hard once both hold the first epoch's backup, during the next epoch.
+    while not all(list(b.rglob("*.h5")) for b in backups) and time.monotonic() < deadline:
+        assert chief.poll() is None and worker.poll() is None, chief.communicate()[0][-3000:]
+        time.sleep(0.1)
+    time.sleep(0.5)
+    os.killpg(worker.pid, signal.SIGKILL)
+    # The cluster manager restarts the whole job: the chief goes too.
+    os.killpg(chief.pid, signal.SIGKILL)
+    chief.wait(), worker.wait()
+    done = _epochs(tmp_path / ".results.work")
+    assert done and done[-1] < 2, "the first run finished before it could be killed"
+    assert not out.exists()
+
+    chief_log, _ = _finish(_start_cluster(preprocessed, out, *args))
+    assert "Resuming simple_cnn at epoch" in chief_log
+    _assert_complete(out, preprocessed, epochs=3)  # no epoch repeated or lost
