@@ -195,7 +195,16 @@ _REDACTED_LOGGERS = (
     "pydicom.pixels.utils",
     "pydicom.pixels.decoders.base",
     "urllib3.connectionpool",
+    # highdicom's SR building logs source UIDs ("copy ... attributes from dataset
+    # <UID>") at INFO and may warn with a patient's name.
+    "highdicom.base",
+    "highdicom.sr.sop",
+    "highdicom.sr.templates",
+    "highdicom.sr.content",
+    "highdicom.sr.coding",
 )
+#: highdicom's informational lines say nothing a user needs and quote header values.
+_QUIETED_LOGGER = "highdicom"
 _PLUGIN_LOGGER = "pydicom.pixels.decoders.base"
 
 
@@ -211,10 +220,12 @@ def install_log_filters() -> None:
     logging.getLogger(_PLUGIN_LOGGER).addFilter(_quiet)
     for name in _REDACTED_LOGGERS:
         logging.getLogger(name).addFilter(_redact)
+    logging.getLogger(_QUIETED_LOGGER).setLevel(logging.WARNING)
     # pydicom sends each warning both to its (now redacted) logger and through
     # warnings.warn with the values in clear: drop the unredacted duplicate.
     # filterwarnings replaces an identical earlier entry instead of adding one.
     warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    warnings.filterwarnings("ignore", module=r"highdicom(\.|$)")
 
 
 @contextmanager

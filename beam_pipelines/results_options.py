@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import posixpath
+import uuid
 from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines.contracts.structured_report import ReportRun
-from beam_pipelines.options import checked_dicomweb
+from beam_pipelines.options import checked_dicomweb, decode_options
+from beam_pipelines.storage.files import is_local, local_path
 from beam_pipelines.transforms.results import ResultsTarget
 
 
@@ -89,16 +92,62 @@ def results_plan(
         model_id=model_id,
         model_digest=digest,
         threshold=None if point is None else float(point["threshold"]),
-        # What else changes a score: how the image is fitted to the model's input.
-        options={"resize_policy": str(args.resize_policy)},
+        options=scoring_options(args),
         pseudonymized=pseudonymized,
     )
     if args.results_to:
         settings = checked_dicomweb(parser, args, "--results_to")
         target = ResultsTarget(settings=settings, batch_size=args.results_batch_size)
     else:
+        problem = folder_problem(args.results_dir)
+        if problem:
+            parser.error(f"--results_dir {args.results_dir}: {problem}")
         target = ResultsTarget(folder=args.results_dir, batch_size=args.results_batch_size)
     return target, run
+
+
+#: The decoding settings that change a model input (the others only reject inputs).
+PIXEL_OPTIONS = ("voi_index", "range_source", "multiframe", "color", "reduced_resolution")
+
+
+def scoring_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options besides model and threshold that change a score: how images become inputs.
+
+    Another value is another run (new series, new reports): the PACS never
+    keeps a report that says what this run would not.
+    """
+    decoding = decode_options(args)
+    return {
+        "resize_policy": str(args.resize_policy),
+        **{name: getattr(decoding, name) for name in PIXEL_OPTIONS},
+    }
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why reports could not be written under ``folder``, else None; creates nothing locally.
+
+    A local folder (or, while it does not exist yet, its nearest existing
+    parent) must be a writable folder; a bucket's scheme must be one Beam
+    knows, and a probe object is written there and deleted.
+    """
+    if is_local(folder):
+        path = os.path.abspath(local_path(folder))
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            return "a file stands where a folder is needed"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return "not writable"
+        return None
+    try:
+        FileSystems.get_filesystem(folder)
+        probe = f"{folder.rstrip('/')}/.xray-score-write-check-{uuid.uuid4().hex}"
+        with FileSystems.create(probe) as handle:
+            handle.write(b"")
+        FileSystems.delete([probe])
+    except Exception as exc:  # any filesystem's error: the run must not start
+        return f"cannot write there ({type(exc).__name__})"
+    return None
 
 
 def model_digest(model_dir: str) -> str:

@@ -209,6 +209,9 @@ def summary(
     }
     if results is not None:
         document["results"] = results
+        accounted = results["stored"] + results["already_present"] + results["refused"]
+        if accounted != scored:
+            raise RuntimeError(f"accounting broken: {accounted} reports for {scored} scored")
     if document["scored"] + document["rejected"] != inputs:
         raise RuntimeError(
             f"accounting broken: {scored} scored + {document['rejected']} rejected != {inputs}"

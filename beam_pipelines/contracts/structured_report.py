@@ -176,9 +176,14 @@ class ReportRun:
         """The run's series in this study: one per run and study, the same on every rerun."""
         return derived_uid(self.digest, "series", study_uid)
 
-    def sop_uid(self, source_sop_uid: str) -> str:
-        """The SR's SOP Instance UID for this source image, the same on every rerun."""
-        return derived_uid(self.digest, "sop", source_sop_uid)
+    def sop_uid(self, study_uid: str, series_uid: str, source_sop_uid: str) -> str:
+        """The SR's SOP Instance UID for this source image, the same on every rerun.
+
+        The source's study and series count too: archives merged or split by
+        hand hold the same SOP Instance UID in two studies, and two reports
+        must not share one UID.
+        """
+        return derived_uid(self.digest, "sop", study_uid, series_uid, source_sop_uid)
 
     def device_uid(self) -> str:
         """The algorithm as a device observer: one UID per model and version."""
@@ -328,7 +333,7 @@ def build_report(
         content=report[0],
         series_instance_uid=run.series_uid(study_uid),
         series_number=run.series_number,
-        sop_instance_uid=run.sop_uid(source["SOPInstanceUID"]),
+        sop_instance_uid=run.sop_uid(*(source[k] for k in _UIDS)),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -444,7 +449,7 @@ class _Template:
             setattr(report, keyword, values[keyword])
         study, series, sop_class, sop = (values[k] for k in REQUIRED_SOURCE)
         report.SeriesInstanceUID = derived_uid(run, "series", study)  # ReportRun.series_uid
-        report.SOPInstanceUID = derived_uid(run, "sop", sop)  # ReportRun.sop_uid
+        report.SOPInstanceUID = derived_uid(run, "sop", study, series, sop)  # ReportRun.sop_uid
         report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
         self.study.StudyInstanceUID = study
         self.series.SeriesInstanceUID = series

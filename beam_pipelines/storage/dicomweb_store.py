@@ -41,6 +41,8 @@ REFUSED = "refused"
 
 #: QIDO page size for :func:`stored_instances` (a module constant so tests can page small).
 PAGE_SIZE = 1000
+#: UIDs per :func:`present_instances` search: ~45 characters each keeps the URL near 2 KB.
+UIDS_PER_SEARCH = 40
 STOW_ACCEPT = "application/dicom+json"
 NOT_IN_ANSWER = "not in the server's answer"
 #: Codes (failure or warning) that mean "this SOP Instance UID is already stored".
@@ -95,10 +97,36 @@ def stored_instances(settings: DicomwebSettings, study_uid: str, series_uid: str
     return found
 
 
+def present_instances(settings: DicomwebSettings, sop_uids: Sequence[str]) -> set[str]:
+    """Which of these SOP Instance UIDs the server holds, in any study (one QIDO-RS search).
+
+    The UIDs go in one search as a UID list (PS3.18: comma-separated), at
+    most :data:`UIDS_PER_SEARCH` per request.
+
+    Raises:
+        FetchFailed: a search failed after its retries (``status`` says how).
+    """
+    found: set[str] = set()
+    for start in range(0, len(sop_uids), UIDS_PER_SEARCH):
+        chunk = [_segment(uid) for uid in sop_uids[start : start + UIDS_PER_SEARCH]]
+        params: dict[str, str | list[str]] = {
+            "SOPInstanceUID": ",".join(chunk),
+            "includefield": "00080018",
+        }
+        for item in dicomweb.search(settings, "instances", params, PAGE_SIZE):
+            uid = _first(item.get("00080018"))
+            if isinstance(uid, str) and uid:
+                found.add(uid)
+    return found & set(sop_uids)
+
+
 def store_instances(
-    settings: DicomwebSettings, study_uid: str, instances: Sequence[tuple[str, bytes]]
+    settings: DicomwebSettings, study_uid: str | None, instances: Sequence[tuple[str, bytes]]
 ) -> dict[str, Outcome]:
     """STOW-RS one batch of ``(sop_instance_uid, part10_bytes)`` to ``{url}/studies/{study_uid}``.
+
+    Without a study UID the batch goes to ``{url}/studies`` and may hold
+    instances of many studies.
 
     Every SOP UID given maps to ``(STORED, None)``, ``(ALREADY_PRESENT,
     None)`` or ``(REFUSED, detail)``. An answer the server gave for good (a
@@ -115,7 +143,7 @@ def store_instances(
     """
     if not instances:
         return {}
-    url = f"{settings.url}/studies/{_segment(study_uid)}"
+    url = f"{settings.url}/studies" + (f"/{_segment(study_uid)}" if study_uid else "")
     if not dicomweb.lies_under(url, settings.url):
         raise FetchFailed("not on the configured DICOMweb server", status=None)
     parts = [data for _, data in instances]

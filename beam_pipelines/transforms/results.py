@@ -17,6 +17,7 @@ source's header lacks a UID to reference); it stays scored in the predictions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -27,7 +28,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_pipelines.contracts import structured_report as sr
-from beam_pipelines.contracts.rejects import INTERNAL_ERROR, internal_error_detail, reject
+from beam_pipelines.contracts.rejects import INTERNAL_ERROR, internal_error_detail, order, reject
 from beam_pipelines.privacy import Pseudonymizer, install_log_filters
 from beam_pipelines.storage import dicomweb_store
 from beam_pipelines.storage.dicomweb import DicomwebSettings, FetchFailed
@@ -41,6 +42,10 @@ SOURCE = "source"
 STAGE = "results"
 #: Outcomes counted in the summary besides the rejects.
 STORED, ALREADY_PRESENT = dicomweb_store.STORED, dicomweb_store.ALREADY_PRESENT
+REFUSED = dicomweb_store.REFUSED
+_NOT_IN_ANSWER = dicomweb_store.NOT_IN_ANSWER
+#: The source's UIDs a report's own UIDs derive from.
+UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 #: Reject reasons of the results stage.
 REASONS: tuple[str, ...] = ("no_reference", "refused", "store_failed", INTERNAL_ERROR)
 
@@ -69,8 +74,8 @@ def prediction_row(prediction: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in prediction.items() if key not in (SOURCE, "row")}
 
 
-class _KeyBySeriesFn(beam.DoFn):
-    """A prediction -> ((study, series of its report), item), or a ``no_reference`` reject."""
+class _KeyByReportFn(beam.DoFn):
+    """A prediction -> (its report's SOP Instance UID, item), or a ``no_reference`` reject."""
 
     def __init__(self, run: sr.ReportRun, pseudonymizer: Pseudonymizer | None) -> None:
         self._run, self._pseudonymizer = run, pseudonymizer
@@ -86,22 +91,42 @@ class _KeyBySeriesFn(beam.DoFn):
             Metrics.counter(self.__class__, "rejected_no_reference").inc()
             yield REJECTED, reject(row, path, STAGE, "no_reference", problem)
             return
-        study = source["StudyInstanceUID"]
+        study, series, sop = (source[k] for k in UIDS)
         item = {
             "row": row,
             "dicom_path": path,
             "score": prediction["score"],
             "predicted": prediction["predicted"],
+            "study": study,
+            "series": self._run.series_uid(study),
             SOURCE: source,
         }
-        yield KEPT, ((study, self._run.series_uid(study)), item)
+        yield KEPT, (self._run.sop_uid(study, series, sop), item)
 
 
-class _StoreSeriesFn(beam.DoFn):
-    """(study, series), items -> one outcome per item (stored, already present) or its reject.
+def _one_report(element: tuple[str, Iterable[dict[str, Any]]]) -> tuple[str, dict, list[dict]]:
+    """(report UID, items) -> (UID, the item it is built from, its twins).
 
-    The target is asked once per series what it holds; only the rest is built
-    and stored, ``batch_size`` reports per request.
+    Twins are the same image listed again (another path to the same file):
+    one report serves them all. The first in the rejects' order (row, then
+    path) is built, the same on every run.
+    """
+    sop, items = element
+    first, *twins = sorted(items, key=order)
+    return sop, first, twins
+
+
+#: One report's outcome: STORED or ALREADY_PRESENT, else (reject reason, detail).
+Outcome = str | tuple[str, str]
+
+
+class _StoreBatchFn(beam.DoFn):
+    """A batch of reports -> one outcome (stored, already present) or reject per image.
+
+    The target is asked once per batch which reports it holds; only the rest
+    are built and stored, in one request. A request the server refuses as a
+    whole is sent again one report at a time, so one bad report never costs
+    its batch; reports a 2xx answer does not account for are looked up again.
     """
 
     def __init__(self, target: ResultsTarget, run: sr.ReportRun) -> None:
@@ -110,98 +135,121 @@ class _StoreSeriesFn(beam.DoFn):
     def setup(self) -> None:
         install_log_filters()  # workers never run the CLI
         self._progress = Progress("results stored or accounted for", bar=False)
+        # One builder per DoFn instance: it reuses a template, not thread-safe.
         self._builder = sr.ReportBuilder(self._run)
 
     def finish_bundle(self) -> None:
         self._progress.flush()
 
-    def process(self, element: tuple[tuple[str, str], Iterable[dict[str, Any]]]) -> Iterator[Any]:
-        (study, series), grouped = element
-        items: dict[str, dict[str, Any]] = {}
-        for item in sorted(
-            grouped, key=lambda i: (i["row"] is None, i["row"] or 0, i["dicom_path"])
-        ):
-            sop = self._run.sop_uid(item[SOURCE]["SOPInstanceUID"])
-            if sop in items:  # the same image twice in the input: one report
-                yield from self._outcome(item, ALREADY_PRESENT)
-            else:
-                items[sop] = item
+    def process(self, batch: list[tuple[str, dict, list[dict]]]) -> Iterator[Any]:
+        reports = {sop: (item, twins) for sop, item, twins in batch}
         try:
-            present = self._present(study, series, list(items))
-        except FetchFailed as exc:
-            for item in items.values():
-                yield from self._reject(item, "store_failed", f"listing the series: {exc}")
+            present = self._present(reports)
+        except Exception as exc:  # a failed search (or folder) costs this batch only
+            failed = ("store_failed", _failure("asking what the target holds", exc))
+            for item, twins in reports.values():
+                yield from self._settle(item, twins, failed)
             return
-        missing = [(sop, item) for sop, item in items.items() if sop not in present]
-        for sop, item in items.items():
-            if sop in present:
-                yield from self._outcome(item, ALREADY_PRESENT)
-        size = self._target.batch_size
-        for start in range(0, len(missing), size):
-            yield from self._store(study, series, missing[start : start + size])
-
-    def _present(self, study: str, series: str, sops: list[str]) -> set[str]:
-        if self._target.settings is not None:
-            return dicomweb_store.stored_instances(self._target.settings, study, series)
-        return {sop for sop in sops if exists(self._target.file_path(study, series, sop))}
-
-    def _store(
-        self, study: str, series: str, batch: list[tuple[str, dict[str, Any]]]
-    ) -> Iterator[Any]:
         encoded: list[tuple[str, bytes]] = []
-        by_sop: dict[str, dict[str, Any]] = {}
-        for sop, item in batch:
+        for sop, (item, twins) in reports.items():
+            if sop in present:
+                yield from self._settle(item, twins, ALREADY_PRESENT)
+                continue
             try:
                 data = self._builder.encoded(item[SOURCE], item["score"], item["predicted"])
-                encoded.append((sop, data))
-                by_sop[sop] = item
             except MemoryError:
                 raise
             except Exception as exc:  # a bug on one report: that image is rejected, the job goes on
                 detail = internal_error_detail(exc, STAGE, item["row"])
-                yield from self._reject(item, INTERNAL_ERROR, detail)
-        if not encoded:
-            return
+                yield from self._settle(item, twins, (INTERNAL_ERROR, detail))
+                continue
+            encoded.append((sop, data))
         if self._target.settings is None:
-            for sop, data in encoded:
-                yield from self._write_file(study, series, sop, data, by_sop[sop])
-            return
-        try:
-            answers = dicomweb_store.store_instances(self._target.settings, study, encoded)
-        except FetchFailed as exc:
-            for sop, _ in encoded:
-                yield from self._reject(by_sop[sop], "store_failed", str(exc))
-            return
-        for sop, _ in encoded:
-            answer, why = answers[sop]
-            if answer == dicomweb_store.REFUSED:
-                yield from self._reject(by_sop[sop], "refused", why or "refused")
-            else:
-                yield from self._outcome(by_sop[sop], answer)
+            outcomes = {sop: self._write_file(reports[sop][0], sop, data) for sop, data in encoded}
+        else:
+            outcomes = self._store(encoded)
+        for sop, outcome in outcomes.items():
+            item, twins = reports[sop]
+            yield from self._settle(item, twins, outcome)
 
-    def _write_file(
-        self, study: str, series: str, sop: str, data: bytes, item: dict[str, Any]
-    ) -> Iterator[Any]:
-        path = self._target.file_path(study, series, sop)
+    def _present(self, reports: dict[str, tuple[dict, list[dict]]]) -> set[str]:
+        if self._target.settings is not None:
+            return dicomweb_store.present_instances(self._target.settings, list(reports))
+        return {sop for sop, (item, _) in reports.items() if exists(self._path(item, sop))}
+
+    def _path(self, item: dict[str, Any], sop: str) -> str:
+        return self._target.file_path(item["study"], item["series"], sop)
+
+    def _store(self, encoded: list[tuple[str, bytes]]) -> dict[str, Outcome]:
+        """STOW-RS: every report's outcome."""
+        if not encoded:
+            return {}
+        outcomes = self._send(encoded)
+        details = set(outcomes.values())
+        if len(encoded) > 1 and len(details) == 1:
+            [only] = details
+            if isinstance(only, tuple) and only[0] == "refused" and only[1].startswith("HTTP "):
+                # Refused as a whole (413, 400, a 401 after a token change): one at a time.
+                outcomes = {}
+                for one in encoded:
+                    outcomes |= self._send([one])
+        unclear = [sop for sop, o in outcomes.items() if o == ("refused", _NOT_IN_ANSWER)]
+        if unclear:
+            # A 2xx without a usable answer: what the server holds now says what happened.
+            settings = self._target.settings
+            assert settings is not None
+            # Still unknown, they stay refused: the next run finds them if they were stored.
+            with contextlib.suppress(FetchFailed):
+                held = dicomweb_store.present_instances(settings, unclear)
+                outcomes |= dict.fromkeys(held, STORED)
+        return outcomes
+
+    def _send(self, encoded: list[tuple[str, bytes]]) -> dict[str, Outcome]:
+        settings = self._target.settings
+        assert settings is not None
+        try:
+            answers = dicomweb_store.store_instances(settings, None, encoded)
+        except FetchFailed as exc:
+            return {sop: ("store_failed", str(exc)) for sop, _ in encoded}
+        return {
+            sop: ("refused", detail or "refused") if outcome == REFUSED else outcome
+            for sop, (outcome, detail) in answers.items()
+        }
+
+    def _write_file(self, item: dict[str, Any], sop: str, data: bytes) -> Outcome:
+        path = self._path(item, sop)
         try:
             if is_local(path):
                 os.makedirs(os.path.dirname(local_path(path)), exist_ok=True)
             with atomic_create(path) as handle:
                 handle.write(data)
-        except OSError as exc:
-            yield from self._reject(item, "store_failed", f"writing the file: {exc.strerror}")
-            return
-        yield from self._outcome(item, STORED)
+        except Exception as exc:  # a folder that cannot be written: this report only
+            return "store_failed", _failure("writing the file", exc)
+        return STORED
 
-    def _outcome(self, item: dict[str, Any], outcome: str) -> Iterator[Any]:
-        self._progress.tick()
-        Metrics.counter(self.__class__, outcome).inc()
-        yield KEPT, outcome
+    def _settle(
+        self, item: dict[str, Any], twins: list[dict[str, Any]], outcome: Outcome
+    ) -> Iterator[Any]:
+        """The outcome of one report, for its image and each of its twins."""
+        for n, image in enumerate([item, *twins]):
+            self._progress.tick()
+            if isinstance(outcome, str):
+                # For a twin, the report just stored (or found) is already there.
+                settled = outcome if n == 0 else ALREADY_PRESENT
+                Metrics.counter(self.__class__, settled).inc()
+                yield KEPT, settled
+            else:
+                reason, detail = outcome
+                Metrics.counter(self.__class__, f"rejected_{reason}").inc()
+                yield REJECTED, reject(image["row"], image["dicom_path"], STAGE, reason, detail)
 
-    def _reject(self, item: dict[str, Any], reason: str, detail: str) -> Iterator[Any]:
-        self._progress.tick()
-        Metrics.counter(self.__class__, f"rejected_{reason}").inc()
-        yield REJECTED, reject(item["row"], item["dicom_path"], STAGE, reason, detail)
+
+def _failure(doing: str, exc: BaseException) -> str:
+    """A reject detail for a failure: what was being done and the error's kind, no path or UID."""
+    if isinstance(exc, FetchFailed):
+        return f"{doing}: {exc}"
+    reason = getattr(exc, "strerror", None)
+    return f"{doing}: {type(exc).__name__}" + (f" ({reason})" if reason else "")
 
 
 class WriteResults(beam.PTransform):
@@ -218,15 +266,18 @@ class WriteResults(beam.PTransform):
         self._target, self._run, self._pseudonymizer = target, run, pseudonymizer
 
     def expand(self, scored: beam.PCollection) -> tuple[beam.PCollection, beam.PCollection]:
+        size = self._target.batch_size
         keyed, unreferenced = (
             scored
-            | "KeyBySeries" >> beam.ParDo(_KeyBySeriesFn(self._run, self._pseudonymizer))
+            | "KeyByReport" >> beam.ParDo(_KeyByReportFn(self._run, self._pseudonymizer))
             | "RouteKeyed" >> SplitOutcomes()
         )
         outcomes, refused = (
             keyed
-            | "GroupBySeries" >> beam.GroupByKey()
-            | "StoreSeries" >> beam.ParDo(_StoreSeriesFn(self._target, self._run))
+            | "GroupByReport" >> beam.GroupByKey()
+            | "OneReport" >> beam.Map(_one_report)
+            | "Batch" >> beam.BatchElements(min_batch_size=size, max_batch_size=size)
+            | "StoreBatch" >> beam.ParDo(_StoreBatchFn(self._target, self._run))
             | "RouteStored" >> SplitOutcomes()
         )
         counts = (

@@ -81,12 +81,16 @@ def test_uids_are_deterministic_valid_and_distinct_across_runs_and_sources() -> 
         dataclasses.replace(RUN, options={}),
         dataclasses.replace(RUN, pseudonymized="0123456789abcdef"),
     ]
-    uids = [run.sop_uid(sop) for run in runs] + [RUN.sop_uid(sop + ".1")]
+    study, series = SOURCE["StudyInstanceUID"], SOURCE["SeriesInstanceUID"]
+    uids = [run.sop_uid(study, series, sop) for run in runs]
+    # Another image, and the same SOP Instance UID in another study or series.
+    uids += [RUN.sop_uid(study, series, sop + ".1"), RUN.sop_uid(study + ".9", series, sop)]
+    uids += [RUN.sop_uid(study, series + ".9", sop)]
     uids += [run.series_uid(SOURCE["StudyInstanceUID"]) for run in runs]
     assert len(set(uids)) == len(uids)
     assert all(UID(uid).is_valid and len(uid) <= 64 for uid in uids)
     rebuilt = sr.ReportRun("densenet121-chexpert", "ab" * 32, 0.5, {"resize_policy": "pad"})
-    assert rebuilt.sop_uid(sop) == RUN.sop_uid(sop)
+    assert rebuilt.sop_uid(study, series, sop) == RUN.sop_uid(study, series, sop)
     assert rebuilt.series_uid("1.2.3") == RUN.series_uid("1.2.3")
     assert rebuilt.digest == RUN.digest and len(RUN.digest) == 64
 
@@ -135,7 +139,7 @@ def test_round_trip_reads_back_score_finding_and_references(
     assert got == {
         "study_instance_uid": SOURCE["StudyInstanceUID"],
         "series_instance_uid": RUN.series_uid(SOURCE["StudyInstanceUID"]),
-        "sop_instance_uid": RUN.sop_uid(SOURCE["SOPInstanceUID"]),
+        "sop_instance_uid": RUN.sop_uid(*(SOURCE[k] for k in sr._UIDS)),
         "referenced_sop_class_uid": SOURCE["SOPClassUID"],
         "referenced_sop_instance_uid": SOURCE["SOPInstanceUID"],
         "score": score,  # exact: the FD Floating Point Value, not the 16-char DS
@@ -256,7 +260,7 @@ def test_encode_writes_part10_explicit_little_endian() -> None:
     assert data[128:132] == b"DICM"
     meta = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
     assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert meta.MediaStorageSOPInstanceUID == RUN.sop_uid(SOURCE["SOPInstanceUID"])
+    assert meta.MediaStorageSOPInstanceUID == RUN.sop_uid(*(SOURCE[k] for k in sr._UIDS))
 
 
 # --- sources no SR can reference ---------------------------------------------------------
