@@ -145,6 +145,7 @@ def run_job(
     command = [sys.executable, "-m", "beam_pipelines.score", "--model", model_dir]
     command += ["--metadata", metadata, "--output", f"{out}/", *extra]
     with log_path.open("w") as log:
+        busy_before = _throughput._busy_cpu_seconds()
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         sampler = _throughput._TreeSampler(child.pid, interval)
@@ -152,6 +153,7 @@ def run_job(
         code = child.wait()
         seconds = time.perf_counter() - start
         sampler.stop()
+        others = _throughput._busy_cpu_seconds() - busy_before - sampler.cpu_seconds
     if code != 0:
         tail = log_path.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"xray-score exited with {code}; log {log_path}:\n{tail}")
@@ -165,6 +167,8 @@ def run_job(
         "images_per_s": round(summary["scored"] / seconds, 3),
         "peak_rss_mib": round(sampler.peak_rss / 2**20, 1),
         "peak_processes": sampler.peak_processes,
+        "cpu_seconds_seen": round(sampler.cpu_seconds, 1),
+        "other_cpu_seconds": round(max(0.0, others), 1),
         "results": None if results is None else {k: results[k] for k in keys},
         "log": str(log_path),
     }
@@ -378,7 +382,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
     workdir = Path(args.workdir or Path(tempfile.gettempdir(), "results_throughput")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), list(os.getloadavg())
     model_dir = str(Path(args.model) if args.model else _score.ensure_model(workdir, args.seed))
     archive = _throughput.ensure_archive(workdir, ENCODING, args.images, args.size, args.seed)
     logger.info("micro: %d reports x %d passes", args.micro_reports, args.rounds)
@@ -392,7 +396,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for index in range(args.rounds)
     ]
     return {
-        "machine": {**_throughput._machine(), "load_avg": list(os.getloadavg())},
+        "machine": {
+            **_throughput._machine(),
+            "load_avg_before": load_before,
+            "load_avg_after": list(os.getloadavg()),
+        },
         "settings": {
             "images": args.images,
             "size": list(args.size),
@@ -416,6 +424,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "so the PACS is asked once per report and stores one report per request",
             "Orthanc runs on this machine and shares its cores with the job",
             "peak_rss: the job's process tree only (Orthanc not included)",
+            "other_cpu_seconds: CPU the machine spent outside the job's process tree during "
+            "a run (Orthanc's work for pacs runs, and other users of a shared machine)",
         ],
         "variants": _variants(rounds, args.images, skipped),
         "micro": measured_micro,

@@ -40,6 +40,9 @@ def test_main_prints_one_json_report_whose_counts_add_up(
     report = json.loads(capsys.readouterr().out)
     assert set(report) >= {"machine", "settings", "archive", "variants", "micro", "rounds"}
     assert report["machine"]["cpus_usable"] >= 1
+    assert (
+        len(report["machine"]["load_avg_before"]) == len(report["machine"]["load_avg_after"]) == 3
+    )
     assert report["settings"]["images"] == _IMAGES
     assert report["settings"]["size"] == [64, 64]
     assert report["settings"]["model"] == str(model)
@@ -50,6 +53,7 @@ def test_main_prints_one_json_report_whose_counts_add_up(
     plain = variants["plain"]
     assert plain["ratio_to_plain"] == 1.0 and plain["extra_ms_per_image"] == 0.0
     assert only["plain"]["images"] == _IMAGES and only["plain"]["results"] is None
+    assert only["plain"]["cpu_seconds_seen"] > 0 and only["plain"]["other_cpu_seconds"] >= 0
     files = only["files"]
     assert files["results"]["stored"] == files["images"] == _IMAGES
     assert files["report_files"] == _IMAGES
