@@ -420,8 +420,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "wall seconds are whole subprocess runs, start-up included",
             "ratio_to_plain = variant median wall / plain median wall; extra_ms_per_image = "
             "(variant median - plain median) / images",
-            "every archive image is its own patient and study: one report series per image, "
-            "so the PACS is asked once per report and stores one report per request",
+            "every archive image is its own patient and study, so every report is in a "
+            "series of its own (--results_batch_size reports per request all the same)",
             "Orthanc runs on this machine and shares its cores with the job",
             "peak_rss: the job's process tree only (Orthanc not included)",
             "other_cpu_seconds: CPU the machine spent outside the job's process tree during "
