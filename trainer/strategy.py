@@ -1,5 +1,9 @@
 """The one place a tf.distribute strategy is made: one host, or several from ``TF_CONFIG``.
 
+TensorFlow is imported inside the functions: a malformed ``TF_CONFIG`` is
+refused before it is (with TF 2.17 imported, a process refusing an
+unparsable one was seen hanging at exit).
+
 ``TF_CONFIG`` (the JSON Kubernetes operators, Vertex AI and TF clusters set)
 naming more than one worker gives a ``MultiWorkerMirroredStrategy``: every
 worker runs the same program; the chief (task ``chief``, else ``worker`` 0)
@@ -13,8 +17,6 @@ import json
 import logging
 import os
 from typing import Any
-
-import tensorflow as tf
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def worker_folder(output_dir: str, task: Task) -> str:
     return os.path.join(parent, f".{name}.workers", task.name)
 
 
-def make_strategy(logical_cpus: int = 0, task: Task | None = None) -> tf.distribute.Strategy:
+def make_strategy(logical_cpus: int = 0, task: Task | None = None) -> Any:
     """MultiWorkerMirroredStrategy for a cluster task, else MirroredStrategy or the default.
 
     Args:
@@ -118,6 +120,8 @@ def make_strategy(logical_cpus: int = 0, task: Task | None = None) -> tf.distrib
     Returns:
         The strategy; ``num_replicas_in_sync`` says how many replicas.
     """
+    import tensorflow as tf
+
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
@@ -128,7 +132,7 @@ def make_strategy(logical_cpus: int = 0, task: Task | None = None) -> tf.distrib
             if gpus
             else tf.distribute.experimental.CommunicationImplementation.RING
         )
-        strategy: tf.distribute.Strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        strategy: Any = tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=tf.distribute.experimental.CommunicationOptions(
                 implementation=implementation
             )
@@ -163,6 +167,8 @@ def make_strategy(logical_cpus: int = 0, task: Task | None = None) -> tf.distrib
 
 def is_multi_worker(strategy: Any) -> bool:
     """True for a strategy spanning several workers."""
+    import tensorflow as tf
+
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
@@ -171,6 +177,8 @@ def gather(strategy: Any, values: list[int]) -> list[list[int]]:
 
     Also a barrier: no worker returns before all have called it.
     """
+    import tensorflow as tf
+
     if not is_multi_worker(strategy):
         return [list(values)]
     local = tf.constant([values], tf.int64)
