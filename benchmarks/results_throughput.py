@@ -240,6 +240,9 @@ def _variants(rounds: list[dict[str, Any]], images: int, skipped: str | None) ->
             "wall_seconds": _spread([d["seconds"] for d in done]),
             "images_per_s": _spread([d["images_per_s"] for d in done]),
             "peak_rss_mib": _spread([d["peak_rss_mib"] for d in done]),
+            # On a shared machine the job's own CPU time moves less than its wall time.
+            "cpu_seconds_seen": _spread([d["cpu_seconds_seen"] for d in done]),
+            "other_cpu_seconds": _spread([d["other_cpu_seconds"] for d in done]),
             "ratio_to_plain": round(seconds / plain, 3),
             # Paired within a round: less exposed to a machine that speeds up or slows down.
             "ratio_to_plain_by_round": [

@@ -77,6 +77,7 @@ def test_main_prints_one_json_report_whose_counts_add_up(
             seconds["median"] / plain["wall_seconds"]["median"], abs=2e-3
         )
         assert variant["peak_rss_mib"]["median"] > 0
+        assert variant["cpu_seconds_seen"]["median"] > 0
 
     micro = report["micro"]
     assert micro["reports"] == 12 and micro["passes"] == 1
