@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from beam_pipelines.cli import main as cli_main
@@ -66,25 +67,36 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     problem = fit.starting_point_problem(config)
     if problem:
         refuse("xray-train", problem)
-    with _open(config) as output:
-        from trainer.strategy import make_strategy
+    from trainer.strategy import make_strategy
 
-        # Logical devices must be configured before anything else touches TF.
-        strategy = make_strategy(config.logical_cpus)
-        card = _train(config, output.work, manifest, manifest_bytes, shards, strategy)
-        output.commit(last="model_card.json")
-    logger.info("Model %s written to %s; AUC %s", card["model_id"], config.output_dir, card["auc"])
-    return card
+    # Logical devices must be configured before anything else touches TF
+    # (after the output is locked, as before: the lock costs no TF op).
+    return _train_and_commit(
+        config, manifest, manifest_bytes, shards, lambda: make_strategy(config.logical_cpus)
+    )
 
 
-def _open(config: TrainConfig) -> Any:
-    return open_output(
+def _train_and_commit(
+    config: TrainConfig,
+    manifest: dict[str, Any],
+    manifest_bytes: bytes,
+    shards: dict[str, list[str]],
+    strategy_maker: Callable[[], Any],
+) -> dict[str, Any]:
+    """Trains in the output's work folder under the strategy ``strategy_maker`` makes; commits."""
+    output = open_output(
         "--output_dir",
         config.output_dir,
         "xray-train",
         resume=True,
         inputs=(config.data_dir,),
     )
+    with output:
+        strategy = strategy_maker()
+        card = _train(config, output.work, manifest, manifest_bytes, shards, strategy)
+        output.commit(last="model_card.json")
+    logger.info("Model %s written to %s; AUC %s", card["model_id"], config.output_dir, card["auc"])
+    return card
 
 
 def _run_in_cluster(
@@ -116,10 +128,7 @@ def _run_in_cluster(
         shutil.rmtree(folder, ignore_errors=True)
         gather(strategy, [0])  # lets the chief remove the workers' folder
         return {**card, "task": task.name}
-    with _open(config) as output:
-        card = _train(config, output.work, manifest, manifest_bytes, shards, strategy)
-        output.commit(last="model_card.json")
-    logger.info("Model %s written to %s; AUC %s", card["model_id"], config.output_dir, card["auc"])
+    card = _train_and_commit(config, manifest, manifest_bytes, shards, lambda: strategy)
     gather(strategy, [1])  # the workers delete their folders now
     gather(strategy, [1])
     with contextlib.suppress(OSError):  # absent here when the workers run on other hosts
