@@ -163,8 +163,9 @@ def fit_member(
         # The batches the finished epochs trained on are skipped, so a
         # resumed run sees the very batches an uninterrupted one would.
         train_data = data.training_dataset(config, train_files, start * steps_per_epoch, workers)
+        build_from_spec(model, strategy, train_data.element_spec)
         if workers > 1:
-            adapt_to_cluster(model, strategy, train_data.element_spec)
+            adapt_to_cluster(model)
         with naming_damaged_shards([*train_files, *validation_files]):
             model.fit(
                 train_data,
@@ -193,27 +194,45 @@ def fit_member(
     return model
 
 
-def adapt_to_cluster(model: Any, strategy: Any, spec: Any) -> None:
-    """Lets Keras 3 (3.15) ``fit`` and ``evaluate`` run under MultiWorkerMirroredStrategy.
+def build_from_spec(model: Any, strategy: Any, spec: Any) -> None:
+    """Builds the model from the training data's spec, not from a batch drawn for it.
 
-    Two of its steps fail there: the symbolic build at their start averages a
-    first batch with ``strategy.reduce``, which cannot reduce the (image,
-    label, …) tuple (ValueError: PerReplica to a Tensor), and each step's
-    logs are averaged with ``strategy.reduce(..., axis=0)``, invalid for
-    scalars. The build gets the data's spec (shapes and dtypes are all it
-    needs) and the step logs get one dimension. Epoch logs (history, early
-    stopping) are read from the metrics' variables, summed over all workers.
+    Under a tf.distribute strategy (``--logical_cpus``, GPUs, a cluster)
+    Keras 3 (3.15) ``fit`` and ``evaluate`` start with a symbolic build fed
+    by a batch they draw from an iterator of their own; the training then
+    iterates the dataset afresh, and the seeded shuffle, reshuffled at each
+    new iterator, gives another order: ``--logical_cpus 2`` trained on other
+    batches than one replica. Under MultiWorkerMirroredStrategy that build
+    also fails (it averages the drawn (image, label, …) tuple with
+    ``strategy.reduce``: ValueError, PerReplica to a Tensor). Shapes and
+    dtypes are all it needs. The default strategy (one replica) is left
+    alone: Keras builds there while tracing the first step.
     """
     import tensorflow as tf
+
+    if strategy is tf.distribute.get_strategy():
+        return
 
     def build(iterator: Any = None, data_batch: Any = None) -> None:
         with strategy.scope():
             model._symbolic_build(data_batch=spec)
 
+    model._maybe_symbolic_build = build
+
+
+def adapt_to_cluster(model: Any) -> None:
+    """Lets Keras 3 (3.15) ``fit`` and ``evaluate`` run under MultiWorkerMirroredStrategy.
+
+    With :func:`build_from_spec` for their first step: each step's logs are
+    averaged with ``strategy.reduce(..., axis=0)``, invalid for scalars, so
+    they get one dimension. Epoch logs (history, early stopping) are read
+    from the metrics' variables, summed over all workers.
+    """
+    import tensorflow as tf
+
     def with_axis(step: Any) -> Any:
         return lambda data: {k: tf.reshape(v, [1]) for k, v in step(data).items()}
 
-    model._maybe_symbolic_build = build
     model.train_step = with_axis(type(model).train_step.__get__(model))
     model.test_step = with_axis(type(model).test_step.__get__(model))
 

@@ -170,3 +170,32 @@ def test_a_killed_worker_restarted_with_its_peer_resumes(
     chief_log, _ = _finish(_start_cluster(preprocessed, out, *args))
     assert "Resuming simple_cnn at epoch" in chief_log
     _assert_complete(out, preprocessed, epochs=3)  # no epoch repeated or lost
+
+
+@pytest.mark.slow
+def test_two_workers_train_as_two_replicas_on_one_host(preprocessed: Path, tmp_path: Path) -> None:
+    """Same global batch and seed: the cluster and --logical_cpus 2 train the same steps."""
+    args = ("--epochs", "2", "--deterministic", "true")
+    _finish(_start_cluster(preprocessed, tmp_path / "cluster", *args))
+    one_host = subprocess.run(
+        [sys.executable, "-m", "trainer.train", "--data_dir", str(preprocessed)]
+        + ["--output_dir", str(tmp_path / "host"), *ARGS, *args, "--logical_cpus", "2"],
+        env={k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+        | {"TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one_host.returncode == 0, one_host.stdout[-2000:] + one_host.stderr[-2000:]
+    for split in ("validation", "test"):
+        cluster, host = (
+            predictions.read(str(tmp_path / run / "predictions" / f"{split}.parquet")).to_pydict()
+            for run in ("cluster", "host")
+        )
+        assert cluster["dicom_path"] == host["dicom_path"]
+        assert cluster["score"] == pytest.approx(host["score"], abs=1e-5)
+    histories = [
+        list(csv.DictReader((tmp_path / run / "history.csv").open())) for run in ("cluster", "host")
+    ]
+    for cluster_epoch, host_epoch in zip(*histories, strict=True):
+        assert float(cluster_epoch["loss"]) == pytest.approx(float(host_epoch["loss"]), abs=1e-5)
