@@ -14,6 +14,7 @@ retried batch produces the same instances and an archive stores nothing twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -79,7 +80,8 @@ _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_OID, "xray-pipelines structured report")
 #: PS3.5 9.1: numeric components without leading zeros (matched here, since pydicom's UID
 #: checks warn with the value in the message).
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
-_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+#: The source's UIDs, in the order a report's own UIDs derive from them.
+SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 def derived_uid(*parts: str) -> str:
@@ -126,7 +128,7 @@ def pseudonymous_source(
     - Keywords not in :data:`SOURCE_KEYWORDS` are dropped: unknown values may identify.
     """
     out = {keyword: source.get(keyword) or "" for keyword in SOURCE_KEYWORDS}
-    for keyword in _UIDS:
+    for keyword in SOURCE_UIDS:
         digits = pseudonym(out[keyword])
         out[keyword] = f"2.25.{int(digits, 16)}" if digits else ""
     out["PatientID"] = pseudonym(out["PatientID"])
@@ -159,9 +161,9 @@ class ReportRun:
         if not self.model_id or not self.model_digest:
             raise ValueError("a report run needs a model id and a model digest")
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
-        """sha256 hex of the canonical JSON of all fields."""
+        """sha256 hex of the canonical JSON of all fields (computed once: every UID uses it)."""
         fields = {
             "model_id": self.model_id,
             "model_digest": self.model_digest,
@@ -333,7 +335,7 @@ def build_report(
         content=report[0],
         series_instance_uid=run.series_uid(study_uid),
         series_number=run.series_number,
-        sop_instance_uid=run.sop_uid(*(source[k] for k in _UIDS)),
+        sop_instance_uid=run.sop_uid(*(source[k] for k in SOURCE_UIDS)),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,

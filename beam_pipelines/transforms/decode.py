@@ -188,6 +188,10 @@ class DecodeAndStageFn(beam.DoFn):
         )
 
 
+#: The meta key holding a decoded image's header reference (``reference_keywords``).
+SOURCE = "source"
+
+
 def prediction_columns(**values: Any) -> dict[str, Any]:
     """The prediction columns known before scoring, plus ``row`` (blank strings become null)."""
     meta = {key: values.get(key) for key in (*predictions.IMAGE_COLUMNS, "split", "row")}
@@ -241,7 +245,7 @@ class DecodeForScoringFn(beam.DoFn):
             label=None if row is None or row.abnormal is None else int(row.abnormal),
         )
         if self._options.reference_keywords:
-            meta["source"] = dict(header.reference)
+            meta[SOURCE] = dict(header.reference)
         _count_decode(stage, decoded)
         # Quantized as a record stores it: an image scores the same from its DICOM and its shard.
         yield KEPT, (meta, records.as_stored(model_image))

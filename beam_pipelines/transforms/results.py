@@ -1,10 +1,11 @@
 """Scores written back as DICOM: one Structured Report per scored image.
 
 :class:`WriteResults` takes the scorer's prediction rows (each still holding
-its source image's header reference under :data:`SOURCE`), groups them by the
-series their reports go to (one new series per run and study), and for each
-series stores the reports the target does not hold yet: to a PACS with
-STOW-RS in batches, or as files ``DIR/<study>/<series>/<instance>.dcm``.
+its source image's header reference under :data:`SOURCE`), keys them by the
+report they make (one per image, in a new series per run and study), and
+stores, in batches of reports of any studies, those the target does not
+hold yet: to a PACS with STOW-RS, or as files
+``DIR/<study>/<series>/<instance>.dcm``.
 
 A report's UIDs derive from the run and its source
 (:class:`beam_pipelines.contracts.structured_report.ReportRun`), so a rerun or
@@ -19,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -32,22 +31,15 @@ from beam_pipelines.contracts.rejects import INTERNAL_ERROR, internal_error_deta
 from beam_pipelines.privacy import Pseudonymizer, install_log_filters
 from beam_pipelines.storage import dicomweb_store
 from beam_pipelines.storage.dicomweb import DicomwebSettings, FetchFailed
-from beam_pipelines.storage.files import atomic_create, exists, is_local, local_path
+from beam_pipelines.storage.files import atomic_create, exists
+from beam_pipelines.transforms.decode import SOURCE
 from beam_pipelines.transforms.outcomes import KEPT, REJECTED, Progress, SplitOutcomes
 
-logger = logging.getLogger(__name__)
-
-#: The prediction key that holds the source's header reference (dropped from the Parquet rows).
-SOURCE = "source"
 STAGE = "results"
 #: Outcomes counted in the summary besides the rejects.
 STORED, ALREADY_PRESENT = dicomweb_store.STORED, dicomweb_store.ALREADY_PRESENT
 REFUSED = dicomweb_store.REFUSED
 _NOT_IN_ANSWER = dicomweb_store.NOT_IN_ANSWER
-#: The source's UIDs a report's own UIDs derive from.
-UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-#: Reject reasons of the results stage.
-REASONS: tuple[str, ...] = ("no_reference", "refused", "store_failed", INTERNAL_ERROR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +83,7 @@ class _KeyByReportFn(beam.DoFn):
             Metrics.counter(self.__class__, "rejected_no_reference").inc()
             yield REJECTED, reject(row, path, STAGE, "no_reference", problem)
             return
-        study, series, sop = (source[k] for k in UIDS)
+        study, series, sop = (source[k] for k in sr.SOURCE_UIDS)
         item = {
             "row": row,
             "dicom_path": path,
@@ -217,11 +209,9 @@ class _StoreBatchFn(beam.DoFn):
         }
 
     def _write_file(self, item: dict[str, Any], sop: str, data: bytes) -> Outcome:
-        path = self._path(item, sop)
         try:
-            if is_local(path):
-                os.makedirs(os.path.dirname(local_path(path)), exist_ok=True)
-            with atomic_create(path) as handle:
+            # atomic_create makes the study and series folders (locally too).
+            with atomic_create(self._path(item, sop)) as handle:
                 handle.write(data)
         except Exception as exc:  # a folder that cannot be written: this report only
             return "store_failed", _failure("writing the file", exc)

@@ -26,7 +26,7 @@ from beam_pipelines.contracts.rejects import reject
 from beam_pipelines.privacy import redact
 from beam_pipelines.storage import tfrecord
 from beam_pipelines.storage.files import write_json
-from beam_pipelines.transforms.decode import DecodeForScoringFn, prediction_columns
+from beam_pipelines.transforms.decode import SOURCE, DecodeForScoringFn, prediction_columns
 from beam_pipelines.transforms.inference import InferenceError, KerasModelHandler
 from beam_pipelines.transforms.outcomes import (
     KEPT,
@@ -187,8 +187,7 @@ class _ToPredictionFn(beam.DoFn):
             return
         Metrics.counter(self.__class__, "scored").inc()
         # The CSV row stays only beside a header reference, for the results' rejects.
-        keep = ("row",) if "source" in meta else ()
-        prediction = {k: v for k, v in meta.items() if k != "row" or k in keep}
+        prediction = {k: v for k, v in meta.items() if k != "row" or SOURCE in meta}
         value = float(score)
         # The finding at the operating point: the same comparison the trainer makes.
         finding = None if self._threshold is None else int(value >= self._threshold)

@@ -139,7 +139,7 @@ def test_round_trip_reads_back_score_finding_and_references(
     assert got == {
         "study_instance_uid": SOURCE["StudyInstanceUID"],
         "series_instance_uid": RUN.series_uid(SOURCE["StudyInstanceUID"]),
-        "sop_instance_uid": RUN.sop_uid(*(SOURCE[k] for k in sr._UIDS)),
+        "sop_instance_uid": RUN.sop_uid(*(SOURCE[k] for k in sr.SOURCE_UIDS)),
         "referenced_sop_class_uid": SOURCE["SOPClassUID"],
         "referenced_sop_instance_uid": SOURCE["SOPInstanceUID"],
         "score": score,  # exact: the FD Floating Point Value, not the 16-char DS
@@ -260,7 +260,7 @@ def test_encode_writes_part10_explicit_little_endian() -> None:
     assert data[128:132] == b"DICM"
     meta = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
     assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert meta.MediaStorageSOPInstanceUID == RUN.sop_uid(*(SOURCE[k] for k in sr._UIDS))
+    assert meta.MediaStorageSOPInstanceUID == RUN.sop_uid(*(SOURCE[k] for k in sr.SOURCE_UIDS))
 
 
 # --- sources no SR can reference ---------------------------------------------------------

@@ -55,7 +55,7 @@ def _prediction(n: int, study: str = STUDY, score: float = 0.75, path: str = "")
 
 
 def _report_uid(prediction: dict[str, Any]) -> str:
-    return RUN.sop_uid(*(prediction[results.SOURCE][k] for k in results.UIDS))
+    return RUN.sop_uid(*(prediction[results.SOURCE][k] for k in sr.SOURCE_UIDS))
 
 
 def _keyed(predictions: list[dict[str, Any]], pseudonymizer: Any = None) -> list[Any]:
