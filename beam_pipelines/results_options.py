@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import posixpath
 import uuid
 from typing import Any
 
@@ -20,6 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipelines.contracts.structured_report import ReportRun
 from beam_pipelines.options import checked_dicomweb, decode_options
 from beam_pipelines.storage.files import is_local, local_path
+from beam_pipelines.transforms.inference import KERAS_FILE, model_card_path
 from beam_pipelines.transforms.results import ResultsTarget
 
 
@@ -156,8 +156,7 @@ def model_digest(model_dir: str) -> str:
     The card names the training data, settings and metrics; a retrained model
     has a new card, so a new digest: its reports never overwrite another's.
     """
-    parent = posixpath.dirname(model_dir.rstrip("/"))
-    for path in (f"{parent}/model_card.json", f"{model_dir.rstrip('/')}/model.keras"):
+    for path in (model_card_path(model_dir), f"{model_dir.rstrip('/')}/{KERAS_FILE}"):
         if FileSystems.exists(path):
             digest = hashlib.sha256()
             with FileSystems.open(path) as handle:

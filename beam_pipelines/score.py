@@ -60,7 +60,7 @@ from beam_pipelines.storage.files import (
     remove_matching,
 )
 from beam_pipelines.storage.paths import archive_root_for
-from beam_pipelines.transforms.inference import model_file_problem
+from beam_pipelines.transforms.inference import model_card_path, model_file_problem
 from beam_pipelines.transforms.ordered import part_pattern
 from beam_pipelines.transforms.results import WriteResults, prediction_row
 from beam_pipelines.transforms.rows import check_metadata
@@ -169,7 +169,7 @@ def _operating_point(model_dir: str, threshold: float | None) -> dict[str, Any] 
 def _model_id(model_dir: str, given: str | None) -> str:
     if given:
         return given
-    card = f"{posixpath.dirname(model_dir.rstrip('/'))}/model_card.json"
+    card = model_card_path(model_dir)
     if FileSystems.exists(card):
         with FileSystems.open(card) as handle:
             return json.loads(handle.read())["model_id"]

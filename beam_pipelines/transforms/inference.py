@@ -19,6 +19,7 @@ crash or not, writes the same bytes.
 from __future__ import annotations
 
 import logging
+import posixpath
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -28,6 +29,11 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 logger = logging.getLogger(__name__)
 
 KERAS_FILE = "model.keras"
+
+
+def model_card_path(model_dir: str) -> str:
+    """The trainer's ``model_card.json`` beside an exported model folder (RESULTS/model)."""
+    return f"{posixpath.dirname(model_dir.rstrip('/'))}/model_card.json"
 
 
 def model_file_problem(model_dir: str) -> str | None:
