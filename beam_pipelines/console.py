@@ -264,7 +264,8 @@ class Console:
         assert self._folder is not None
         bar = None
         while True:
-            stopping = self._stop.wait(0.5)
+            # Quick until the log is beside the output: a run may fill the disk within a second.
+            stopping = self._stop.wait(0.5 if self._settled else 0.05)
             if not self._settled:
                 with contextlib.suppress(Exception):
                     self._settled = self._settle()

@@ -55,6 +55,16 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     return options
 
 
+#: Beam's runners that run every stage in this process and its workers, holding what crosses them.
+LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
+
+
+def is_local_runner(options: PipelineOptions) -> bool:
+    """True when the pipeline runs on one of Beam's local runners (named or by class path)."""
+    runner = options.view_as(StandardOptions).runner or ""
+    return str(runner).rsplit(".", 1)[-1] in LOCAL_RUNNERS
+
+
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
     """The decoding flags, shared by preprocessing and scoring so they always match."""
     parser.add_argument(

@@ -21,7 +21,11 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
+from beam_pipelines.blocks.decode import DecodeBlockFn, DecodeBlocks
+from beam_pipelines.blocks.finish import finish
+from beam_pipelines.blocks.row_plan import plan_rows
 from beam_pipelines.cli import main as cli_main
 from beam_pipelines.cli import refuse
 from beam_pipelines.contracts import manifest, splits
@@ -32,6 +36,7 @@ from beam_pipelines.options import (
     allowed_schemes,
     checked_dicomweb,
     decode_options,
+    is_local_runner,
     pipeline_options,
 )
 from beam_pipelines.privacy import add_pseudonymize_arguments, pseudonymizer_from_args
@@ -89,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_decode_arguments(parser)
     add_pseudonymize_arguments(parser)
     parser.add_argument(
+        "--blocks",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Plan the rows on the driver and decode them in blocks, so memory stays flat "
+        "whatever the archive's size (default auto: on for Beam's local runners, off for "
+        "clusters, whose shuffle holds the stages). Same outputs either way.",
+    )
+    parser.add_argument(
         "--verbose", action="store_true", help="On failure, show the full traceback."
     )
     return parser
@@ -111,22 +124,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     )
     with output:
         out = output.job_path
-        with beam.Pipeline(options=options) as pipeline:
-            rows, unique, invalid = pipeline | "Rows" >> ReadValidRows(
-                args.metadata, plan["root"], plan["schemes"], pseudonymizer=plan["pseudonymizer"]
-            )
-            written = unique | "Preprocess" >> Preprocess(
-                out,
-                plan["ratios"],
-                args.seed,
-                plan["pinned"],
-                args.num_shards,
-                plan["decoding"],
-                args.resize_policy,
-                plan["pseudonymizer"],
-            )
-            rejects = (invalid, written["rejects"]) | "AllRejects" >> beam.Flatten()
-            _ = rows | "Finish" >> WriteManifest(out, rejects, written, _settings(args, plan))
+        if args.blocks == "on" or (args.blocks == "auto" and is_local_runner(options)):
+            _run_in_blocks(args, plan, out, options)
+        else:
+            _run_graph(args, plan, out, options)
         # Not inside the pipeline: staged chunks feed every shard writer, which a
         # runner may retry or recompute, and on Dask only the manifest's branch runs.
         remove_tree(staging_dir(out))
@@ -148,6 +149,58 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         args.output_dir,
     )
     return result
+
+
+def _run_graph(
+    args: argparse.Namespace, plan: dict[str, Any], out: str, options: PipelineOptions
+) -> None:
+    """The job as one Beam graph: the runner's shuffle holds what crosses its stages."""
+    with beam.Pipeline(options=options) as pipeline:
+        rows, unique, invalid = pipeline | "Rows" >> ReadValidRows(
+            args.metadata, plan["root"], plan["schemes"], pseudonymizer=plan["pseudonymizer"]
+        )
+        written = unique | "Preprocess" >> Preprocess(
+            out,
+            plan["ratios"],
+            args.seed,
+            plan["pinned"],
+            args.num_shards,
+            plan["decoding"],
+            args.resize_policy,
+            plan["pseudonymizer"],
+        )
+        rejects = (invalid, written["rejects"]) | "AllRejects" >> beam.Flatten()
+        _ = rows | "Finish" >> WriteManifest(out, rejects, written, _settings(args, plan))
+
+
+def _run_in_blocks(
+    args: argparse.Namespace, plan: dict[str, Any], out: str, options: PipelineOptions
+) -> None:
+    """The job in blocks (:mod:`beam_pipelines.blocks`): flat memory on one machine."""
+    folder = f"{staging_dir(out)}/blocks"
+    rows = plan_rows(
+        args.metadata,
+        plan["root"],
+        plan["schemes"],
+        plan["pseudonymizer"],
+        plan["ratios"],
+        args.seed,
+        plan["pinned"],
+        folder,
+    )
+    blocks = rows.blocks(options.view_as(DirectOptions).direct_num_workers or 1)
+    if blocks:
+        decode = DecodeBlockFn(
+            folder,
+            plan["decoding"],
+            args.resize_policy,
+            staging_dir(out),
+            args.num_shards,
+            plan["pseudonymizer"],
+        )
+        with beam.Pipeline(options=options) as pipeline:
+            _ = pipeline | "Decode" >> DecodeBlocks(blocks, rows.assignment, rows.sizes, decode)
+    finish(out, rows, folder, blocks, args.seed, _settings(args, plan))
 
 
 def _preflight(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:

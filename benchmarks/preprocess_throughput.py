@@ -449,6 +449,7 @@ class _TreeSampler(threading.Thread):
         self.peak_processes = 0
         self.samples = 0
         self._cpu: dict[int, float] = {}
+        self._peaks: dict[int, int] = {}
 
     def _sample(self) -> None:
         try:
@@ -458,7 +459,9 @@ class _TreeSampler(threading.Thread):
         rss, alive = 0, 0
         for process in processes:
             try:
-                rss += process.memory_info().rss
+                one = process.memory_info().rss
+                rss += one
+                self._peaks[process.pid] = max(self._peaks.get(process.pid, 0), one)
                 self._cpu[process.pid] = sum(process.cpu_times()[:2])
                 alive += 1
             except psutil.NoSuchProcess:
@@ -475,6 +478,13 @@ class _TreeSampler(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join()
+
+    @property
+    def process_peaks_mib(self) -> list[float]:
+        """Each process's own peak RSS, the job's process first, then largest first."""
+        root = self._peaks.get(self._root.pid, 0)
+        others = sorted((p for pid, p in self._peaks.items() if pid != self._root.pid), reverse=True)
+        return [round(p / 2**20, 1) for p in (root, *others)]
 
     @property
     def cpu_seconds(self) -> float:
@@ -525,6 +535,7 @@ def run_pipeline(
         "peak_rss_bytes": sampler.peak_rss,
         "peak_rss_mib": round(sampler.peak_rss / 2**20, 1),
         "peak_processes": sampler.peak_processes,
+        "process_peaks_mib": sampler.process_peaks_mib,
         "cpu_seconds_seen": round(sampler.cpu_seconds, 3),
         "other_cpu_seconds": round(max(0.0, others), 3),
         "steal_seconds": round(steal, 3),

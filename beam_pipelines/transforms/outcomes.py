@@ -49,6 +49,11 @@ class CountByReason(beam.PTransform):
         )
 
 
+def reject_line(record: dict[str, Any]) -> str:
+    """One line of the rejects file."""
+    return json.dumps(record, sort_keys=True) + "\n"
+
+
 #: Rejects are grouped by blocks of this many metadata rows: no worker ever
 #: holds more than one block's rejects, however many the archive has.
 REJECT_BLOCK_ROWS = 100_000
@@ -83,9 +88,7 @@ class WriteRejects(beam.PTransform):
 
         def write_block(element: tuple[int, Iterable[dict[str, Any]]]) -> tuple[int, str]:
             block, records = element
-            lines = [
-                json.dumps(r, sort_keys=True) + "\n" for r in sorted(records, key=reject_order)
-            ]
+            lines = [reject_line(r) for r in sorted(records, key=reject_order)]
             return block, write_text(f"{path}.part-{block:019d}", "".join(lines))
 
         def concatenate(target: str, parts: list[tuple[int, str]]) -> str:

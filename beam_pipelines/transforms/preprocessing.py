@@ -24,11 +24,12 @@ from beam_pipelines.transforms.rows import ValidRow
 from beam_pipelines.transforms.shards import WriteShards
 
 
-def _patient_rows(row: ValidRow) -> tuple[str, tuple[bool, int]]:
+def patient_rows(row: ValidRow) -> tuple[str, tuple[bool, int]]:
+    """(PatientID, (abnormal, 1)): what a row adds to its patient's summary."""
     return row.patient_id, (bool(row.abnormal), 1)
 
 
-def _any_abnormal_and_rows(values: Iterable[tuple[bool, int]]) -> tuple[bool, int]:
+def any_abnormal_and_rows(values: Iterable[tuple[bool, int]]) -> tuple[bool, int]:
     """Combines (abnormal, rows) pairs of one patient; associative, so partials combine too."""
     abnormal, rows = False, 0
     for value_abnormal, value_rows in values:
@@ -36,12 +37,14 @@ def _any_abnormal_and_rows(values: Iterable[tuple[bool, int]]) -> tuple[bool, in
     return abnormal, rows
 
 
-def _plan_splits(
-    patients: list[tuple[str, tuple[bool, int]]],
+def plan_splits(
+    patients: Iterable[tuple[str, tuple[bool, int]]],
     ratios: tuple[float, float, float],
     seed: int,
     pinned: dict[str, str],
 ) -> dict[str, dict[str, Any]]:
+    """PatientID -> split, and the rows each split gets, from one summary per patient."""
+    patients = list(patients)
     assignment = splits.assign_splits(
         ((patient, abnormal) for patient, (abnormal, _) in patients), ratios, seed, pinned
     )
@@ -69,10 +72,10 @@ class AssignSplits(beam.PTransform):
         ratios, seed, pinned = self._ratios, self._seed, self._pinned
         return (
             records
-            | "PatientRows" >> beam.Map(_patient_rows)
-            | "PerPatient" >> beam.CombinePerKey(_any_abnormal_and_rows)
+            | "PatientRows" >> beam.Map(patient_rows)
+            | "PerPatient" >> beam.CombinePerKey(any_abnormal_and_rows)
             | "AllPatients" >> beam.combiners.ToList()
-            | "Assign" >> beam.Map(_plan_splits, ratios, seed, pinned)
+            | "Assign" >> beam.Map(plan_splits, ratios, seed, pinned)
         )
 
 
@@ -164,7 +167,7 @@ class Preprocess(beam.PTransform):
             | "WriteShards" >> WriteShards(out, self._num_shards, sizes, self._seed),
             "splits": assignment
             | "WriteSplits"
-            >> beam.Map(lambda a: write_text(f"{out}/splits.csv", splits.format_splits_csv(a))),
+            >> beam.Map(lambda a: write_text(splits_file(out), splits.format_splits_csv(a))),
             "kept_stats": summaries | "KeptStats" >> beam.CombineGlobally(KeptStats()),
             "rejects": undecodable,
         }
@@ -177,6 +180,26 @@ def staging_dir(out: str) -> str:
 
 def rejects_file(out: str) -> str:
     return f"{out}/rejects/rejects.jsonl"
+
+
+def splits_file(out: str) -> str:
+    return f"{out}/splits.csv"
+
+
+def write_manifest(
+    input_rows: int,
+    out: str,
+    settings: dict[str, Any],
+    kept_stats: dict[str, Any],
+    rejected: dict[str, int],
+    shards: list[str],
+    rejects: str,
+    splits_csv: str,
+) -> str:
+    """Writes ``<out>/manifest.json`` (last: it marks the output complete); returns its path."""
+    files = {"shards": shards, "rejects": rejects, "splits": splits_csv}
+    document = manifest.build(input_rows, settings, out, kept_stats, rejected, files)
+    return write_json(f"{out}/{manifest.FILE}", document)
 
 
 class WriteManifest(beam.PTransform):
@@ -203,24 +226,14 @@ class WriteManifest(beam.PTransform):
         rejects_path = self._rejects | "WriteRejects" >> WriteRejects(rejects_file(out))
         reject_counts = self._rejects | "CountRejects" >> CountByReason()
 
-        def write(
-            input_rows: int,
-            kept_stats: dict[str, Any],
-            rejected: dict[str, int],
-            shards: list[str],
-            rejects: str,
-            splits_csv: str,
-        ) -> str:
-            files = {"shards": shards, "rejects": rejects, "splits": splits_csv}
-            document = manifest.build(input_rows, settings, out, kept_stats, rejected, files)
-            return write_json(f"{out}/{manifest.FILE}", document)
-
         return (
             rows
             | "CountInput" >> beam.combiners.Count.Globally()
             | "WriteManifest"
             >> beam.Map(
-                write,
+                write_manifest,
+                out,
+                settings,
                 pvalue.AsSingleton(written["kept_stats"]),
                 pvalue.AsSingleton(reject_counts),
                 pvalue.AsList(written["shards"]),

@@ -198,6 +198,17 @@ class RejectDuplicatePaths(beam.PTransform):
         )
 
 
+def duplicate_reject(duplicate: ValidRow, first_row: int) -> dict[str, Any]:
+    """The reject record of a row naming a file an earlier row (``first_row``) named."""
+    return reject(
+        duplicate.row,
+        duplicate.dicom_path,
+        "validate",
+        "duplicate_path",
+        f"same file as row {first_row}",
+    )
+
+
 class _KeepFirstFn(beam.DoFn):
     def process(self, element: tuple[str, Iterable[ValidRow]]) -> Iterator[Any]:
         _, group = element
@@ -205,16 +216,7 @@ class _KeepFirstFn(beam.DoFn):
         yield KEPT, ordered[0]
         for duplicate in ordered[1:]:
             Metrics.counter(self.__class__, "rejected_duplicate_path").inc()
-            yield (
-                REJECTED,
-                reject(
-                    duplicate.row,
-                    duplicate.dicom_path,
-                    "validate",
-                    "duplicate_path",
-                    f"same file as row {ordered[0].row}",
-                ),
-            )
+            yield REJECTED, duplicate_reject(duplicate, ordered[0].row)
 
 
 class ReadValidRows(beam.PTransform):

@@ -39,6 +39,17 @@ def prediction_shards(rows: int, num_shards: int) -> int:
     return shard_count(rows, num_shards, ROWS_PER_SHARD)
 
 
+def record_shard_path(out: str, split: str, shard: int, shards: int) -> str:
+    """Where shard ``shard`` of ``shards`` of a split's records goes."""
+    return f"{out}/{split}/part-{shard:05d}-of-{shards:05d}.tfrecord.gz"
+
+
+def write_staged_shard(path: str, refs: Iterable[staging.ChunkRef]) -> int:
+    """Writes a shard from staged records in the given order; returns the records written."""
+    with contextlib.closing(staging.read_chunks(refs)) as chunks:
+        return tfrecord.write_compressed_gz(path, chunks)
+
+
 class WriteEveryShard(beam.PTransform):
     """Groups elements by shard and writes each shard of a plan, empty ones included.
 
@@ -116,12 +127,10 @@ class WriteShards(beam.PTransform):
         )
 
         def write(key: tuple[str, int, int], values: list[tuple[int, Any]]) -> str:
-            split, shard, shards = key
             ordered = sorted((splits.order_key(seed, str(row)), ref) for row, ref in values)
-            path = f"{out}/{split}/part-{shard:05d}-of-{shards:05d}.tfrecord.gz"
-            with contextlib.closing(staging.read_chunks([ref for _, ref in ordered])) as chunks:
-                written = tfrecord.write_compressed_gz(path, chunks)
-            Metrics.counter(WriteShards, f"written_{split}").inc(written)
+            path = record_shard_path(out, *key)
+            written = write_staged_shard(path, [ref for _, ref in ordered])
+            Metrics.counter(WriteShards, f"written_{key[0]}").inc(written)
             return path
 
         return summaries | "Write" >> WriteEveryShard(
