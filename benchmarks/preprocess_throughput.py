@@ -483,7 +483,9 @@ class _TreeSampler(threading.Thread):
     def process_peaks_mib(self) -> list[float]:
         """Each process's own peak RSS, the job's process first, then largest first."""
         root = self._peaks.get(self._root.pid, 0)
-        others = sorted((p for pid, p in self._peaks.items() if pid != self._root.pid), reverse=True)
+        others = sorted(
+            (p for pid, p in self._peaks.items() if pid != self._root.pid), reverse=True
+        )
         return [round(p / 2**20, 1) for p in (root, *others)]
 
     @property

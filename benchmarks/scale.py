@@ -1,22 +1,26 @@
-"""Scale check: preprocessing a 100,000-image archive with bounded memory, nothing lost.
+"""Scale check: preprocessing ~7k and ~70k rows in flat memory on one machine, nothing lost.
 
-For each archive size (``--patients``; ~2.7 images per patient, so the
-default 3,700 and 37,000 patients give ~10,000 and ~100,000 images):
+For each archive size (``--patients``; ~2.6 images per patient, so the
+default 2,600 and 26,000 patients give ~7,000 and ~70,000 rows):
 
 1. ``xray-synth`` writes the archive (tiny 32-48 px images, its default mix
-   of 8 transfer syntaxes, ``--broken`` broken rows of every kind) once; it
+   of 7 transfer syntaxes, ``--broken`` broken rows of every kind) once; it
    is cached under ``--workdir``.
 2. ``python -m beam_pipelines.preprocess`` runs on it with the default
-   local runner (FnApiRunner, multi_processing, all cores) in a subprocess
-   whose whole process tree is sampled for RSS (the sum over processes:
-   shared pages counted per process, an upper bound).
+   local runner (FnApiRunner, multi_processing, all cores), once per
+   ``--blocks`` mode, side by side: ``on`` (the local default: rows planned
+   on the driver, decoded in blocks) and ``off`` (the one Beam graph, as on
+   a cluster). Each run is a subprocess whose whole process tree is sampled
+   for RSS (the sum over processes: shared pages counted per process, an
+   upper bound).
 3. The outputs are reconciled independently of the job's own manifest:
    every record in the shards and every line in rejects.jsonl is counted,
    rows must equal kept + rejected, no row may appear twice, and every
    broken row xray-synth planted must be rejected with its expected reason.
+   The modes' outputs must be byte-identical.
 
-``peak_rss_ratio`` = peak of the largest archive / peak of the smallest:
-memory is bounded when it stays near 1 while the archive grows 10x.
+``peak_rss_ratio`` (per mode) = peak of the largest archive / peak of the
+smallest: memory is flat when it stays near 1 while the archive grows 10x.
 
 Run from the repository root::
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import hashlib
 import importlib.util
 import json
 import logging
@@ -69,8 +74,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
         "--patients",
-        default="3700,37000",
-        help="comma-separated archive sizes in patients (~2.7 images each)",
+        default="2600,26000",
+        help="comma-separated archive sizes in patients (~2.6 rows each)",
+    )
+    parser.add_argument(
+        "--blocks",
+        default="on,off",
+        help="comma-separated xray-preprocess --blocks modes, run side by side (default on,off)",
     )
     parser.add_argument("--broken", type=int, default=80, help="broken rows per archive")
     parser.add_argument("--size", default="32-48", help="image side range MIN-MAX in pixels")
@@ -90,6 +100,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if min(args.patients) < 1 or not 32 <= low <= high:
         parser.error("--patients must be >= 1 and --size within 32..4096")
     args.size = (low, high)
+    args.blocks = args.blocks.split(",")
+    if not set(args.blocks) <= {"on", "off"}:
+        parser.error("--blocks takes on and/or off")
     return args
 
 
@@ -177,28 +190,42 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = []
     for patients in args.patients:
         archive, description = ensure_archive(workdir, patients, args.broken, args.size, args.seed)
-        output = workdir / "runs" / archive.name
-        output.parent.mkdir(parents=True, exist_ok=True)
-        logger.info("preprocessing %d rows", description["rows"])
-        job = _throughput.run_pipeline(
-            str(archive / "metadata.csv"), output, output.with_suffix(".log"), args.sample_interval
-        )
-        logger.info(
-            "%d rows in %.0f s, peak %.0f MiB",
-            description["rows"],
-            job["seconds"],
-            job["peak_rss_mib"],
-        )
+        runs = {}
+        for mode in args.blocks:
+            output = workdir / "runs" / f"{archive.name}_blocks-{mode}"
+            output.parent.mkdir(parents=True, exist_ok=True)
+            logger.info("preprocessing %d rows with --blocks %s", description["rows"], mode)
+            job = _throughput.run_pipeline(
+                str(archive / "metadata.csv"),
+                output,
+                output.with_suffix(".log"),
+                args.sample_interval,
+                ["--blocks", mode],
+            )
+            logger.info(
+                "%d rows in %.0f s, peak %.0f MiB",
+                description["rows"],
+                job["seconds"],
+                job["peak_rss_mib"],
+            )
+            runs[mode] = {
+                "job": job,
+                "rows_per_s": round(description["rows"] / job["seconds"], 1),
+                "reconciliation": reconcile(archive, output),
+                "output": output,
+            }
+        digests = {mode: _digests(run.pop("output")) for mode, run in runs.items()}
         results.append(
             {
                 "patients": patients,
                 "archive": description,
-                "job": job,
-                "rows_per_s": round(description["rows"] / job["seconds"], 1),
-                "reconciliation": reconcile(archive, output),
+                "runs": runs,
+                "outputs_identical": len({json.dumps(d) for d in digests.values()}) == 1,
             }
         )
-    peaks = [r["job"]["peak_rss_bytes"] for r in results]
+    peaks = {
+        mode: [r["runs"][mode]["job"]["peak_rss_bytes"] for r in results] for mode in args.blocks
+    }
     return {
         "machine": _throughput._machine(),
         "settings": {
@@ -206,13 +233,26 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "broken": args.broken,
             "size": list(args.size),
             "seed": args.seed,
+            "blocks": args.blocks,
             "runner": "beam_pipelines.preprocess default (FnApiRunner, multi_processing)",
             "workdir": str(workdir),
         },
         "results": results,
-        "peak_rss_mib": [round(p / 2**20, 1) for p in peaks],
-        "peak_rss_ratio": round(max(peaks) / min(peaks), 3),
-        "all_reconciled": all(r["reconciliation"]["reconciled"] for r in results),
+        "peak_rss_mib": {m: [round(p / 2**20, 1) for p in ps] for m, ps in peaks.items()},
+        "peak_rss_ratio": {m: round(max(ps) / min(ps), 3) for m, ps in peaks.items()},
+        "all_reconciled": all(
+            run["reconciliation"]["reconciled"] for r in results for run in r["runs"].values()
+        ),
+        "all_identical": all(r["outputs_identical"] for r in results),
+    }
+
+
+def _digests(output: Path) -> dict[str, str]:
+    """SHA-256 of every output file but the job's log, by relative path."""
+    return {
+        str(path.relative_to(output)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(output.rglob("*"))
+        if path.is_file() and "logs" not in path.relative_to(output).parts
     }
 
 

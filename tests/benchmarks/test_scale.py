@@ -43,3 +43,14 @@ def test_a_lost_reject_is_caught(
 def test_rejects_bad_arguments(bench: ModuleType) -> None:
     with pytest.raises(SystemExit):
         bench.run(["--patients", "ten"])
+
+
+@pytest.mark.slow
+def test_both_modes_run_side_by_side_reconcile_and_agree(bench: ModuleType, tmp_path: Path) -> None:
+    report = bench.run(["--patients", "12", "--broken", "8", "--workdir", str(tmp_path)])
+    [result] = report["results"]
+    assert sorted(result["runs"]) == ["off", "on"]
+    assert report["all_reconciled"] and report["all_identical"]
+    for run in result["runs"].values():
+        assert run["job"]["peak_rss_bytes"] > 0 and run["rows_per_s"] > 0
+    assert report["peak_rss_ratio"] == {"on": 1.0, "off": 1.0}
