@@ -55,14 +55,15 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     return options
 
 
-#: Beam's runners that run every stage in this process and its workers, holding what crosses them.
-LOCAL_RUNNERS = ("FnApiRunner", "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
+#: Beam's runners that run every stage on this machine, holding what crosses stages
+#: (lower case, without "runner": Beam accepts e.g. DirectRunner, direct, fnapi).
+LOCAL_RUNNERS = ("direct", "fnapi", "switchingdirect", "bundlebaseddirect", "prism")
 
 
 def is_local_runner(options: PipelineOptions) -> bool:
-    """True when the pipeline runs on one of Beam's local runners (named or by class path)."""
-    runner = options.view_as(StandardOptions).runner or ""
-    return str(runner).rsplit(".", 1)[-1] in LOCAL_RUNNERS
+    """True when the pipeline runs on one of Beam's local runners (by name or class path)."""
+    name = str(options.view_as(StandardOptions).runner or "").rsplit(".", 1)[-1].lower()
+    return name.removesuffix("runner") in LOCAL_RUNNERS
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,9 @@ patients to splits, decode every DICOM, write shards, splits.csv, rejects
 and, last, manifest.json. Every input row ends in exactly one place: a shard
 or a reject record. Runs on any Beam runner; with none given it uses the
 local FnApiRunner in multi-processing mode on all cores (the 2.77
-DirectRunner would first try to download the Prism runner binary).
+DirectRunner would first try to download the Prism runner binary). On
+Beam's local runners the same work runs in blocks
+(:mod:`beam_pipelines.blocks`, ``--blocks``): the same bytes in flat memory.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
-from beam_pipelines.blocks.decode import DecodeBlockFn, DecodeBlocks
+from beam_pipelines.blocks.decode import DecodeBlockFn, DecodeBlocks, check_done
 from beam_pipelines.blocks.finish import finish
 from beam_pipelines.blocks.row_plan import plan_rows
 from beam_pipelines.cli import main as cli_main
@@ -38,6 +40,7 @@ from beam_pipelines.options import (
     decode_options,
     is_local_runner,
     pipeline_options,
+    usable_cores,
 )
 from beam_pipelines.privacy import add_pseudonymize_arguments, pseudonymizer_from_args
 from beam_pipelines.storage.committer import open_output
@@ -48,6 +51,7 @@ from beam_pipelines.transforms.preprocessing import (
     Preprocess,
     WriteManifest,
     rejects_file,
+    splits_file,
     staging_dir,
 )
 from beam_pipelines.transforms.rows import ReadValidRows, check_metadata
@@ -187,11 +191,13 @@ def _run_in_blocks(
         args.seed,
         plan["pinned"],
         folder,
+        splits_file(out),
     )
-    blocks = rows.blocks(options.view_as(DirectOptions).direct_num_workers or 1)
+    blocks = rows.blocks(options.view_as(DirectOptions).direct_num_workers or usable_cores())
     if blocks:
         decode = DecodeBlockFn(
             folder,
+            rows.sizes,
             plan["decoding"],
             args.resize_policy,
             staging_dir(out),
@@ -199,7 +205,8 @@ def _run_in_blocks(
             plan["pseudonymizer"],
         )
         with beam.Pipeline(options=options) as pipeline:
-            _ = pipeline | "Decode" >> DecodeBlocks(blocks, rows.assignment, rows.sizes, decode)
+            _ = pipeline | "Decode" >> DecodeBlocks(blocks, decode)
+    check_done(folder, blocks)
     finish(out, rows, folder, blocks, args.seed, _settings(args, plan))
 
 

@@ -220,7 +220,12 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 "patients": patients,
                 "archive": description,
                 "runs": runs,
-                "outputs_identical": len({json.dumps(d) for d in digests.values()}) == 1,
+                # None when one mode ran: nothing to compare.
+                "outputs_identical": (
+                    len({json.dumps(d) for d in digests.values()}) == 1
+                    if len(digests) > 1
+                    else None
+                ),
             }
         )
     peaks = {
@@ -243,7 +248,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "all_reconciled": all(
             run["reconciliation"]["reconciled"] for r in results for run in r["runs"].values()
         ),
-        "all_identical": all(r["outputs_identical"] for r in results),
+        "all_identical": all(r["outputs_identical"] is not False for r in results),
     }
 
 

@@ -22,9 +22,13 @@ import math
 import pickle
 from collections.abc import Collection, Iterator
 
+import numpy as np
+
 from beam_pipelines.console import announce_total
+from beam_pipelines.contracts import splits
+from beam_pipelines.contracts.splits import SPLITS
 from beam_pipelines.privacy import Pseudonymizer
-from beam_pipelines.storage.files import atomic_create, open_stored
+from beam_pipelines.storage.files import atomic_create, open_stored, write_text
 from beam_pipelines.storage.paths import file_identity
 from beam_pipelines.transforms.outcomes import reject_line
 from beam_pipelines.transforms.preprocessing import (
@@ -44,24 +48,29 @@ BLOCKS_PER_WORKER = 8
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    """Bytes [start, end) of the spill: the pickled kept rows a worker decodes as one unit."""
+    """Bytes [start, end) of the spill: the pickled kept rows a worker decodes as one unit.
+
+    ``splits`` holds each of those rows' split (an index into ``SPLITS``): a
+    block carries what its rows need, so no worker holds the whole assignment.
+    """
 
     index: int
     spill: str
     start: int
     end: int
+    splits: bytes
 
 
 @dataclasses.dataclass
 class RowPlan:
-    """What the pass over the rows found: counts, the rows' rejects, the split plan, the spill."""
+    """What the pass over the rows found: counts, the rows' rejects, split sizes, the spill."""
 
     input_rows: int
     row_rejects: str
-    assignment: dict[str, str]
     sizes: dict[str, int]
     spill: str
     offsets: array.array  # where each kept row starts in the spill, then where the spill ends
+    row_splits: bytes  # each kept row's split, an index into SPLITS
 
     @property
     def kept_rows(self) -> int:
@@ -74,7 +83,13 @@ class RowPlan:
         starts = range(0, self.kept_rows, size)
         ends = [min(first + size, self.kept_rows) for first in starts]
         return [
-            Block(index, self.spill, self.offsets[first], self.offsets[end])
+            Block(
+                index,
+                self.spill,
+                self.offsets[first],
+                self.offsets[end],
+                self.row_splits[first:end],
+            )
             for index, (first, end) in enumerate(zip(starts, ends, strict=True))
         ]
 
@@ -94,16 +109,19 @@ def plan_rows(
     seed: int,
     pinned: dict[str, str],
     folder: str,
+    splits_csv: str,
 ) -> RowPlan:
-    """Reads every row once; spills the kept ones and writes the rejects under ``folder``."""
-    first_rows: dict[bytes, int] = {}
-    patients: dict[str, tuple[bool, int]] = {}
+    """Reads every row once; spills the kept ones, writes the rejects and ``splits_csv``."""
+    first_rows: dict[bytes, int] = {}  # file digest -> the first row naming it
+    patients: dict[str, int] = {}  # PatientID -> its index in summaries
+    summaries: list[tuple[bool, int]] = []  # (abnormal, rows) of each patient
+    row_patients = array.array("i")  # each kept row's patient index
     offsets = array.array("q", [0])
     spill, row_rejects = f"{folder}/rows.pickles", f"{folder}/row_rejects.jsonl"
-    rows = rejected = 0
+    row_number = rejected = 0
     with atomic_create(spill) as spilled, atomic_create(row_rejects) as rejects:
-        for rows, cells in read_metadata(metadata):  # noqa: B007
-            result = validate_row(rows, cells, archive_root, False, allowed_schemes)
+        for row_number, cells in read_metadata(metadata):  # noqa: B007
+            result = validate_row(row_number, cells, archive_root, False, allowed_schemes)
             if isinstance(result, dict):
                 record = pseudonymizer.record(result) if pseudonymizer else result
                 rejects.write(reject_line(record).encode("utf-8"))
@@ -116,21 +134,31 @@ def plan_rows(
                 rejected += 1
                 continue
             patient, summary = patient_rows(row)
-            patients[patient] = any_abnormal_and_rows((patients.get(patient, (False, 0)), summary))
+            index = patients.setdefault(patient, len(summaries))
+            if index == len(summaries):
+                summaries.append((False, 0))
+            summaries[index] = any_abnormal_and_rows((summaries[index], summary))
+            row_patients.append(index)
             data = pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL)
             spilled.write(data)
             offsets.append(offsets[-1] + len(data))
-    announce_total(rows)
+    announce_total(row_number)
     del first_rows  # not needed past the pass; may be the largest thing held
-    split_plan = plan_splits(patients.items(), ratios, seed, pinned)
+    plan = plan_splits(
+        ((patient, summaries[index]) for patient, index in patients.items()), ratios, seed, pinned
+    )
+    write_text(splits_csv, splits.format_splits_csv(plan["assignment"]))
+    # Patients in index order (the dict's insertion order) -> their split's index.
+    codes = np.frombuffer(bytes(SPLITS.index(plan["assignment"][p]) for p in patients), np.uint8)
+    row_splits = codes[np.frombuffer(row_patients, np.int32)].tobytes() if row_patients else b""
     logger.info(
         "Read %d rows: %d to decode (%d patients), %d rejected",
-        rows,
+        row_number,
         len(offsets) - 1,
         len(patients),
         rejected,
     )
-    return RowPlan(rows, row_rejects, split_plan["assignment"], split_plan["rows"], spill, offsets)
+    return RowPlan(row_number, row_rejects, plan["rows"], spill, offsets, row_splits)
 
 
 def read_block(block: Block) -> Iterator[ValidRow]:

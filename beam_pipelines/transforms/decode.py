@@ -153,6 +153,10 @@ class DecodeAndStageFn(beam.DoFn):
     def process(
         self, row: ValidRow, assignment: dict[str, str], sizes: dict[str, int]
     ) -> Iterator[Any]:
+        yield from self.decode_row(row, assignment[row.patient_id], sizes)
+
+    def decode_row(self, row: ValidRow, split: str, sizes: dict[str, int]) -> Iterator[Any]:
+        """(KEPT, summary) or (REJECTED, record) for one row of a known split."""
         self._progress.tick()
         stage = self.__class__
         result = decode_or_reject(
@@ -167,7 +171,6 @@ class DecodeAndStageFn(beam.DoFn):
             Metrics.counter(stage, "monochrome1_inverted").inc()
         Metrics.counter(stage, f"intensity_{decoded.intensity_source}").inc()
         record = make_record(row, image, decoded, self._pseudonymizer)
-        split = assignment[row.patient_id]
         shards = record_shards(sizes[split], self._num_shards)
         shard = sharding.shard_of(row.dicom_path, shards)
         # Quantized once: the record stores these values and the statistics sum them.

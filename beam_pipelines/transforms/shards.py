@@ -39,6 +39,16 @@ def prediction_shards(rows: int, num_shards: int) -> int:
     return shard_count(rows, num_shards, ROWS_PER_SHARD)
 
 
+def record_order(seed: int, row: int) -> bytes:
+    """A record's place in its shard: a keyed hash of its metadata row (a stable shuffle)."""
+    return splits.order_key(seed, str(row))
+
+
+def every_record_shard(shards_per_split: dict[str, int]) -> list[tuple[str, int, int]]:
+    """(split, shard, shards) of every shard the splits that kept a record are written in."""
+    return [(split, k, shards) for split, shards in shards_per_split.items() for k in range(shards)]
+
+
 def record_shard_path(out: str, split: str, shard: int, shards: int) -> str:
     """Where shard ``shard`` of ``shards`` of a split's records goes."""
     return f"{out}/{split}/part-{shard:05d}-of-{shards:05d}.tfrecord.gz"
@@ -127,7 +137,7 @@ class WriteShards(beam.PTransform):
         )
 
         def write(key: tuple[str, int, int], values: list[tuple[int, Any]]) -> str:
-            ordered = sorted((splits.order_key(seed, str(row)), ref) for row, ref in values)
+            ordered = sorted((record_order(seed, row), ref) for row, ref in values)
             path = record_shard_path(out, *key)
             written = write_staged_shard(path, [ref for _, ref in ordered])
             Metrics.counter(WriteShards, f"written_{key[0]}").inc(written)
@@ -136,9 +146,7 @@ class WriteShards(beam.PTransform):
         return summaries | "Write" >> WriteEveryShard(
             plan,
             shard_key=lambda s, _: s["shard"],
-            every_shard=lambda plan: [
-                (split, k, shards) for split, shards in plan.items() for k in range(shards)
-            ],
+            every_shard=every_record_shard,
             write=write,
             value=lambda s: (s["row"], s["staged"]),
         )

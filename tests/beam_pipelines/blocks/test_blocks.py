@@ -12,7 +12,10 @@ import pytest
 
 from beam_pipelines import preprocess
 from beam_pipelines.blocks import row_plan
+from beam_pipelines.blocks.decode import check_done
 from beam_pipelines.blocks.row_plan import RowPlan, plan_rows, read_block
+from beam_pipelines.contracts.splits import SPLITS
+from beam_pipelines.options import is_local_runner
 from tests.support.files import is_job_log
 from tests.support.runners import LOCAL_RUNNER
 
@@ -72,6 +75,7 @@ def _plan(root: Path, lines: list[str]) -> RowPlan:
         0,
         {},
         str(root / "work"),
+        str(root / "splits.csv"),
     )
 
 
@@ -106,14 +110,17 @@ def test_one_pass_keeps_first_rows_spills_them_and_writes_rejects_in_row_order(
         (4, "missing_patient_id"),
     ]
     assert rejects[1]["detail"] == "same file as row 1"
-    # Split sizes count rows, the assignment patients (P1 is abnormal through row 1).
-    assert sorted(plan.assignment) == ["P1", "P3"] and sum(plan.sizes.values()) == 3
+    # splits.csv names patients, split sizes count rows; each kept row carries its split.
+    assigned = dict(line.split(",") for line in (tmp_path / "splits.csv").read_text().split()[1:])
+    assert sorted(assigned) == ["P1", "P3"] and sum(plan.sizes.values()) == 3
+    carried = [SPLITS[code] for block in plan.blocks(workers=2) for code in block.splits]
+    assert carried == [assigned[row.patient_id] for row in kept]
 
 
 def test_blocks_cover_every_row_once_in_order_and_stay_small() -> None:
     def cut(rows: int, workers: int) -> list[tuple[int, int]]:
         offsets = array.array("q", range(0, 10 * rows + 1, 10))
-        plan = RowPlan(rows, "", {}, {}, "spill", offsets)
+        plan = RowPlan(rows, "", {}, "spill", offsets, bytes(rows))
         return [(b.start, b.end) for b in plan.blocks(workers)]
 
     assert cut(0, 2) == []
@@ -125,3 +132,33 @@ def test_blocks_cover_every_row_once_in_order_and_stay_small() -> None:
         assert max(end - start for start, end in blocks) <= 10 * row_plan.MAX_BLOCK_ROWS
         # Enough blocks to even out the workers' shares.
         assert len(blocks) > min(rows, workers * row_plan.BLOCKS_PER_WORKER) / 2
+
+
+def test_a_block_that_never_came_back_fails_the_job(tmp_path: Path) -> None:
+    plan = RowPlan(3, "", {}, "spill", array.array("q", [0, 1, 2, 3]), bytes(3))
+    blocks = plan.blocks(workers=1)
+    (tmp_path / "done.json").write_text(json.dumps([0, 2]))
+    with pytest.raises(RuntimeError, match=r"1 of 3 blocks were not decoded \(1\)"):
+        check_done(str(tmp_path), blocks)
+    (tmp_path / "done.json").write_text(json.dumps([2, 0, 1]))
+    check_done(str(tmp_path), blocks)
+
+
+@pytest.mark.parametrize(
+    ("runner", "local"),
+    [
+        ("FnApiRunner", True),
+        ("fnapi", True),
+        ("direct", True),
+        ("DirectRunner", True),
+        ("apache_beam.runners.portability.fn_api_runner.FnApiRunner", True),
+        ("PrismRunner", True),
+        ("DaskRunner", False),
+        ("FlinkRunner", False),
+        ("DataflowRunner", False),
+    ],
+)
+def test_blocks_are_the_default_on_every_name_of_a_local_runner(runner: str, local: bool) -> None:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    assert is_local_runner(PipelineOptions([f"--runner={runner}"])) is local
