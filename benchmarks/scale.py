@@ -253,11 +253,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _digests(output: Path) -> dict[str, str]:
-    """SHA-256 of every output file but the job's log, by relative path."""
+    """SHA-256 of every output file (the job's log is beside the output), by relative path."""
     return {
         str(path.relative_to(output)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(output.rglob("*"))
-        if path.is_file() and "logs" not in path.relative_to(output).parts
+        if path.is_file()
     }
 
 

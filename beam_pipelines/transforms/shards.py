@@ -45,7 +45,7 @@ def record_order(seed: int, row: int) -> bytes:
 
 
 def every_record_shard(shards_per_split: dict[str, int]) -> list[tuple[str, int, int]]:
-    """(split, shard, shards) of every shard the splits that kept a record are written in."""
+    """The key (split, shard, shards) of every shard of these splits, given their shard counts."""
     return [(split, k, shards) for split, shards in shards_per_split.items() for k in range(shards)]
 
 

@@ -16,7 +16,7 @@ from beam_pipelines.blocks.decode import check_done
 from beam_pipelines.blocks.row_plan import RowPlan, plan_rows, read_block
 from beam_pipelines.contracts.splits import SPLITS
 from beam_pipelines.options import is_local_runner
-from tests.support.files import is_job_log
+from tests.support.files import output_files
 from tests.support.runners import LOCAL_RUNNER
 
 MULTI_PROCESS = [
@@ -24,14 +24,6 @@ MULTI_PROCESS = [
     "--direct_running_mode=multi_processing",
     "--direct_num_workers=2",
 ]
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in root.rglob("*")
-        if p.is_file() and not p.name.endswith(".lock") and not is_job_log(p)
-    }
 
 
 @pytest.mark.slow
@@ -59,7 +51,7 @@ def test_blocks_write_the_bytes_the_one_graph_job_writes(
     assert planned.startswith(f"Read {graph['input_rows']} rows")
     assert blocks == graph
     assert graph["rejected"] == 8 and len(graph["rejected_by_reason"]) == 8
-    assert _files(tmp_path / "blocks") == _files(tmp_path / "graph")
+    assert output_files(tmp_path / "blocks") == output_files(tmp_path / "graph")
     # Nothing of the blocks' work files is left.
     assert not list((tmp_path / "blocks").glob(".*"))
 
